@@ -1,0 +1,148 @@
+"""build_model: a transformers MixtralForCausalLM whose experts live in an ExpertCache.
+
+The skeleton is built on the meta device, so the full-precision experts (87 GB for Mixtral-8x7B)
+are never materialised; ``layer.mlp.experts`` is replaced by :class:`OffloadedExperts` and, with an
+attention quant config, the attention projections by :class:`QuantLinear`. Everything else is the
+stock transformers model, so ``generate()``, streamers and KV caches work as usual.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cache import ExpertCache
+from .checkpoint import CheckpointError, HFCheckpoint, attn_key, open_checkpoint
+from .config import OffloadConfig, QuantConfig
+from .expert import ExpertFormat
+from .moe import OffloadedExperts
+from .qlinear import QuantLinear
+from .quant import QSpec
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (exact and fast enough), fp16 on GPUs (T4 has no bf16)."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def _same_quant(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    keys = ("nbits", "group_size", "axis")
+    if a is None or b is None:
+        return a is b
+    return all(a[k] == b[k] for k in keys)
+
+
+def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
+                state_path: str | os.PathLike, dtype: torch.dtype | None = None,
+                host_mirror: bool | None = None):
+    """Load a Mixtral checkpoint folder with offloaded experts; see the module docstring.
+
+    ``state_path`` may be a project-format folder (settings come from its manifest; a
+    ``quant_config`` that disagrees is an error) or an original HF folder (quantized on the fly
+    with ``quant_config``). ``device`` is "cpu" or any "cuda:N".
+    """
+    from transformers import MixtralForCausalLM
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = dtype or default_dtype(device)
+    ck = open_checkpoint(state_path)
+    config = ck.config
+    if ck.kind == "project":
+        if quant_config is not None and not (_same_quant(quant_config.ffn, ck.quant.ffn)
+                                             and _same_quant(quant_config.attn, ck.quant.attn)):
+            raise CheckpointError(
+                f"{state_path} was quantized with {ck.quant.to_json()}, but build_model was given "
+                f"{quant_config.to_json()}: pass quant_config=None to use the checkpoint's settings, or re-quantize"
+            )
+        quant = ck.quant
+        fmt = ck.fmt
+    else:
+        quant = quant_config or QuantConfig(None, None)
+        fmt = ExpertFormat.make(config.hidden_size, config.intermediate_size, quant.ffn, dtype)
+
+    L, E = config.num_hidden_layers, config.num_local_experts
+    if offload_config.main_size < L * offload_config.gpu_slots_per_layer(E):
+        raise ValueError(
+            f"OffloadConfig.main_size={offload_config.main_size} is smaller than layers x GPU slots per layer = "
+            f"{L} x {E - offload_config.offload_per_layer}: use main_size={L * (E - offload_config.offload_per_layer)}"
+        )
+
+    config.torch_dtype = dtype
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    for layer in model.model.layers:
+        layer.mlp.experts = nn.Module()  # placeholder until the cache exists; never materialised
+        if quant.attn is not None:
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(layer.self_attn, p, nn.Module())
+    model.to_empty(device=device)
+    model.to(dtype)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+
+    # trunk: embeddings, norms, routers, attention
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    attn_parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in ck.trunk():
+        if quant.attn is not None and (attn_key(name) or ".self_attn." in name and not name.endswith(".weight")):
+            base, _, seg = name.rpartition(".")
+            attn_parts.setdefault(base, {})[seg] = t
+            continue
+        if name not in params:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"{state_path}: unexpected tensor {name} (not a Mixtral parameter)")
+        if tuple(params[name].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{state_path}: tensor {name} has shape {tuple(t.shape)}, the config expects {tuple(params[name].shape)}"
+            )
+        with torch.no_grad():
+            params[name].copy_(t)
+        seen.add(name)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        seen.add("lm_head.weight")
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise CheckpointError(f"{state_path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    if quant.attn is not None:
+        for base, parts in attn_parts.items():
+            module_path, _, proj = base.rpartition(".")
+            attn = model.get_submodule(module_path)
+            if "weight" in parts:  # original checkpoint: quantize now, on the target device
+                ql = QuantLinear.from_weight(parts["weight"], quant.attn, device)
+            else:
+                spec = QSpec(**ck.attn_specs[base])
+                ql = QuantLinear(spec, parts)
+            setattr(attn, proj, ql.to(device))
+
+    # experts
+    if isinstance(ck, HFCheckpoint):
+        enc_dev = device if device.type == "cuda" else torch.device("cpu")
+
+        def load_blob(layer: int, e: int) -> torch.Tensor:
+            return fmt.encode(*(w.to(enc_dev) for w in ck.expert(layer, e)))
+    else:
+        def load_blob(layer: int, e: int) -> torch.Tensor:
+            return ck.blob(layer, e)
+
+    cache = ExpertCache(fmt, L, E, offload_config, device, load_blob, host_mirror=host_mirror)
+    mods = []
+    for i, layer in enumerate(model.model.layers):
+        act = model.config.hidden_act
+        from transformers.activations import ACT2FN
+
+        mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[act], offload_config.prefetch))
+        layer.mlp.experts = mods[-1]
+    for i, m in enumerate(mods):
+        nxt = model.model.layers[i + 1].mlp.gate.weight if i + 1 < L else None
+        m.set_next_router(nxt, mods[i + 1] if i + 1 < L else None)
+    model.expert_cache = cache
+    model.eval()
+    return model

@@ -1,0 +1,269 @@
+"""ExpertCache: which experts sit in GPU slots, and moving them between host and GPU.
+
+- GPU slots are rows of one preallocated [buffers, blob_bytes] uint8 tensor; each layer owns
+  ``E - offload_per_layer`` of them at a time (a per-layer LRU, as in the article), and
+  ``buffer_size`` more are spare, so a miss can load into a free buffer while the evicted expert is
+  still being read by queued kernels or copied out.
+- Host blobs are pinned (on CUDA), allocated per layer.
+- Host-mirror mode keeps every expert on the host: an eviction just drops the GPU copy (no
+  device-to-host traffic). Otherwise (Colab: host RAM too small for all experts) the host holds only
+  the offloaded experts plus spare buffers, and a swap copies in and out on two different streams.
+- Copies run on their own CUDA streams; the compute stream waits on per-buffer events only when a
+  copy is still in flight, and copies into a buffer wait on the event recorded after its last use.
+- Nothing here synchronises the host with the GPU; on CPU the same logic runs with plain copies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .config import OffloadConfig
+from .expert import ExpertFormat
+
+
+class _Streams:
+    """CUDA streams and events for one device; every method is a no-op on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(device=device)
+            self.d2h = torch.cuda.Stream(device=device)
+
+    def event(self, timing: bool = False) -> torch.cuda.Event | None:
+        return torch.cuda.Event(enable_timing=timing) if self.cuda else None
+
+    def compute(self) -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(self.device) if self.cuda else None
+
+
+class ExpertCache:
+    """Per-layer LRU of experts in GPU slots, fed from host blobs; see the module docstring."""
+
+    def __init__(self, fmt: ExpertFormat, num_layers: int, num_experts: int, config: OffloadConfig,
+                 device: torch.device | str, load_blob: Callable[[int, int], Tensor],
+                 host_mirror: bool | None = None) -> None:
+        self.fmt = fmt
+        self.layout = fmt.layout
+        self.blob_bytes = self.layout.total_bytes
+        self.L, self.E = num_layers, num_experts
+        self.config = config
+        self.device = torch.device(device)
+        self.slots = config.gpu_slots_per_layer(num_experts)
+        self.mirror = config.host_mirror if host_mirror is None else host_mirror
+        if self.mirror is None:
+            self.mirror = True
+        self.s = _Streams(self.device)
+        pin = self.s.cuda and config.pin_memory
+
+        n_gpu = self.L * self.slots + config.buffer_size
+        self.gpu = torch.empty(n_gpu, self.blob_bytes, dtype=torch.uint8, device=self.device)
+        self.gpu_views = [fmt.views(self.gpu[b]) for b in range(n_gpu)]
+        self.loaded = [self.s.event() for _ in range(n_gpu)]  # after the H2D copy into the buffer
+        self.last_use = [self.s.event() for _ in range(n_gpu)]  # after the last kernel reading it
+        self.written_back = [self.s.event() for _ in range(n_gpu)]  # after its D2H copy
+        self.pending: set[int] = set()  # buffers whose H2D copy the compute stream has not waited on
+
+        host_per_layer = self.E if self.mirror else self.E - self.slots
+        n_spare_host = 0 if self.mirror else config.buffer_size
+        self.host: list[Tensor] = []
+        for _ in range(self.L):
+            chunk = torch.empty(host_per_layer, self.blob_bytes, dtype=torch.uint8, pin_memory=pin)
+            self.host.extend(chunk.unbind(0))
+        if n_spare_host:
+            self.host.extend(torch.empty(n_spare_host, self.blob_bytes, dtype=torch.uint8, pin_memory=pin).unbind(0))
+        self.host_read = [self.s.event() for _ in self.host]  # after an H2D copy read the buffer
+
+        # placement: the first `slots` experts of each layer start on the GPU (like the article)
+        self.lru: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(self.L)]
+        self.host_of: list[list[int | None]] = [[None] * self.E for _ in range(self.L)]
+        self.prefetched: list[set[int]] = [set() for _ in range(self.L)]
+        b = h = 0
+        for layer in range(self.L):
+            for e in range(self.E):
+                blob = load_blob(layer, e)
+                if blob.numel() != self.blob_bytes:
+                    raise ValueError(f"expert blob ({layer}, {e}) has {blob.numel()} bytes, layout expects {self.blob_bytes}")
+                if self.mirror or e >= self.slots:
+                    self.host[h].copy_(blob)
+                    self.host_of[layer][e] = h
+                    h += 1
+                if e < self.slots:
+                    self.gpu[b].copy_(blob)
+                    self.lru[layer][e] = b
+                    b += 1
+        self.gpu_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(b, n_gpu))
+        self.host_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(h, len(self.host)))
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ counters
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the benchmark calls this between prefill and decode)."""
+        self.hits = self.misses = self.prefetch_issued = self.prefetch_used = 0
+        self.bytes_h2d = self.bytes_d2h = 0
+        self.host_syncs = 0
+        self.pred_correct = self.pred_total = self.actual_total = 0
+        self._timings: list[tuple[str, object, object]] = []  # (kind, start, end) events or seconds
+        self._done = {"wait": 0.0, "h2d": 0.0, "d2h": 0.0}
+
+    def _time(self, kind: str, start: object, end: object) -> None:
+        self._timings.append((kind, start, end))
+        if len(self._timings) > 4096:
+            self._fold(block=False)
+
+    def _fold(self, block: bool) -> None:
+        keep = []
+        for kind, a, b in self._timings:
+            if isinstance(a, float):
+                self._done[kind] += b - a  # type: ignore[operator]
+            elif block or b.query():  # type: ignore[union-attr]
+                if block:
+                    b.synchronize()  # type: ignore[union-attr]
+                self._done[kind] += a.elapsed_time(b) / 1000.0  # type: ignore[union-attr]
+            else:
+                keep.append((kind, a, b))
+        self._timings = keep
+
+    def stats(self) -> dict[str, float]:
+        """Counters so far; reading them waits for the timed copies to finish."""
+        self._fold(block=True)
+        uses = self.hits + self.misses
+        return {
+            "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / uses if uses else 0.0,
+            "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
+            "prefetch_precision": self.pred_correct / self.pred_total if self.pred_total else 0.0,
+            "prefetch_recall": self.pred_correct / self.actual_total if self.actual_total else 0.0,
+            "bytes_h2d": self.bytes_h2d, "bytes_d2h": self.bytes_d2h,
+            "wait_s": self._done["wait"], "h2d_s": self._done["h2d"], "d2h_s": self._done["d2h"],
+            "host_syncs": self.host_syncs,
+        }
+
+    # ------------------------------------------------------------------ cache operations
+
+    def resident(self, layer: int, expert: int) -> bool:
+        return expert in self.lru[layer]
+
+    def fetch(self, layer: int, expert: int, protect: set[int] | frozenset[int] = frozenset(),
+              prefetch: bool = False) -> int | None:
+        """Make ``expert`` resident (starting a copy if needed) and return its GPU buffer.
+
+        Returns None when the layer is full of protected experts (the caller computes some first).
+        A hit moves the expert to the most-recent end of the layer's LRU.
+        """
+        lru = self.lru[layer]
+        if expert in lru:
+            if not prefetch:
+                lru.move_to_end(expert)
+                self.hits += 1
+                if expert in self.prefetched[layer]:
+                    self.prefetched[layer].discard(expert)
+                    self.prefetch_used += 1
+            return lru[expert]
+        if len(lru) >= self.slots:
+            victim = next((e for e in lru if e not in protect), None)
+            if victim is None:
+                return None
+            self._evict(layer, victim)
+        if not prefetch:
+            self.misses += 1
+        else:
+            self.prefetch_issued += 1
+            self.prefetched[layer].add(expert)
+        buf, ready = self.gpu_free.popleft()
+        h = self.host_of[layer][expert]
+        assert h is not None, f"expert ({layer}, {expert}) is neither on the GPU nor on the host"
+        self._copy_in(h, buf, ready)
+        if not self.mirror:
+            self.host_free.append((h, self.host_read[h]))
+            self.host_of[layer][expert] = None
+        lru[expert] = buf
+        return buf
+
+    def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None) -> None:
+        self.bytes_h2d += self.blob_bytes
+        if not self.s.cuda:
+            t0 = time.perf_counter()
+            self.gpu[buf].copy_(self.host[h])
+            self._time("h2d", t0, time.perf_counter())
+            return
+        with torch.cuda.stream(self.s.h2d):
+            if ready is not None:
+                self.s.h2d.wait_event(ready)
+            start, end = self.s.event(True), self.s.event(True)
+            start.record()
+            self.gpu[buf].copy_(self.host[h], non_blocking=True)
+            end.record()
+            self.loaded[buf].record()
+            self.host_read[h].record()
+        self._time("h2d", start, end)
+        self.pending.add(buf)
+
+    def _evict(self, layer: int, expert: int) -> None:
+        buf = self.lru[layer].pop(expert)
+        self.prefetched[layer].discard(expert)
+        if self.mirror:
+            self.gpu_free.append((buf, self.last_use[buf]))
+            return
+        h, ready = self.host_free.popleft()
+        self.bytes_d2h += self.blob_bytes
+        if not self.s.cuda:
+            t0 = time.perf_counter()
+            self.host[h].copy_(self.gpu[buf])
+            self._time("d2h", t0, time.perf_counter())
+            self.gpu_free.append((buf, None))
+        else:
+            with torch.cuda.stream(self.s.d2h):
+                self.s.d2h.wait_event(self.loaded[buf])  # a prefetched copy may still be arriving
+                self.s.d2h.wait_event(self.last_use[buf])
+                if ready is not None:
+                    self.s.d2h.wait_event(ready)
+                start, end = self.s.event(True), self.s.event(True)
+                start.record()
+                self.host[h].copy_(self.gpu[buf], non_blocking=True)
+                end.record()
+                self.written_back[buf].record()
+            self._time("d2h", start, end)
+            self.gpu_free.append((buf, self.written_back[buf]))
+        self.host_of[layer][expert] = h
+
+    def use(self, buf: int) -> tuple:
+        """Views of a resident buffer for compute; makes the compute stream wait for its copy."""
+        if buf in self.pending:
+            self.pending.discard(buf)
+            ev = self.loaded[buf]
+            if not ev.query():
+                stream = self.s.compute()
+                start, end = self.s.event(True), self.s.event(True)
+                start.record(stream)
+                stream.wait_event(ev)
+                end.record(stream)
+                self._time("wait", start, end)
+        return self.gpu_views[buf]
+
+    def release(self, buf: int) -> None:
+        """Mark the end of the kernels that read ``buf`` (copies into it will wait for them)."""
+        if self.s.cuda:
+            self.last_use[buf].record(self.s.compute())
+
+    def note_prediction(self, predicted: set[int], actual: set[int]) -> None:
+        """Score a next-layer routing guess once the real routing is known."""
+        self.pred_correct += len(predicted & actual)
+        self.pred_total += len(predicted)
+        self.actual_total += len(actual)
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.gpu.numel()
+
+    @property
+    def host_bytes(self) -> int:
+        return len(self.host) * self.blob_bytes

@@ -1,0 +1,102 @@
+"""What one Mixtral expert is: its blob layout, how it is encoded, and its SwiGLU forward.
+
+An expert is ``w2(act(w1 x) * w3 x)`` with w1 = gate [I, H], w3 = up [I, H], w2 = down [H, I].
+Either every matrix is quantized (``quant.QSpec`` each) or all are floating point in ``dtype``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels
+from .quant import QSpec, quantize
+from .storage import Layout, dtype_name, _DTYPES
+
+NAMES = ("w1", "w3", "w2")
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """Shapes and quantization of every expert of a model (they all share one blob layout)."""
+
+    hidden: int
+    intermediate: int
+    specs: tuple[QSpec, QSpec, QSpec] | None  # w1, w3, w2; None means floating point
+    dtype: torch.dtype = torch.float32  # storage dtype of floating-point experts
+
+    @classmethod
+    def make(cls, hidden: int, intermediate: int, ffn: dict[str, Any] | None,
+             dtype: torch.dtype = torch.float32) -> "ExpertFormat":
+        if ffn is None:
+            return cls(hidden, intermediate, None, dtype)
+        specs = (QSpec.make((intermediate, hidden), ffn), QSpec.make((intermediate, hidden), ffn),
+                 QSpec.make((hidden, intermediate), ffn))
+        return cls(hidden, intermediate, specs, dtype)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        return (self.intermediate, self.hidden), (self.intermediate, self.hidden), (self.hidden, self.intermediate)
+
+    @property
+    def layout(self) -> Layout:
+        if self.specs is None:
+            return Layout.of((n, self.dtype, s) for n, s in zip(NAMES, self.shapes))
+        return Layout.concat((n + ".", spec.layout()) for n, spec in zip(NAMES, self.specs))
+
+    def encode(self, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+        """Full-precision matrices -> one CPU blob (quantized when the format says so)."""
+        mats = (w1, w3, w2)
+        if self.specs is None:
+            return self.layout.pack({n: m.to(self.dtype).cpu() for n, m in zip(NAMES, mats)})
+        tensors = {}
+        for n, spec, m in zip(NAMES, self.specs, mats):
+            for k, v in quantize(m, spec).items():
+                tensors[f"{n}.{k}"] = v.cpu()
+        return self.layout.pack(tensors)
+
+    def views(self, blob: Tensor) -> tuple[Any, Any, Any]:
+        """Per-matrix views into a blob: a Tensor (float) or a dict of stored tensors (quantized)."""
+        if self.specs is None:
+            v = self.layout.views(blob)
+            return v["w1"], v["w3"], v["w2"]
+        return tuple(self.layout.views(blob, prefix=n + ".") for n in NAMES)  # type: ignore[return-value]
+
+    def dense(self, blob: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """The three matrices in floating point (reference path and exactness tests)."""
+        views = self.views(blob)
+        if self.specs is None:
+            return tuple(v.to(dtype) for v in views)  # type: ignore[return-value]
+        from .quant import dequantize
+        return tuple(dequantize(v, s, dtype) for v, s in zip(views, self.specs))  # type: ignore[return-value]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "intermediate": self.intermediate, "dtype": dtype_name(self.dtype),
+                "specs": None if self.specs is None else [s.to_json() for s in self.specs],
+                "blob_bytes": self.layout.total_bytes, "layout": self.layout.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ExpertFormat":
+        specs = None if d["specs"] is None else tuple(QSpec(**s) for s in d["specs"])
+        fmt = cls(d["hidden"], d["intermediate"], specs, _DTYPES[d["dtype"]])  # type: ignore[arg-type]
+        if fmt.layout.to_json() != d["layout"]:
+            raise ValueError("the stored expert blob layout differs from the one this version computes")
+        return fmt
+
+
+def linear(x: Tensor, w: Any, spec: QSpec | None) -> Tensor:
+    """``x @ w.T`` for a float matrix or a quantized one (fused kernel when one applies)."""
+    if spec is None:
+        return F.linear(x, w.to(x.dtype) if w.dtype != x.dtype else w)
+    return kernels.qlinear(x, w, spec)
+
+
+def expert_forward(x: Tensor, views: tuple[Any, Any, Any], fmt: ExpertFormat, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """SwiGLU expert on rows ``x`` [T, H] -> [T, H]."""
+    s1, s3, s2 = fmt.specs if fmt.specs is not None else (None, None, None)
+    h = act(linear(x, views[0], s1)) * linear(x, views[1], s3)
+    return linear(h, views[2], s2)

@@ -1,0 +1,104 @@
+"""OffloadedExperts: the module that replaces transformers' ``layer.mlp.experts``.
+
+It has the forward signature of ``MixtralExperts`` (hidden [T, H], top_k_index [T, k],
+top_k_weights [T, k]) -> [T, H], so the rest of transformers' Mixtral runs unchanged. Per call it
+makes one host sync (the per-expert token counts, plus the next layer's routing guess, in one small
+tensor), asks the ExpertCache for the experts it needs (hits first, so they compute while misses
+load), starts prefetching the next layer's predicted experts, and sums the experts' outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import ExpertCache
+from .expert import expert_forward
+
+
+class OffloadedExperts(nn.Module):
+    """Experts of one MoE layer, living in an :class:`ExpertCache` instead of module parameters."""
+
+    def __init__(self, layer_idx: int, cache: ExpertCache, top_k: int, act_fn: Callable[[Tensor], Tensor],
+                 prefetch: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts = cache.E
+        self.top_k = top_k
+        self.act_fn = act_fn
+        self.prefetch = min(prefetch, cache.slots)
+        self._cache = (cache,)  # a tuple so nn.Module does not treat the shared cache as a child
+        self._next_gate: tuple[Tensor, ...] = ()  # weight [E, H] of the next layer's router
+        self.predicted: set[int] | None = None  # guess made by the previous layer, scored here
+
+    @property
+    def cache(self) -> ExpertCache:
+        return self._cache[0]
+
+    def set_next_router(self, weight: Tensor | None, next_module: "OffloadedExperts | None") -> None:
+        """Enable speculative prefetch: apply the next layer's router to this layer's input."""
+        self._next_gate = () if weight is None else (weight,)
+        self._next_module = (next_module,) if next_module is not None else ()
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, experts={self.num_experts}, gpu_slots={self.cache.slots}, prefetch={self.prefetch}"
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        cache, layer, E = self.cache, self.layer_idx, self.num_experts
+        flat = top_k_index.reshape(-1)
+        parts = [torch.bincount(flat, minlength=E)]
+        guess = self.prefetch > 0 and bool(self._next_gate)
+        if guess:
+            logits = F.linear(hidden_states, self._next_gate[0].to(hidden_states.dtype))
+            k = min(self.prefetch, E) if hidden_states.shape[0] == 1 else self.top_k
+            parts.append(torch.bincount(torch.topk(logits, k, dim=-1).indices.reshape(-1), minlength=E))
+        host = torch.cat(parts).tolist()  # the one host sync of this layer
+        cache.host_syncs += 1
+        counts = host[:E]
+        needed = [e for e in range(E) if counts[e] > 0]
+        if self.predicted is not None:
+            cache.note_prediction(self.predicted, set(needed))
+            self.predicted = None
+
+        # hits first: they compute while the misses' copies are in flight
+        order = sorted(needed, key=lambda e: not cache.resident(layer, e))
+        protect = set(needed)
+        bufs: dict[int, int] = {}
+        for e in order:
+            b = cache.fetch(layer, e, protect)
+            if b is None:
+                break  # layer full of experts still needed: load the rest as these finish
+            bufs[e] = b
+
+        if guess:
+            pred = host[E:]
+            chosen = sorted((e for e in range(E) if pred[e] > 0), key=lambda e: -pred[e])[: self.prefetch]
+            for e in chosen:
+                cache.fetch(layer + 1, e, set(chosen), prefetch=True)
+            self._next_module[0].predicted = set(chosen)
+
+        sort_idx = torch.argsort(flat, stable=True)
+        weights = top_k_weights.reshape(-1)
+        out = torch.zeros_like(hidden_states)
+        start = 0
+        offsets = {}
+        for e in range(E):
+            offsets[e] = start
+            start += counts[e]
+        for e in order:
+            b = bufs.get(e)
+            if b is None:
+                b = cache.fetch(layer, e, protect)
+                assert b is not None, "an expert slot must be free once earlier experts are computed"
+            views = cache.use(b)
+            pos = sort_idx[offsets[e]: offsets[e] + counts[e]]
+            tok = pos // self.top_k
+            y = expert_forward(hidden_states[tok], views, cache.fmt, self.act_fn)
+            cache.release(b)
+            y = y * weights[pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+            protect.discard(e)
+        return out
