@@ -105,7 +105,8 @@ class Layout:
         for s in self.segments:
             t = tensors[s.name]
             if tuple(t.shape) != s.shape or t.dtype != s.dtype:
-                raise ValueError(f"tensor {s.name}: expected {dtype_name(s.dtype)} {s.shape}, got {dtype_name(t.dtype)} {tuple(t.shape)}")
+                raise ValueError(f"tensor {s.name}: expected {dtype_name(s.dtype)} {s.shape}, "
+                                 f"got {dtype_name(t.dtype)} {tuple(t.shape)}")
             views[s.name].copy_(t)
         return blob
 

