@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict, deque
 from typing import Callable
@@ -29,12 +30,15 @@ from .expert import ExpertFormat
 class _Streams:
     """CUDA streams and events for one device; every method is a no-op on CPU."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, separate: bool = True) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
         if self.cuda:
-            self.h2d = torch.cuda.Stream(device=device)
-            self.d2h = torch.cuda.Stream(device=device)
+            if separate:
+                self.h2d = torch.cuda.Stream(device=device)
+                self.d2h = torch.cuda.Stream(device=device)
+            else:  # the article's behaviour: copies queue behind (and block) the compute kernels
+                self.h2d = self.d2h = torch.cuda.current_stream(device)
 
     def event(self, timing: bool = False) -> torch.cuda.Event | None:
         return torch.cuda.Event(enable_timing=timing) if self.cuda else None
@@ -48,7 +52,7 @@ class ExpertCache:
 
     def __init__(self, fmt: ExpertFormat, num_layers: int, num_experts: int, config: OffloadConfig,
                  device: torch.device | str, load_blob: Callable[[int, int], Tensor],
-                 host_mirror: bool | None = None) -> None:
+                 host_mirror: bool | None = None, separate_streams: bool = True) -> None:
         self.fmt = fmt
         self.layout = fmt.layout
         self.blob_bytes = self.layout.total_bytes
@@ -59,7 +63,7 @@ class ExpertCache:
         self.mirror = config.host_mirror if host_mirror is None else host_mirror
         if self.mirror is None:
             self.mirror = True
-        self.s = _Streams(self.device)
+        self.s = _Streams(self.device, separate_streams)
         pin = self.s.cuda and config.pin_memory
 
         n_gpu = self.L * self.slots + config.buffer_size
@@ -69,6 +73,10 @@ class ExpertCache:
         self.last_use = [self.s.event() for _ in range(n_gpu)]  # after the last kernel reading it
         self.written_back = [self.s.event() for _ in range(n_gpu)]  # after its D2H copy
         self.pending: set[int] = set()  # buffers whose H2D copy the compute stream has not waited on
+        # On CPU a slot's dequantized weights are kept until the slot is reloaded: dequantizing
+        # costs far more than the matmul there, and CPU RAM is plentiful compared to a T4's VRAM.
+        self.keep_dense = self.device.type == "cpu" and fmt.specs is not None
+        self._dense: dict[int, tuple] = {}
 
         host_per_layer = self.E if self.mirror else self.E - self.slots
         n_spare_host = 0 if self.mirror else config.buffer_size
@@ -112,13 +120,19 @@ class ExpertCache:
         self.pred_correct = self.pred_total = self.actual_total = 0
         self._timings: list[tuple[str, object, object]] = []  # (kind, start, end) events or seconds
         self._done = {"wait": 0.0, "h2d": 0.0, "d2h": 0.0}
+        self._lock = threading.Lock()  # monitors read stats() from other threads
 
     def _time(self, kind: str, start: object, end: object) -> None:
-        self._timings.append((kind, start, end))
+        with self._lock:
+            self._timings.append((kind, start, end))
         if len(self._timings) > 4096:
             self._fold(block=False)
 
     def _fold(self, block: bool) -> None:
+        with self._lock:
+            self._fold_locked(block)
+
+    def _fold_locked(self, block: bool) -> None:
         keep = []
         for kind, a, b in self._timings:
             if isinstance(a, float):
@@ -131,9 +145,10 @@ class ExpertCache:
                 keep.append((kind, a, b))
         self._timings = keep
 
-    def stats(self) -> dict[str, float]:
-        """Counters so far; reading them waits for the timed copies to finish."""
-        self._fold(block=True)
+    def stats(self, wait: bool = False) -> dict[str, float]:
+        """Counters so far. Copy timings count once their copies finish; ``wait=True`` waits for all
+        (benchmarks), the default never blocks (live monitors read this while the model runs)."""
+        self._fold(block=wait)
         uses = self.hits + self.misses
         return {
             "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / uses if uses else 0.0,
@@ -188,6 +203,7 @@ class ExpertCache:
 
     def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None) -> None:
         self.bytes_h2d += self.blob_bytes
+        self._dense.pop(buf, None)
         if not self.s.cuda:
             t0 = time.perf_counter()
             self.gpu[buf].copy_(self.host[h])
@@ -233,8 +249,16 @@ class ExpertCache:
             self.gpu_free.append((buf, self.written_back[buf]))
         self.host_of[layer][expert] = h
 
-    def use(self, buf: int) -> tuple:
-        """Views of a resident buffer for compute; makes the compute stream wait for its copy."""
+    def use(self, buf: int, dtype: torch.dtype = torch.float32) -> tuple[tuple, tuple | None]:
+        """(weights, specs) of a resident buffer for compute; the compute stream waits for its copy.
+
+        specs is None when the weights are floating point (float experts, or dense on CPU).
+        """
+        if self.keep_dense:
+            dense = self._dense.get(buf)
+            if dense is None:
+                dense = self._dense[buf] = self.fmt.dense(self.gpu[buf], dtype)
+            return dense, None
         if buf in self.pending:
             self.pending.discard(buf)
             ev = self.loaded[buf]
@@ -245,7 +269,7 @@ class ExpertCache:
                 stream.wait_event(ev)
                 end.record(stream)
                 self._time("wait", start, end)
-        return self.gpu_views[buf]
+        return self.gpu_views[buf], self.fmt.specs
 
     def release(self, buf: int) -> None:
         """Mark the end of the kernels that read ``buf`` (copies into it will wait for them)."""

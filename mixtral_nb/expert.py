@@ -6,6 +6,7 @@ Either every matrix is quantized (``quant.QSpec`` each) or all are floating poin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,15 +50,24 @@ class ExpertFormat:
         return Layout.concat((n + ".", spec.layout()) for n, spec in zip(NAMES, self.specs))
 
     def encode(self, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-        """Full-precision matrices -> one CPU blob (quantized when the format says so)."""
+        """Full-precision matrices -> one CPU blob (quantized when the format says so).
+
+        The last result is remembered by content hash: upcycled models repeat one MLP in every
+        expert of a layer, and HQQ's solver is the slow part on a CPU.
+        """
         mats = (w1, w3, w2)
         if self.specs is None:
             return self.layout.pack({n: m.to(self.dtype).cpu() for n, m in zip(NAMES, mats)})
+        key = (self, _digest(mats))
+        if _LAST.get("key") == key:
+            return _LAST["blob"].clone()
         tensors = {}
         for n, spec, m in zip(NAMES, self.specs, mats):
             for k, v in quantize(m, spec).items():
                 tensors[f"{n}.{k}"] = v.cpu()
-        return self.layout.pack(tensors)
+        blob = self.layout.pack(tensors)
+        _LAST.update(key=key, blob=blob)
+        return blob.clone()
 
     def views(self, blob: Tensor) -> tuple[Any, Any, Any]:
         """Per-matrix views into a blob: a Tensor (float) or a dict of stored tensors (quantized)."""
@@ -88,6 +98,17 @@ class ExpertFormat:
         return fmt
 
 
+_LAST: dict[str, Any] = {}
+
+
+def _digest(mats: tuple[Tensor, ...]) -> str:
+    h = hashlib.sha1()
+    for m in mats:
+        h.update(str((m.dtype, tuple(m.shape))).encode())
+        h.update(m.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def linear(x: Tensor, w: Any, spec: QSpec | None) -> Tensor:
     """``x @ w.T`` for a float matrix or a quantized one (fused kernel when one applies)."""
     if spec is None:
@@ -95,8 +116,10 @@ def linear(x: Tensor, w: Any, spec: QSpec | None) -> Tensor:
     return kernels.qlinear(x, w, spec)
 
 
-def expert_forward(x: Tensor, views: tuple[Any, Any, Any], fmt: ExpertFormat, act: Callable[[Tensor], Tensor]) -> Tensor:
-    """SwiGLU expert on rows ``x`` [T, H] -> [T, H]."""
-    s1, s3, s2 = fmt.specs if fmt.specs is not None else (None, None, None)
+def expert_forward(x: Tensor, weights: tuple[Any, Any, Any], specs: tuple[QSpec, QSpec, QSpec] | None,
+                   act: Callable[[Tensor], Tensor]) -> Tensor:
+    """SwiGLU expert on rows ``x`` [T, H] -> [T, H]; ``specs`` None means float weights."""
+    s1, s3, s2 = specs if specs is not None else (None, None, None)
+    views = weights
     h = act(linear(x, views[0], s1)) * linear(x, views[1], s3)
     return linear(h, views[2], s2)

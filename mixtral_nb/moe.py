@@ -93,12 +93,15 @@ class OffloadedExperts(nn.Module):
             if b is None:
                 b = cache.fetch(layer, e, protect)
                 assert b is not None, "an expert slot must be free once earlier experts are computed"
-            views = cache.use(b)
+            w, specs = cache.use(b, hidden_states.dtype)
             pos = sort_idx[offsets[e]: offsets[e] + counts[e]]
             tok = pos // self.top_k
-            y = expert_forward(hidden_states[tok], views, cache.fmt, self.act_fn)
+            y = expert_forward(hidden_states[tok], w, specs, self.act_fn)
             cache.release(b)
-            y = y * weights[pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+            y = (y * weights[pos, None]).to(out.dtype)
+            if hidden_states.shape[0] == 1:
+                out += y  # decode: one token, no scatter needed
+            else:
+                out.index_add_(0, tok, y)
             protect.discard(e)
         return out

@@ -1,0 +1,99 @@
+"""load(): one call that gives notebooks and the CLI a chat-ready (model, tokenizer).
+
+"auto" means Mixtral-8x7B-Instruct (the article's pre-quantized checkpoint, with a memory plan for
+this machine) when a CUDA GPU is present, and the embedded SmolLM2-based Mixtral otherwise, so the
+same notebook runs on a Colab T4 and on a laptop or CI machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import build_model
+from .config import OffloadConfig, QuantConfig
+
+MIXTRAL_REPO = "lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo"
+EMBEDDED = "embedded"
+
+
+def cache_root() -> Path:
+    """Where built and downloaded models go: ``$MIXTRAL_NB_CACHE`` or ``~/.cache/mixtral_nb``."""
+    return Path(os.environ.get("MIXTRAL_NB_CACHE") or Path.home() / ".cache" / "mixtral_nb")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve(model: str) -> str:
+    """"auto" -> the Mixtral repo with a GPU, the embedded model without one."""
+    if model == "auto":
+        return MIXTRAL_REPO if torch.cuda.is_available() else EMBEDDED
+    return model
+
+
+def embedded_quant_config() -> QuantConfig:
+    """The embedded model's default: the smallest expert setting that still answers sensibly."""
+    ffn = {"weight_quant_params": {"nbits": 4, "group_size": 64, "axis": 1},
+           "scale_quant_params": {"nbits": 8, "group_size": 128}, "zero_quant_params": {"nbits": 8, "group_size": None}}
+    return QuantConfig(ffn_config=ffn, attn_config=None)
+
+
+def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False) -> Path:
+    """The embedded model quantized into the project format (built once, then reused)."""
+    from .checkpoint import quantize
+    from .embedded import build_embedded
+
+    quant = quant or embedded_quant_config()
+    src = build_embedded()
+    tag = "fp" if quant.ffn is None else f"e{quant.ffn['nbits']}g{quant.ffn['group_size']}"
+    tag += "-afp" if quant.attn is None else f"-a{quant.attn['nbits']}g{quant.attn['group_size']}"
+    dst = src.parent / f"{src.name}-{tag}"
+    if not (dst / "COMPLETE").exists():
+        quantize(src, dst, quant, device="cpu", progress=progress)
+    return dst
+
+
+def tokenizer_for(folder: Path) -> Any:
+    """The folder's own tokenizer if it ships one, else the exact Mixtral tokenizer (no HF token)."""
+    if any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    from .chat import mixtral_tokenizer
+
+    return mixtral_tokenizer()
+
+
+def load(model: str = "auto", device: str | torch.device | None = None, offload_config: OffloadConfig | None = None,
+         quant_config: QuantConfig | None = None, token: str | None = None) -> tuple[Any, Any]:
+    """Build the chat model named by ``model`` ("auto", "embedded", a folder or a hub id) and its tokenizer."""
+    dev = torch.device(device) if device is not None else default_device()
+    name = resolve(model)
+    if name == EMBEDDED:
+        folder = embedded_checkpoint(quant_config)
+        from .embedded import build_embedded
+
+        tok_dir = build_embedded()
+        cfg = offload_config or OffloadConfig(main_size=0, offload_size=0, buffer_size=2, offload_per_layer=4, prefetch=1)
+        from .checkpoint import load_config
+
+        L = load_config(folder).num_hidden_layers
+        E = load_config(folder).num_local_experts
+        cfg.main_size = max(cfg.main_size, L * (E - cfg.offload_per_layer))
+        cfg.offload_size = L * cfg.offload_per_layer
+        return build_model(dev, None, cfg, folder), tokenizer_for(tok_dir)
+    folder = Path(name)
+    if not folder.exists():
+        from .hub import download
+
+        folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
+    if offload_config is None:
+        from .plan import detect
+
+        offload_config = detect().offload_config()
+    return build_model(dev, quant_config, offload_config, folder), tokenizer_for(folder)
