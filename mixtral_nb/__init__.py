@@ -8,8 +8,11 @@ from .build import build_model
 from .cache import ExpertCache
 from .checkpoint import CheckpointError, open_checkpoint, quantize
 from .config import OffloadConfig, QuantConfig, article_quant_config
+from .hub import NotEnoughDiskError, download
 from .moe import OffloadedExperts
+from .planner import PRESETS, MemoryPlanError, check_fits, detect, plan
 
 __all__ = ["build_model", "ExpertCache", "CheckpointError", "open_checkpoint", "quantize", "OffloadConfig",
-           "QuantConfig", "article_quant_config", "OffloadedExperts"]
+           "QuantConfig", "article_quant_config", "OffloadedExperts", "download", "NotEnoughDiskError", "PRESETS",
+           "MemoryPlanError", "check_fits", "detect", "plan"]
 __version__ = "0.1.0"

@@ -29,20 +29,43 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _same_quant(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    keys = ("nbits", "group_size", "axis")
+    keys = ("nbits", "group_size")  # the axis is a storage detail (hqq 0.2.8 defaults to 1, the article's files are 0)
     if a is None or b is None:
         return a is b
     return all(a[k] == b[k] for k in keys)
 
 
+def _check_memory(config, quant: QuantConfig, fmt: ExpertFormat, offload_config: OffloadConfig, device: torch.device,
+                  dtype: torch.dtype, host_mirror: bool | None) -> bool:
+    """Refuse an OffloadConfig that cannot fit before the cache allocates anything; returns host_mirror.
+
+    host_mirror None (the default, and what the article's code leaves) means: mirror every expert in
+    host RAM when it fits with a margin, else swap through spare buffers (Colab's 12.7 GB).
+    """
+    import psutil
+
+    from .planner import ModelSizes, check_fits, choose_host_mirror
+
+    sizes = ModelSizes.of(config, quant, expert_bytes=fmt.layout.total_bytes, dtype_bytes=dtype.itemsize)
+    ram = psutil.virtual_memory().available
+    mirror = host_mirror if host_mirror is not None else offload_config.host_mirror
+    if mirror is None:
+        mirror = choose_host_mirror(sizes, offload_config.offload_per_layer, ram)
+    vram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    check_fits(offload_config, vram, ram, sizes, host_mirror=mirror, loaded=True)
+    return bool(mirror)
+
+
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
-                state_path: str | os.PathLike, dtype: torch.dtype | None = None,
-                host_mirror: bool | None = None):
+                state_path: str | os.PathLike | Any, dtype: torch.dtype | None = None,
+                host_mirror: bool | None = None, separate_streams: bool = True):
     """Load a Mixtral checkpoint folder with offloaded experts; see the module docstring.
 
     ``state_path`` may be a project-format folder (settings come from its manifest; a
     ``quant_config`` that disagrees is an error) or an original HF folder (quantized on the fly
-    with ``quant_config``). ``device`` is "cpu" or any "cuda:N".
+    with ``quant_config``). ``device`` is "cpu" or any "cuda:N". ``state_path`` may also be an
+    opened checkpoint object with ProjectCheckpoint's interface (the benchmark's synthetic model).
+    ``separate_streams=False`` queues expert copies on the compute stream (the article's baseline).
     """
     from transformers import MixtralForCausalLM
 
@@ -50,7 +73,8 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or default_dtype(device)
-    ck = open_checkpoint(state_path)
+    ck = (open_checkpoint(state_path, quant_config=quant_config) if isinstance(state_path, (str, os.PathLike))
+          else state_path)
     config = ck.config
     if ck.kind == "project":
         if quant_config is not None and not (_same_quant(quant_config.ffn, ck.quant.ffn)
@@ -132,7 +156,9 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         def load_blob(layer: int, e: int) -> torch.Tensor:
             return ck.blob(layer, e)
 
-    cache = ExpertCache(fmt, L, E, offload_config, device, load_blob, host_mirror=host_mirror)
+    host_mirror = _check_memory(config, quant, fmt, offload_config, device, dtype, host_mirror)
+    cache = ExpertCache(fmt, L, E, offload_config, device, load_blob, host_mirror=host_mirror,
+                        separate_streams=separate_streams)
     mods = []
     for i, layer in enumerate(model.model.layers):
         act = model.config.hidden_act

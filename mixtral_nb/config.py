@@ -19,7 +19,7 @@ class OffloadConfig:
     own GPU slots. ``buffer_size`` spare GPU buffers let a miss load while the evicted expert is
     still being read or written back. ``prefetch`` is how many of the next layer's predicted
     experts to start loading early (0 disables speculative prefetch). ``host_mirror`` keeps every
-    expert in host RAM so evictions never copy back (None: decide from the sizes).
+    expert in host RAM so evictions never copy back (None: whenever host RAM holds them all).
     """
 
     main_size: int
@@ -27,7 +27,7 @@ class OffloadConfig:
     buffer_size: int = 4
     offload_per_layer: int = 4
     prefetch: int = 2
-    host_mirror: bool | None = True
+    host_mirror: bool | None = None
     pin_memory: bool = True
 
     def __post_init__(self) -> None:

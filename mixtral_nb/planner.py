@@ -1,0 +1,347 @@
+"""Memory planning: which OffloadConfig fits a machine, and a clear error when one does not.
+
+The byte math (FACTS.md): an expert blob's size comes from our own layout (2-bit g16 with 8-bit
+meta: ~66.4 MB for Mixtral-8x7B), 4-bit g64 attention ~22.3 MB/layer, fp16 embeddings + lm_head
+0.52 GB, plus a CUDA context (~0.5 GB), the KV cache for ``context`` tokens and a workspace for
+dequantizing one expert matrix (the pure-torch path) and activations. The planner keeps as many
+experts per layer on the GPU as fit (fewer misses), keeps every expert in host RAM as well when
+RAM holds them all with a margin ("host mirror": evictions never copy back), and otherwise swaps
+through spare host buffers, which is what a free Colab T4 (12.7 GB RAM) needs.
+
+``MemoryPlanError`` is a ``ValueError``: like OffloadConfig's own checks it means "these settings
+do not fit this machine", and its message names the numbers and the setting to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import OffloadConfig, QuantConfig, article_quant_config
+from .expert import ExpertFormat
+from .quant import QSpec
+
+GiB = 1024**3
+CUDA_CONTEXT = 512 * 1024**2  # what the CUDA runtime and kernels take before any tensor
+HOST_OVERHEAD = int(2.5 * GiB)  # Python, torch, transformers, the tokenizer, page cache headroom
+HOST_MARGIN = int(1.5 * GiB)  # spare RAM required before choosing host-mirror mode
+ACT_MARGIN = 256 * 1024**2  # activations, logits, allocator fragmentation
+
+
+class MemoryPlanError(ValueError):
+    """A configuration needs more GPU or host memory than the machine has; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# model sizes
+
+
+MIXTRAL_8X7B = {"num_hidden_layers": 32, "num_local_experts": 8, "hidden_size": 4096, "intermediate_size": 14336,
+                "vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                "tie_word_embeddings": False}
+MODELS = {"mixtral-8x7b": MIXTRAL_8X7B}
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Byte sizes of one model under one quant config (what the planner adds up)."""
+
+    num_layers: int
+    num_experts: int
+    hidden: int
+    intermediate: int
+    expert_bytes: int  # one expert blob, as stored in a GPU slot / host buffer
+    attn_bytes: int  # all layers' attention projections
+    embed_bytes: int  # embeddings + lm_head
+    small_bytes: int  # norms and routers
+    kv_bytes_per_token: int
+
+    @classmethod
+    def of(cls, model: str | Any = "mixtral-8x7b", quant: QuantConfig | None = None, dtype_bytes: int = 2,
+           expert_bytes: int | None = None) -> "ModelSizes":
+        """From a model name in ``MODELS``, a config dict or a transformers config; quant defaults to the article's.
+
+        ``expert_bytes`` overrides the blob size (build_model passes the checkpoint's own layout).
+        """
+        if isinstance(model, str):
+            if model not in MODELS:
+                raise ValueError(f"unknown model {model!r}: use one of {sorted(MODELS)} or pass its config")
+            c = dict(MODELS[model])
+        elif isinstance(model, dict):
+            c = dict(model)
+        else:
+            c = model.to_dict()
+        quant = quant if quant is not None else article_quant_config()
+        L, E, H, inter = c["num_hidden_layers"], c["num_local_experts"], c["hidden_size"], c["intermediate_size"]
+        hd = c.get("head_dim") or H // c["num_attention_heads"]
+        q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+        blob = expert_bytes or ExpertFormat.make(H, inter, quant.ffn, _dtype(dtype_bytes)).layout.total_bytes
+        attn = 0
+        for shape in ((q, H), (kv, H), (kv, H), (H, q)):
+            attn += QSpec.make(shape, quant.attn).layout().total_bytes if quant.attn else shape[0] * shape[1] * dtype_bytes
+        embed = (1 if c.get("tie_word_embeddings") else 2) * c["vocab_size"] * H * dtype_bytes
+        small = L * (2 * H + E * H) * dtype_bytes + H * dtype_bytes
+        return cls(L, E, H, inter, blob, L * attn, embed, small, 2 * L * kv * dtype_bytes)
+
+    @property
+    def trunk_bytes(self) -> int:
+        return self.attn_bytes + self.embed_bytes + self.small_bytes
+
+    def runtime_bytes(self, context: int) -> int:
+        """KV cache for ``context`` tokens + dequantizing one expert matrix (fp32 codes + weight, fp16 copy)."""
+        return self.kv_bytes_per_token * context + 10 * self.hidden * self.intermediate + ACT_MARGIN
+
+
+def _dtype(nbytes: int):
+    import torch
+
+    return {1: torch.uint8, 2: torch.float16, 4: torch.float32}.get(nbytes, torch.float16)
+
+
+def cache_bytes(sizes: ModelSizes, offload_per_layer: int, buffer_size: int, host_mirror: bool) -> tuple[int, int]:
+    """(GPU-slot bytes, host-buffer bytes) the ExpertCache allocates for these settings."""
+    L, E, b = sizes.num_layers, sizes.num_experts, sizes.expert_bytes
+    gpu = (L * (E - offload_per_layer) + buffer_size) * b
+    host = L * E * b if host_mirror else (L * offload_per_layer + buffer_size) * b
+    return gpu, host
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+@dataclass
+class Plan:
+    """A memory plan: the OffloadConfig settings and what they are expected to use."""
+
+    device: str  # "cuda" or "cpu"
+    offload_per_layer: int
+    buffer_size: int
+    prefetch: int
+    host_mirror: bool
+    gpu_bytes: int  # expected peak GPU memory (0 on CPU)
+    pinned_bytes: int  # host buffers of the expert cache (pinned on CUDA)
+    host_bytes: int  # expected host RAM use, pinned buffers + process overhead
+    vram_bytes: int
+    host_ram_bytes: int
+    sizes: ModelSizes
+    context: int = 4096
+    disk_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def offload_config(self) -> OffloadConfig:
+        """The article-style OffloadConfig of this plan."""
+        L, E = self.sizes.num_layers, self.sizes.num_experts
+        return OffloadConfig(main_size=L * (E - self.offload_per_layer), offload_size=L * self.offload_per_layer,
+                             buffer_size=self.buffer_size, offload_per_layer=self.offload_per_layer,
+                             prefetch=self.prefetch, host_mirror=self.host_mirror)
+
+    def explain(self) -> str:
+        """A few lines a notebook can print: what goes where and why."""
+        s = self.sizes
+        L, E = s.num_layers, s.num_experts
+        if self.offload_per_layer == 0:
+            mode = "nothing offloaded: host RAM holds no expert copies"
+        elif self.host_mirror:
+            mode = "host mirror: every expert also stays in host RAM, evictions never copy back"
+        else:
+            mode = "swap: host RAM holds only the offloaded experts, a miss swaps through spare buffers"
+        where = "GPU" if self.device == "cuda" else "RAM (CPU run)"
+        lines = [
+            f"Memory plan ({self.device}, {_g(self.vram_bytes)} VRAM, {_g(self.host_ram_bytes)} host RAM):",
+            f"  expert blob {s.expert_bytes / 1e6:.1f} MB x {L * E} experts = {_g(s.expert_bytes * L * E)}",
+            f"  {E - self.offload_per_layer} of {E} experts per layer in {where} (offload_per_layer="
+            f"{self.offload_per_layer}), {self.buffer_size} spare buffers, prefetch {self.prefetch}",
+            f"  {mode}",
+            f"  expected GPU use {_g(self.gpu_bytes)}; host buffers {_g(self.pinned_bytes)}, host total ~{_g(self.host_bytes)}",
+            f"  (trunk {_g(s.trunk_bytes)}: attention {_g(s.attn_bytes)}, embeddings+lm_head {_g(s.embed_bytes)}; "
+            f"KV cache for {self.context} tokens {_g(s.kv_bytes_per_token * self.context)})",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _g(n: int | float | None) -> str:
+    return "?" if n is None else f"{n / GiB:.1f} GiB"
+
+
+def _needs(sizes: ModelSizes, opl: int, buffers: int, mirror: bool, cuda: bool, context: int,
+           loaded: bool = False) -> tuple[int, int, int]:
+    """(GPU bytes, host-buffer bytes, host total) for a setting; ``loaded``: the trunk is already in memory."""
+    gpu_slots, host_buf = cache_bytes(sizes, opl, buffers, mirror)
+    base = 0 if loaded else sizes.trunk_bytes + (CUDA_CONTEXT if cuda else 0)
+    runtime = sizes.runtime_bytes(context)
+    if cuda:
+        return gpu_slots + base + runtime, host_buf, host_buf + (0 if loaded else HOST_OVERHEAD)
+    host = gpu_slots + host_buf + base + runtime + (0 if loaded else HOST_OVERHEAD)
+    return 0, host_buf, host
+
+
+def plan(vram_bytes: int, host_ram_bytes: int, disk_bytes: int | None = None, num_gpus: int = 1,
+         model: str | Any = "mixtral-8x7b", quant: QuantConfig | None = None, context: int = 4096,
+         buffer_size: int = 4, prefetch: int = 2) -> Plan:
+    """The best OffloadConfig for a machine: most experts per layer on the GPU that fit, host mirror if RAM allows.
+
+    ``vram_bytes`` is the usable memory of one GPU (0: CPU only); ``host_ram_bytes`` the RAM the
+    process may use. Raises :class:`MemoryPlanError` when no setting fits.
+    """
+    sizes = ModelSizes.of(model, quant)
+    L, E = sizes.num_layers, sizes.num_experts
+    notes: list[str] = []
+    cuda = vram_bytes > 0
+    if not cuda:
+        # all experts in (CPU) slots, nothing to swap: the least RAM a CPU run can take
+        gpu, pinned, host = _needs(sizes, 0, 1, False, False, context)
+        p = Plan("cpu", 0, 1, 0, False, gpu, pinned, host, 0, host_ram_bytes, sizes, context, disk_bytes, notes)
+        if host > host_ram_bytes:
+            raise MemoryPlanError(f"a CPU run needs {_g(host)} of RAM, {_g(host_ram_bytes)} available: use a machine "
+                                  "with more RAM or a GPU, or fewer bits per expert")
+        notes.append("CPU run: every expert lives in RAM once; expect seconds per token for Mixtral-8x7B")
+        _disk_note(p)
+        return p
+    if num_gpus > 1:
+        notes.append(f"{num_gpus} GPUs found: build_model uses one device; the plan is for one GPU and the others idle")
+    buffers = min(buffer_size, max(1, E))
+    chosen = None
+    for opl in range(0, E):
+        gpu, _, _ = _needs(sizes, opl, buffers, False, True, context)
+        if gpu <= vram_bytes:
+            chosen = opl
+            break
+    if chosen is None:
+        gpu, _, _ = _needs(sizes, E - 1, buffers, False, True, context)
+        raise MemoryPlanError(f"even offload_per_layer={E - 1} needs {_g(gpu)} of VRAM, {_g(vram_bytes)} available: "
+                              "use a GPU with more memory, fewer bits, or a shorter context")
+    opl = chosen
+    if opl == 0:
+        buffers = 1  # nothing ever misses: one spare buffer (OffloadConfig needs one) is enough
+        notes.append("every expert fits on the GPU: no offloading, no misses")
+    all_experts = L * E * sizes.expert_bytes
+    mirror = opl > 0 and all_experts + HOST_OVERHEAD + HOST_MARGIN <= host_ram_bytes
+    gpu, pinned, host = _needs(sizes, opl, buffers, mirror, True, context)
+    if host > host_ram_bytes:
+        raise MemoryPlanError(f"offload_per_layer={opl} needs {_g(host)} of host RAM ({_g(pinned)} of expert buffers), "
+                              f"{_g(host_ram_bytes)} available: use a machine with more RAM or fewer bits per expert")
+    if opl > 0 and not mirror:
+        notes.append(f"host RAM cannot also hold all {L * E} experts ({_g(all_experts)}): swap mode")
+    p = Plan("cuda", opl, buffers, prefetch if opl > 0 else 0, mirror, gpu, pinned, host, vram_bytes, host_ram_bytes,
+             sizes, context, disk_bytes, notes)
+    _disk_note(p)
+    return p
+
+
+def _disk_note(p: Plan) -> None:
+    if p.disk_bytes is None:
+        return
+    s = p.sizes
+    ckpt = s.num_layers * s.num_experts * s.expert_bytes + s.trunk_bytes
+    if 2 * ckpt > p.disk_bytes:
+        p.notes.append(f"disk: {_g(p.disk_bytes)} free, the pre-quantized checkpoint plus its converted copy need "
+                       f"~{_g(2 * ckpt)}: free some space first")
+    else:
+        p.notes.append(f"disk: {_g(p.disk_bytes)} free; the pre-quantized checkpoint plus its converted copy need "
+                       f"~{_g(2 * ckpt)}; quantizing the original fp16 model yourself needs ~{_g(87e9 + ckpt)}")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine people run the notebook on: usable VRAM per GPU, host RAM, GPUs, disk."""
+
+    vram_bytes: int
+    host_ram_bytes: int
+    num_gpus: int = 1
+    disk_bytes: int | None = None
+    description: str = ""
+
+    def plan(self, **kw: Any) -> Plan:
+        return plan(self.vram_bytes, self.host_ram_bytes, self.disk_bytes, self.num_gpus, **kw)
+
+
+PRESETS: dict[str, Machine] = {
+    "colab-t4": Machine(15095 * 1024**2, int(12.7e9), 1, int(78e9), "free Colab: T4 (15,095 MiB usable), 12.7 GB RAM"),
+    "12gb": Machine(int(11.5 * GiB), 32 * GiB, 1, None, "12 GB card (RTX 3060/4070), 32 GB RAM"),
+    "kaggle-2xt4": Machine(15095 * 1024**2, int(29e9), 2, int(73e9), "Kaggle: 2 x T4, 29 GB RAM"),
+    "24gb": Machine(int(23.5 * GiB), 64 * GiB, 1, None, "24 GB card (RTX 3090/4090, A10/L4 class), 64 GB RAM"),
+    "a100-40gb": Machine(int(39.4 * GiB), 85 * GiB, 1, None, "A100 40 GB, 85 GB RAM"),
+    "a100-80gb": Machine(int(79.1 * GiB), 117 * GiB, 1, None, "A100 80 GB, 117 GB RAM"),
+    "cpu": Machine(0, 32 * GiB, 0, None, "CPU only, 32 GB RAM"),
+}
+
+
+def preset(name: str, **kw: Any) -> Plan:
+    """The plan for a named machine in :data:`PRESETS`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
+    return PRESETS[name].plan(**kw)
+
+
+def machine(device: Any = None) -> Machine:
+    """This machine: free VRAM of ``device`` (default: current CUDA device, if any), available RAM, free disk."""
+    import shutil
+
+    import psutil
+    import torch
+
+    ram = psutil.virtual_memory().available
+    disk = shutil.disk_usage(".").free
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        free, _ = torch.cuda.mem_get_info(dev)
+        return Machine(int(free), int(ram), torch.cuda.device_count(), disk, torch.cuda.get_device_name(dev))
+    return Machine(0, int(ram), 0, disk, "CPU")
+
+
+def detect(device: Any = None, **kw: Any) -> Plan:
+    """The plan for this machine (free VRAM via torch.cuda.mem_get_info, available RAM via psutil)."""
+    return machine(device).plan(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a configuration
+
+
+def check_fits(what: Plan | OffloadConfig, vram_bytes: int | None, ram_bytes: int, sizes: ModelSizes | None = None,
+               *, host_mirror: bool | None = None, context: int = 4096, loaded: bool = False) -> None:
+    """Raise :class:`MemoryPlanError` if ``what`` needs more than ``vram_bytes``/``ram_bytes``.
+
+    ``vram_bytes=None`` means a CPU run (expert slots then live in RAM). For an OffloadConfig,
+    ``sizes`` describes the model (default: Mixtral-8x7B with the article's quant config) and
+    ``loaded=True`` counts only the expert cache and runtime (the trunk is already in memory, as in
+    build_model just before the cache is created).
+    """
+    if isinstance(what, Plan):
+        sizes, opl, buffers, context = what.sizes, what.offload_per_layer, what.buffer_size, what.context
+        mirror = what.host_mirror if host_mirror is None else host_mirror
+    else:
+        sizes = sizes or ModelSizes.of()
+        opl, buffers = what.offload_per_layer, what.buffer_size
+        mirror = what.host_mirror if host_mirror is None else host_mirror
+        mirror = True if mirror is None else mirror
+    cuda = vram_bytes is not None
+    E = sizes.num_experts
+    gpu, pinned, host = _needs(sizes, opl, buffers, mirror, cuda, context, loaded)
+    if cuda and gpu > vram_bytes:
+        fix = next((o for o in range(opl + 1, E) if _needs(sizes, o, buffers, mirror, cuda, context, loaded)[0]
+                    <= vram_bytes), None)
+        hint = (f"set offload_per_layer={fix}" if fix is not None
+                else f"even offload_per_layer={E - 1} does not fit: free GPU memory or use fewer bits per expert")
+        raise MemoryPlanError(f"needs {_g(gpu)} of VRAM, {_g(vram_bytes)} free: {hint}")
+    if host > ram_bytes:
+        if mirror and opl > 0 and _needs(sizes, opl, buffers, False, cuda, context, loaded)[2] <= ram_bytes:
+            hint = "set host_mirror=False (swap mode keeps only the offloaded experts in RAM)"
+        elif cuda:
+            fix = next((o for o in range(opl - 1, -1, -1)
+                        if _needs(sizes, o, buffers, False, cuda, context, loaded)[2] <= ram_bytes
+                        and _needs(sizes, o, buffers, False, cuda, context, loaded)[0] <= vram_bytes), None)
+            hint = (f"set offload_per_layer={fix}, host_mirror=False" if fix is not None
+                    else "use a machine with more RAM or fewer bits per expert")
+        else:
+            hint = "use a machine with more RAM or fewer bits per expert"
+        raise MemoryPlanError(f"needs {_g(host)} of host RAM ({_g(pinned)} of expert buffers), {_g(ram_bytes)} "
+                              f"available: {hint}")
+
+
+def choose_host_mirror(sizes: ModelSizes, offload_per_layer: int, ram_bytes: int) -> bool:
+    """Host mirror when available RAM holds every expert with a margin (and some are offloaded)."""
+    all_experts = sizes.num_layers * sizes.num_experts * sizes.expert_bytes
+    return offload_per_layer > 0 and all_experts + HOST_MARGIN <= ram_bytes

@@ -1,0 +1,101 @@
+"""Memory planning: byte math against FACTS.md, presets, check_fits messages, and build_model's check."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mixtral_nb import OffloadConfig, build_model
+import mixtral_nb.planner as P
+from mixtral_nb.planner import GiB, MemoryPlanError, ModelSizes, check_fits, plan, preset
+from mixtral_nb.tiny import tiny_config, write_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_sizes_match_the_measured_article_numbers():
+    s = ModelSizes.of()  # Mixtral-8x7B, the article's quant config
+    assert abs(s.expert_bytes - 66_404_352) < 1024  # FACTS: 66,404,352-66,404,364 B with hqq 0.1.1
+    assert abs(s.attn_bytes / 32 - 22.3e6) < 0.2e6  # ~22.3 MB/layer
+    assert abs(s.embed_bytes - 0.52e9) < 0.01e9
+    assert s.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
+
+
+def test_presets_fit_and_choose_sensible_modes():
+    plans = {name: preset(name) for name in P.PRESETS}
+    for name, p in plans.items():
+        m = P.PRESETS[name]
+        check_fits(p, m.vram_bytes if p.device == "cuda" else None, m.host_ram_bytes)
+        assert p.gpu_bytes <= m.vram_bytes or p.device == "cpu"
+        assert p.host_bytes <= m.host_ram_bytes
+        cfg = p.offload_config()
+        assert cfg.main_size == 32 * (8 - p.offload_per_layer) and cfg.offload_size == 32 * p.offload_per_layer
+        assert "Memory plan" in p.explain()
+    colab = plans["colab-t4"]
+    assert colab.device == "cuda" and not colab.host_mirror and 3 <= colab.offload_per_layer <= 5  # 12.7 GB RAM: swap
+    assert plans["kaggle-2xt4"].host_mirror and "one GPU" in plans["kaggle-2xt4"].explain()
+    assert plans["12gb"].offload_per_layer >= colab.offload_per_layer
+    for big in ("24gb", "a100-40gb", "a100-80gb"):
+        assert plans[big].offload_per_layer == 0 and plans[big].prefetch == 0
+    assert plans["cpu"].device == "cpu" and plans["cpu"].gpu_bytes == 0
+
+
+def test_check_fits_names_the_numbers_and_the_fix():
+    article = OffloadConfig(main_size=32 * 6, offload_size=64, buffer_size=4, offload_per_layer=2, host_mirror=False)
+    with pytest.raises(MemoryPlanError, match=r"needs \d+\.\d GiB of VRAM, 14\.7 GiB free: set offload_per_layer=[345]"):
+        check_fits(article, 15095 * 1024**2, int(12.7e9))
+    mirror = OffloadConfig(main_size=32 * 4, offload_size=128, buffer_size=4, offload_per_layer=4, host_mirror=True)
+    with pytest.raises(MemoryPlanError, match=r"needs \d+\.\d GiB of host RAM .* 11\.8 GiB available: set host_mirror=False"):
+        check_fits(mirror, 15095 * 1024**2, int(12.7e9))
+    check_fits(OffloadConfig(32 * 4, 128, 4, 4, host_mirror=False), 15095 * 1024**2, int(12.7e9))
+    assert issubclass(MemoryPlanError, ValueError)
+    # CPU: no VRAM check, but the slots then live in RAM
+    check_fits(OffloadConfig(32 * 8, 0, 1, 0, host_mirror=False), None, 40 * GiB)
+    with pytest.raises(MemoryPlanError, match="of host RAM"):
+        check_fits(OffloadConfig(32 * 8, 0, 1, 0, host_mirror=False), None, 8 * GiB)
+
+
+def test_plan_refuses_machines_that_cannot_run_it():
+    with pytest.raises(MemoryPlanError, match=r"even offload_per_layer=7 needs .* of VRAM, 2\.0 GiB available"):
+        plan(2 * GiB, 64 * GiB)
+    with pytest.raises(MemoryPlanError, match=r"CPU run needs .* of RAM, 8\.0 GiB available"):
+        plan(0, 8 * GiB)
+    p = plan(15 * GiB, 12 * GiB, disk_bytes=20 * 10**9)
+    assert any("free some space" in n for n in p.notes)
+
+
+def test_detect_reads_the_machine(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=40 * GiB, total=64 * GiB))
+    p = P.detect()
+    assert p.device == "cpu" and p.host_ram_bytes == 40 * GiB
+    tiny = tiny_config(layers=2, experts=4, hidden=64, intermediate=128)
+    assert P.detect(model=tiny).sizes.num_experts == 4
+
+
+def test_build_model_checks_memory_before_allocating(tmp_path, monkeypatch):
+    import psutil
+
+    src = write_tiny(tmp_path / "m", layers=2, experts=4, hidden=64, intermediate=128)
+    cfg = OffloadConfig(main_size=2 * 3, offload_size=2, buffer_size=1, offload_per_layer=1, prefetch=0)
+    real = psutil.virtual_memory
+
+    def ram(avail: int):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=avail, total=real().total))
+
+    blob = 3 * 64 * 128 * 4  # fp32 experts on CPU
+    ram(blob * 3)  # not even the expert slots fit
+    with pytest.raises(MemoryPlanError, match="of host RAM"):
+        build_model("cpu", None, cfg, src)
+    # enough for swap mode but not for a host mirror + margin: the OffloadConfig default falls back to swap
+    ram(P.HOST_MARGIN + 12 * blob + 2 * 1024**3)
+    monkeypatch.setattr(P, "HOST_MARGIN", 100 * 1024**3)
+    model = build_model("cpu", None, cfg, src)
+    assert model.expert_cache.mirror is False
+    monkeypatch.setattr(P, "HOST_MARGIN", 0)
+    assert build_model("cpu", None, cfg, src).expert_cache.mirror is True
