@@ -74,7 +74,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import detect
+    from .planner import detect
 
     print(detect().explain())
     return 0

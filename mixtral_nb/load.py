@@ -93,7 +93,7 @@ def load(model: str = "auto", device: str | torch.device | None = None, offload_
 
         folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
     if offload_config is None:
-        from .plan import detect
+        from .planner import detect
 
         offload_config = detect().offload_config()
     return build_model(dev, quant_config, offload_config, folder), tokenizer_for(folder)
