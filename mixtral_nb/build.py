@@ -8,14 +8,15 @@ stock transformers model, so ``generate()``, streamers and KV caches work as usu
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from .cache import ExpertCache
-from .checkpoint import CheckpointError, HFCheckpoint, attn_key, open_checkpoint
+from .cache import CacheGroup, ExpertCache
+from .checkpoint import CheckpointError, HFCheckpoint, attn_key, layer_of, open_checkpoint
 from .config import OffloadConfig, QuantConfig
 from .expert import ExpertFormat
 from .moe import OffloadedExperts
@@ -36,7 +37,7 @@ def _same_quant(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
 
 
 def _check_memory(config, quant: QuantConfig, fmt: ExpertFormat, offload_config: OffloadConfig, device: torch.device,
-                  dtype: torch.dtype, host_mirror: bool | None) -> bool:
+                  dtype: torch.dtype, host_mirror: bool | None, share: int = 1) -> bool:
     """Refuse an OffloadConfig that cannot fit before the cache allocates anything; returns host_mirror.
 
     host_mirror None (the default, and what the article's code leaves) means: mirror every expert in
@@ -47,13 +48,56 @@ def _check_memory(config, quant: QuantConfig, fmt: ExpertFormat, offload_config:
     from .planner import ModelSizes, check_fits, choose_host_mirror
 
     sizes = ModelSizes.of(config, quant, expert_bytes=fmt.layout.total_bytes, dtype_bytes=dtype.itemsize)
-    ram = psutil.virtual_memory().available
+    ram = psutil.virtual_memory().available // share  # several GPUs share one host's RAM
     mirror = host_mirror if host_mirror is not None else offload_config.host_mirror
     if mirror is None:
         mirror = choose_host_mirror(sizes, offload_config.offload_per_layer, ram)
     vram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     check_fits(offload_config, vram, ram, sizes, host_mirror=mirror, loaded=True)
     return bool(mirror)
+
+
+def parse_devices(device: Any) -> list[torch.device]:
+    """"cuda:0", torch.device, or a list of them (layers are split across a list)."""
+    items = list(device) if isinstance(device, (list, tuple)) else [device]
+    if not items:
+        raise ValueError("build_model needs at least one device")
+    out = []
+    for d in items:
+        d = torch.device(d)
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+        out.append(d)
+    return out
+
+
+def split_layers(num_layers: int, num_devices: int) -> list[int]:
+    """Device index of each layer: contiguous, balanced ranges (hidden states cross once per boundary)."""
+    return [i * num_devices // num_layers for i in range(num_layers)]
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    return x
+
+
+def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.device]) -> None:
+    """Forward pre-hooks that move activations to the next device at each layer-split boundary."""
+    def mover(dev: torch.device):
+        def hook(module, args, kwargs):
+            return _to(args, dev), {k: _to(v, dev) for k, v in kwargs.items()}
+        return hook
+
+    for i, (layer, dev) in enumerate(zip(model.model.layers, layer_dev)):
+        if i > 0 and layer_dev[i - 1] is not dev:
+            layer.register_forward_pre_hook(mover(dev), with_kwargs=True)
+    model.model.norm.register_forward_pre_hook(mover(devices[-1]), with_kwargs=True)
+    model.lm_head.register_forward_pre_hook(mover(devices[0]), with_kwargs=True)
 
 
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
@@ -69,9 +113,8 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     """
     from transformers import MixtralForCausalLM
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    devices = parse_devices(device)
+    device = devices[0]
     dtype = dtype or default_dtype(device)
     ck = (open_checkpoint(state_path, quant_config=quant_config) if isinstance(state_path, (str, os.PathLike))
           else state_path)
@@ -90,6 +133,8 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         fmt = ExpertFormat.make(config.hidden_size, config.intermediate_size, quant.ffn, dtype)
 
     L, E = config.num_hidden_layers, config.num_local_experts
+    if len(devices) > L:
+        raise ValueError(f"{len(devices)} devices for {L} layers: give at most one device per layer")
     if offload_config.main_size < L * offload_config.gpu_slots_per_layer(E):
         raise ValueError(
             f"OffloadConfig.main_size={offload_config.main_size} is smaller than layers x GPU slots per layer = "
@@ -104,7 +149,13 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         if quant.attn is not None:
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 setattr(layer.self_attn, p, nn.Module())
-    model.to_empty(device=device)
+    layer_part = split_layers(L, len(devices))
+    layer_dev = [devices[k] for k in layer_part]
+    for layer, dev in zip(model.model.layers, layer_dev):
+        layer.to_empty(device=dev)
+    model.model.embed_tokens.to_empty(device=devices[0])
+    model.lm_head.to_empty(device=devices[0])  # logits land where generate() keeps input_ids
+    model.model.norm.to_empty(device=devices[-1])
     model.to(dtype)
     model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
 
@@ -139,12 +190,13 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         for base, parts in attn_parts.items():
             module_path, _, proj = base.rpartition(".")
             attn = model.get_submodule(module_path)
+            dev = layer_dev[layer_of(base)]
             if "weight" in parts:  # original checkpoint: quantize now, on the target device
-                ql = QuantLinear.from_weight(parts["weight"], quant.attn, device)
+                ql = QuantLinear.from_weight(parts["weight"], quant.attn, dev)
             else:
                 spec = QSpec(**ck.attn_specs[base])
                 ql = QuantLinear(spec, parts)
-            setattr(attn, proj, ql.to(device))
+            setattr(attn, proj, ql.to(dev))
 
     # experts
     if isinstance(ck, HFCheckpoint):
@@ -156,19 +208,28 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         def load_blob(layer: int, e: int) -> torch.Tensor:
             return ck.blob(layer, e)
 
-    host_mirror = _check_memory(config, quant, fmt, offload_config, device, dtype, host_mirror)
-    cache = ExpertCache(fmt, L, E, offload_config, device, load_blob, host_mirror=host_mirror,
-                        separate_streams=separate_streams)
-    mods = []
-    for i, layer in enumerate(model.model.layers):
-        act = model.config.hidden_act
-        from transformers.activations import ACT2FN
+    from transformers.activations import ACT2FN
 
-        mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[act], offload_config.prefetch))
-        layer.mlp.experts = mods[-1]
+    caches: list[ExpertCache] = []
+    mods: list[OffloadedExperts] = []
+    for k, dev in enumerate(devices):
+        layers = [i for i in range(L) if layer_part[i] == k]
+        part = copy.copy(config)
+        part.num_hidden_layers = len(layers)
+        mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
+        cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
+                            lambda j, e, layers=layers: load_blob(layers[j], e),
+                            host_mirror=mirror, separate_streams=separate_streams)
+        caches.append(cache)
+        for j, i in enumerate(layers):
+            mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],
+                                         offload_config.prefetch, cache_layer=j))
+            model.model.layers[i].mlp.experts = mods[-1]
     for i, m in enumerate(mods):
-        nxt = model.model.layers[i + 1].mlp.gate.weight if i + 1 < L else None
-        m.set_next_router(nxt, mods[i + 1] if i + 1 < L else None)
-    model.expert_cache = cache
+        nxt = mods[i + 1] if i + 1 < L else None
+        m.set_next_router(model.model.layers[i + 1].mlp.gate.weight if nxt else None, nxt)
+    if len(devices) > 1:
+        _hop_devices(model, layer_dev, devices)
+    model.expert_cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
     model.eval()
     return model

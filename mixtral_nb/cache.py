@@ -291,3 +291,34 @@ class ExpertCache:
     @property
     def host_bytes(self) -> int:
         return len(self.host) * self.blob_bytes
+
+
+class CacheGroup:
+    """The caches of a model split over several GPUs, read as one (stats summed)."""
+
+    def __init__(self, caches: list[ExpertCache]) -> None:
+        self.caches = caches
+
+    def stats(self, wait: bool = False) -> dict[str, float]:
+        parts = [c.stats(wait) for c in self.caches]
+        out = {k: sum(p[k] for p in parts) for k in parts[0]}
+        uses = out["hits"] + out["misses"]
+        out["hit_rate"] = out["hits"] / uses if uses else 0.0
+        pc = sum(c.pred_correct for c in self.caches)
+        pt = sum(c.pred_total for c in self.caches)
+        at = sum(c.actual_total for c in self.caches)
+        out["prefetch_precision"] = pc / pt if pt else 0.0
+        out["prefetch_recall"] = pc / at if at else 0.0
+        return out
+
+    def reset_stats(self) -> None:
+        for c in self.caches:
+            c.reset_stats()
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(c.gpu_bytes for c in self.caches)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(c.host_bytes for c in self.caches)

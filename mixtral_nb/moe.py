@@ -23,9 +23,10 @@ class OffloadedExperts(nn.Module):
     """Experts of one MoE layer, living in an :class:`ExpertCache` instead of module parameters."""
 
     def __init__(self, layer_idx: int, cache: ExpertCache, top_k: int, act_fn: Callable[[Tensor], Tensor],
-                 prefetch: int = 0) -> None:
+                 prefetch: int = 0, cache_layer: int | None = None) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = layer_idx  # in the model
+        self.cache_layer = layer_idx if cache_layer is None else cache_layer  # in its (per-device) cache
         self.num_experts = cache.E
         self.top_k = top_k
         self.act_fn = act_fn
@@ -39,15 +40,21 @@ class OffloadedExperts(nn.Module):
         return self._cache[0]
 
     def set_next_router(self, weight: Tensor | None, next_module: "OffloadedExperts | None") -> None:
-        """Enable speculative prefetch: apply the next layer's router to this layer's input."""
+        """Enable speculative prefetch: apply the next layer's router to this layer's input.
+
+        The router weight is copied to this layer's device when the next layer lives on another GPU.
+        """
+        if weight is not None and weight.device != self.cache.device:
+            weight = weight.detach().to(self.cache.device)
         self._next_gate = () if weight is None else (weight,)
         self._next_module = (next_module,) if next_module is not None else ()
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_idx}, experts={self.num_experts}, gpu_slots={self.cache.slots}, prefetch={self.prefetch}"
+        return (f"layer={self.layer_idx}, device={self.cache.device}, experts={self.num_experts}, "
+                f"gpu_slots={self.cache.slots}, prefetch={self.prefetch}")
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        cache, layer, E = self.cache, self.layer_idx, self.num_experts
+        cache, layer, E = self.cache, self.cache_layer, self.num_experts
         flat = top_k_index.reshape(-1)
         parts = [torch.bincount(flat, minlength=E)]
         guess = self.prefetch > 0 and bool(self._next_gate)
@@ -76,9 +83,10 @@ class OffloadedExperts(nn.Module):
         if guess:
             pred = host[E:]
             chosen = sorted((e for e in range(E) if pred[e] > 0), key=lambda e: -pred[e])[: self.prefetch]
+            nxt = self._next_module[0]
             for e in chosen:
-                cache.fetch(layer + 1, e, set(chosen), prefetch=True)
-            self._next_module[0].predicted = set(chosen)
+                nxt.cache.fetch(nxt.cache_layer, e, set(chosen), prefetch=True)
+            nxt.predicted = set(chosen)
 
         sort_idx = torch.argsort(flat, stable=True)
         weights = top_k_weights.reshape(-1)

@@ -167,3 +167,32 @@ def test_article_code_runs_with_only_the_import_changed(tiny_dir):
     out = model.generate(PROMPT[:, :8], max_new_tokens=8, do_sample=False, streamer=TextStreamer(Tok()))
     assert out.shape == (1, 16)
     assert json.loads((tiny_dir / "config.json").read_text())["num_local_experts"] == 8
+
+
+def test_split_layers_is_contiguous_and_balanced():
+    from mixtral_nb.build import split_layers
+
+    assert split_layers(32, 2) == [0] * 16 + [1] * 16
+    assert split_layers(5, 2) == [0, 0, 0, 1, 1]
+    assert split_layers(4, 4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_layers_split_over_two_devices_equal_one(tiny_dir, ref_out, prefetch):
+    """Two 'devices' (both CPU here; two GPUs on Kaggle) give the same logits and tokens as one."""
+    from mixtral_nb.cache import CacheGroup
+
+    model = build_model(["cpu", "cpu"], QuantConfig(None, None), offload(3, prefetch), tiny_dir)
+    assert isinstance(model.expert_cache, CacheGroup)
+    assert [c.L for c in model.expert_cache.caches] == [2, 2]
+    assert [m.mlp.experts.cache_layer for m in model.model.layers] == [0, 1, 0, 1]
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+    assert (logits - ref_out[0]).abs().max().item() <= 1e-5
+    tokens = model.generate(PROMPT[:, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert torch.equal(tokens, ref_out[1])
+    st = model.expert_cache.stats()
+    assert st["misses"] > 0 and (st["prefetch_issued"] > 0) == (prefetch > 0)
+    # the prefetch of layer 2 (second cache) is issued by layer 1 (first cache): it crosses the split
+    if prefetch:
+        assert model.expert_cache.caches[1].prefetch_issued > 0
