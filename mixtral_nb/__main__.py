@@ -37,7 +37,7 @@ def _chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             session.stop()
         print()
-        print(f"[{session.last_stats.get('tokens_per_s', 0):.1f} tok/s]", file=sys.stderr)
+        print(f"[{session.last_stats.get('tok_s', 0):.1f} tok/s]", file=sys.stderr)
     return 0
 
 
@@ -53,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"\n> {q}")
         for piece in session.stream(q):
             print(piece, end="", flush=True)
-        print(f"\n[{session.last_stats['tokens_per_s']:.1f} tok/s]")
+        print(f"\n[{session.last_stats['tok_s']:.1f} tok/s]")
     stats = model.expert_cache.stats()
     print("\nexpert cache:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
     if args.html:

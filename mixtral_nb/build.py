@@ -141,7 +141,7 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
             f"{L} x {E - offload_config.offload_per_layer}: use main_size={L * (E - offload_config.offload_per_layer)}"
         )
 
-    config.torch_dtype = dtype
+    config.dtype = dtype
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
     for layer in model.model.layers:

@@ -23,7 +23,7 @@ def tiny_config(layers: int = 4, experts: int = 8, hidden: int = 64, intermediat
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_local_experts": experts,
         "num_experts_per_tok": top_k, "hidden_act": "silu", "max_position_embeddings": 1024,
         "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False, "bos_token_id": 1,
-        "eos_token_id": 2, "torch_dtype": "float32", "router_jitter_noise": 0.0,
+        "eos_token_id": 2, "dtype": "float32", "router_jitter_noise": 0.0,
     }
 
 

@@ -156,14 +156,13 @@ def _loop_for_async_pump() -> Any:
 
     ipykernel 7 has no ``do_one_iteration``: a blocked main thread sees no widget events at all.
     There the pump runs as a task on the kernel's loop instead (a Stop click is dispatched
-    between its steps). Colab's ipykernel 6 and plain Python use the blocking pump.
+    between its steps). This includes JupyterLab >= 4.4's comm subshells, where the handler runs in
+    a subshell thread with its own loop. Colab's ipykernel 6 and plain Python use the blocking pump.
     """
     import asyncio
 
     kernel = _kernel()
     if kernel is None or hasattr(kernel, "do_one_iteration"):
-        return None
-    if threading.current_thread() is not threading.main_thread():
         return None
     try:
         return asyncio.get_running_loop()

@@ -1,0 +1,286 @@
+"""notebooks/03_chat.ipynb in a real JupyterLab, driven through Debian's Chromium (marker ``browser``).
+
+A throwaway JupyterLab serves a tmp copy of the notebook (a cell injected after its parameters
+cell caps the reply length); Playwright opens it, runs all cells from the Run menu, and chats:
+the reply must stream, the live chart must redraw, Stop must end a reply mid-way, and the next
+question must still be answered. Every wait is on a DOM condition with a bounded timeout.
+
+Run it with ``make test-browser`` (or ``pytest -m browser tests``). Needs ``apt-get install chromium``.
+A screenshot lands in artifacts/ (``browser_chat.png``; ``browser_chat_failure.png`` plus the
+server log on failure).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, prepare_notebook
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+NOTEBOOK = REPO / "notebooks" / "03_chat.ipynb"
+# Long enough that a CPU reply is still streaming when Stop is clicked, short enough to bound the run.
+OVERRIDES = {"MAX_NEW_TOKENS": 64}
+LONG_QUESTION = "Write a long, detailed story about a dragon who learns to bake bread."
+SHORT_QUESTION = "What is the capital of France?"
+
+# bounded waits (seconds); the embedded model's first build, if it was not cached, is the long one
+T_PAGE = 90
+T_WIDGET = 210  # every cell: the model load and the notebook's own question from code
+T_REPLY = 90
+T_STOP = 45
+QUIET = 2.0  # after Stop: the text must not change during this long
+
+CHART = "img.mnb-chart, .mnb-chart img"  # ipywidgets 8 puts the class on the <img> itself
+ASSISTANT = ".mnb-msg-assistant"
+
+# JS: the last assistant bubble as {n: bubbles, text: body without the cursor, cursor: bool}; ui.py draws the
+# cursor (U+258C) while a reply streams and replaces it with a caption ("N tokens, x tok/s") at the end
+_LAST_BUBBLE_JS = """(sel) => {
+  const els = document.querySelectorAll(sel);
+  if (!els.length) return {n: 0, text: '', cursor: false};
+  const t = els[els.length - 1].innerText;
+  return {n: els.length, text: t.replace('\\u258c', '').trim(), cursor: t.includes('\\u258c')};
+}"""
+
+
+def _require_chromium() -> None:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} not found: the browser test tier needs Debian's Chromium "
+                    "(run `apt-get install chromium`; .ci/run installs it)", pytrace=False)
+
+
+# --------------------------------------------------------------------------- page helpers
+
+
+def _dismiss_dialogs(page, log: list[str]) -> None:
+    """Accept any JupyterLab modal (kernel selection picks the notebook's kernel); note what it said."""
+    dialogs = page.locator(".jp-Dialog")
+    for _ in range(3):
+        if dialogs.count() == 0:
+            return
+        try:
+            text = dialogs.first.inner_text(timeout=5_000)
+            log.append("dialog: " + " ".join(text.split())[:200])
+            accept = dialogs.first.locator(".jp-Dialog-button.jp-mod-accept")
+            if accept.count():
+                accept.first.click(timeout=5_000)
+            else:
+                page.keyboard.press("Escape")
+            dialogs.first.wait_for(state="detached", timeout=5_000)
+        except Exception:  # it closed by itself meanwhile
+            pass
+
+
+def _error_outputs(page) -> list[str]:
+    """Texts of tracebacks shown in cell outputs (stderr warnings are not errors)."""
+    texts = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+    return [t for t in texts if "Traceback" in t or re.search(r"^\w*(Error|Exception)\b", t, re.M)]
+
+
+def _run_all_cells(page) -> None:
+    """Run > Run All Cells from the menu bar (the command palette if the menu is not there)."""
+    try:
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click(timeout=10_000)
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click(timeout=10_000)
+    except Exception:
+        page.keyboard.press("Escape")
+        page.keyboard.press("Control+Shift+C")
+        page.locator(".lm-CommandPalette-input").fill("Run All Cells", timeout=10_000)
+        page.locator(".lm-CommandPalette-item", has_text=re.compile(r"^Run All Cells")).first.click(timeout=10_000)
+
+
+_ALL_CELLS_RAN_JS = """() => {
+  const ps = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')];
+  return ps.length > 0 && ps.every(p => /^\\[\\d+\\]:$/.test(p.innerText.trim()));
+}"""
+
+
+def _wait_notebook(page, log: list[str], timeout: float, what: str) -> None:
+    """Wait until every cell has run and the chat widget is shown, handling dialogs on the way.
+
+    Fails at once on a traceback in an output (Run All stops at the failing cell).
+    """
+    deadline = time.monotonic() + timeout
+    chat = page.locator(".mnb-input input")
+    while True:
+        _dismiss_dialogs(page, log)
+        errors = _error_outputs(page)
+        if errors:
+            raise AssertionError("a notebook cell failed:\n" + "\n---\n".join(e[-3000:] for e in errors))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{what} within {timeout:.0f} s (chat widget shown: {chat.count() > 0}; "
+                                 f"prompts: {page.locator('.jp-CodeCell .jp-InputArea-prompt').all_inner_texts()})")
+        try:
+            page.wait_for_function(_ALL_CELLS_RAN_JS, timeout=min(3_000, left * 1000), polling=250)
+            chat.wait_for(state="visible", timeout=min(3_000, max(1.0, left) * 1000))
+            return
+        except Exception:  # playwright's TimeoutError: look for dialogs/errors, then wait again
+            continue
+
+
+def _last_bubble(page) -> dict:
+    return page.evaluate(_LAST_BUBBLE_JS, ASSISTANT)
+
+
+def _wait_bubble(page, condition_js: str, arg, timeout: float, what: str) -> dict:
+    """Wait until ``condition_js(bubble, arg)`` holds for the last assistant bubble; return the bubble."""
+    js = f"([sel, arg]) => {{ const b = ({_LAST_BUBBLE_JS})(sel); return ({condition_js})(b, arg) ? b : null; }}"
+    try:
+        handle = page.wait_for_function(js, arg=[ASSISTANT, arg], timeout=timeout * 1000, polling=50)
+    except Exception as exc:
+        raise AssertionError(f"{what} (within {timeout:.0f} s); last bubble: {_last_bubble(page)}") from exc
+    return handle.json_value()
+
+
+def _wait_stats_tokens(page, tokens: int, timeout: float = 20) -> None:
+    """The stats line under the chart is redrawn after a reply's caption: wait for its final count."""
+    try:
+        page.wait_for_function("(n) => { const s = document.querySelector('.mnb-stats');"
+                               " return s && s.innerText.includes(n + ' tokens'); }",
+                               arg=tokens, timeout=timeout * 1000, polling=100)
+    except Exception as exc:
+        raise AssertionError(f"the stats line never showed '{tokens} tokens': "
+                             f"{page.locator('.mnb-stats').inner_text()!r}") from exc
+
+
+def _send(page, text: str) -> None:
+    box = page.locator(".mnb-input input")
+    box.click()
+    box.fill(text)
+    box.press("Enter")
+
+
+def _screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        page.locator(".mnb-chat").scroll_into_view_if_needed(timeout=2_000)
+    except Exception:
+        pass
+    page.screenshot(path=str(ARTIFACTS / name), timeout=15_000)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def notebook_copy(tmp_path) -> Path:
+    _require_chromium()  # before anything is started
+    if not NOTEBOOK.exists():
+        pytest.fail(f"{NOTEBOOK} is missing", pytrace=False)
+    root = tmp_path / "notebooks"
+    return prepare_notebook(NOTEBOOK, root / NOTEBOOK.name, OVERRIDES)
+
+
+@pytest.fixture
+def lab(notebook_copy, tmp_path):
+    with JupyterLab(root_dir=notebook_copy.parent, work_dir=tmp_path / "lab") as server:  # stopped also on failure
+        yield server
+
+
+@pytest.fixture
+def page(lab):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            pg = context.new_page()
+            pg.set_default_timeout(30_000)
+            yield pg
+        finally:
+            browser.close()
+
+
+# --------------------------------------------------------------------------- the test
+
+
+def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy):
+    for stale in ("browser_chat_failure.png", "browser_jupyterlab.log"):
+        (ARTIFACTS / stale).unlink(missing_ok=True)
+    log: list[str] = []
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        marks[name] = round(time.monotonic() - t0, 1)
+
+    try:
+        page.goto(lab.url(f"lab/tree/{notebook_copy.name}"), wait_until="domcontentloaded", timeout=T_PAGE * 1000)
+        page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=T_PAGE * 1000)
+        _dismiss_dialogs(page, log)
+        # the kernel is up (the status bar names it and says Idle) before Run All
+        page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\|\s*Idle")).first.wait_for(
+            state="visible", timeout=T_PAGE * 1000)
+        mark("notebook open")
+
+        _run_all_cells(page)
+        _wait_notebook(page, log, T_WIDGET, "the notebook did not run to its end")
+        lab.remember_children()
+        mark("chat widget shown")
+        chart = page.locator(CHART)
+        first_chart = chart.get_attribute("src", timeout=10_000)
+        assert first_chart, "the live chart has no image"
+
+        # ---- 1st question: streams, the chart redraws live, Stop ends it mid-reply
+        _send(page, LONG_QUESTION)
+        page.locator(".mnb-msg-user", has_text="dragon").wait_for(state="visible", timeout=15_000)
+        page.locator(".mnb-stop:not([disabled])").wait_for(state="visible", timeout=15_000)
+        try:  # a redraw while the reply is running (the panel refreshes about once a second)
+            page.wait_for_function(
+                "([sel, first]) => { const i = document.querySelector(sel);"
+                " const stop = document.querySelector('.mnb-stop');"
+                " return i && i.getAttribute('src') && i.getAttribute('src') !== first && stop && !stop.disabled; }",
+                arg=[CHART, first_chart], timeout=T_REPLY * 1000, polling=100)
+        except Exception as exc:
+            raise AssertionError("the live chart did not change while the reply was generating") from exc
+        mark("chart redrawn")
+        b1 = _wait_bubble(page, "(b) => b.cursor && b.text.length > 0", None, T_REPLY,
+                          "no streamed text appeared in the assistant bubble")
+        b2 = _wait_bubble(page, "(b, n) => b.cursor && b.text.length > n", len(b1["text"]), T_REPLY,
+                          "the streaming reply did not grow")
+        assert b2["text"] != b1["text"]
+        mark("reply streaming")
+
+        page.locator(".mnb-stop").click(timeout=10_000)
+        stopped = _wait_bubble(page, "(b) => !b.cursor && b.text.includes('(stopped)')", None, T_STOP,
+                               "the reply did not end with '(stopped)' after clicking Stop (if it ran to its "
+                               "max_new_tokens, the kernel handled the click only after the reply)")
+        mark("stopped")
+        page.locator(".mnb-send:not([disabled])").wait_for(state="visible", timeout=10_000)
+        assert page.locator(".mnb-stop").is_disabled()
+        tokens = int(re.search(r"(\d+) tokens", stopped["text"]).group(1))
+        assert tokens < OVERRIDES["MAX_NEW_TOKENS"], f"Stop came after the reply had ended: {stopped['text']!r}"
+        _wait_stats_tokens(page, tokens)
+        page.wait_for_timeout(QUIET * 1000)  # a stopped reply stays as it is
+        assert _last_bubble(page)["text"] == stopped["text"], "the reply kept changing after Stop"
+
+        # ---- 2nd question: still answered, to the end
+        _send(page, SHORT_QUESTION)
+        page.locator(".mnb-msg-user", has_text="France").wait_for(state="visible", timeout=15_000)
+        final = _wait_bubble(page, "(b) => b.n >= 2 && !b.cursor && /\\d+ tokens/.test(b.text)", None, T_REPLY,
+                             "the second question got no complete answer")
+        mark("second answer")
+        assert "error:" not in final["text"], final["text"]
+        body = re.sub(r"\s*\d+ tokens, [\d.]+ tok/s.*$", "", final["text"], flags=re.S).strip()
+        assert body, f"the second answer is empty: {final['text']!r}"
+        assert page.locator(ASSISTANT).count() == 2 and page.locator(".mnb-msg-user").count() == 2
+        _wait_stats_tokens(page, int(re.search(r"(\d+) tokens", final["text"]).group(1)))
+        _screenshot(page, "browser_chat.png")
+        print(f"browser test timeline (s): {marks}; dialogs: {log}; 1st reply stopped: {stopped['text'][-80:]!r};"
+              f" 2nd: {final['text'][:120]!r}")
+    except BaseException:
+        try:
+            _screenshot(page, "browser_chat_failure.png")
+        except Exception:
+            pass
+        lab.save_log(ARTIFACTS / "browser_jupyterlab.log")
+        print(f"browser test timeline (s): {marks}; dialogs: {log}")
+        raise
