@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .storage import Layout
@@ -155,9 +156,34 @@ def scales_zeros(t: dict[str, Tensor], spec: QSpec) -> tuple[Tensor, Tensor]:
     return s, z
 
 
+_LUTS: dict[tuple[int, int, str], Tensor] = {}
+
+
+def _codes_float(t: dict[str, Tensor], nbits: int) -> Tensor:
+    """Codes [N, K] as float32 via a byte -> values lookup table (one gather per plane).
+
+    Several times faster on CPU than shifting uint8 tensors, and exact: codes are small integers.
+    """
+    q = None
+    shift = 0
+    for p in PLANES[nbits]:
+        packed = t[f"q{p}"]
+        key = (p, shift, str(packed.device))
+        lut = _LUTS.get(key)
+        if lut is None:
+            b = torch.arange(256)
+            lut = torch.stack([((b >> (p * i)) & ((1 << p) - 1)) << shift for i in range(8 // p)], -1).float()
+            lut = _LUTS[key] = lut.to(packed.device)
+        v = F.embedding(packed.long(), lut).view(packed.shape[0], -1)
+        q = v if q is None else q.add_(v)
+        shift += p
+    assert q is not None
+    return q
+
+
 def dequantize(t: dict[str, Tensor], spec: QSpec, dtype: torch.dtype = torch.float32) -> Tensor:
     """Stored tensors -> the floating-point weight [N, K] (the pure-torch reference path)."""
-    q = unpack_planes(t, spec.nbits).float()
+    q = _codes_float(t, spec.nbits)
     s, z = scales_zeros(t, spec)
     m, g = spec.groups, spec.group_size
     if spec.axis == 1:
