@@ -118,6 +118,7 @@ class ExpertCache:
         self.bytes_h2d = self.bytes_d2h = 0
         self.host_syncs = 0
         self.pred_correct = self.pred_total = self.actual_total = 0
+        self._recent = (0.0, 0.0)  # decayed (right, guessed) counts behind prefetch_useful()
         self._timings: list[tuple[str, object, object]] = []  # (kind, start, end) events or seconds
         self._done = {"wait": 0.0, "h2d": 0.0, "d2h": 0.0}
         self._lock = threading.Lock()  # monitors read stats() from other threads
@@ -278,9 +279,21 @@ class ExpertCache:
 
     def note_prediction(self, predicted: set[int], actual: set[int]) -> None:
         """Score a next-layer routing guess once the real routing is known."""
-        self.pred_correct += len(predicted & actual)
+        right = len(predicted & actual)
+        self.pred_correct += right
         self.pred_total += len(predicted)
         self.actual_total += len(actual)
+        self._recent = (0.98 * self._recent[0] + right, 0.98 * self._recent[1] + len(predicted))
+
+    def prefetch_useful(self) -> bool:
+        """Whether recent guesses were right often enough to pay for their copies.
+
+        A wrong guess costs a full expert copy (and in swap mode a write-back); when routing does
+        not follow the hidden state (e.g. random routing) guesses are right k/E of the time, so
+        prefetching is paused, while guesses keep being scored so it resumes when they improve.
+        """
+        correct, total = self._recent
+        return total < 16 or correct >= 0.5 * total
 
     # ------------------------------------------------------------------ sizes
 

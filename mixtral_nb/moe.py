@@ -55,17 +55,27 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         cache, layer, E = self.cache, self.cache_layer, self.num_experts
+        decode = hidden_states.shape[0] == 1
         flat = top_k_index.reshape(-1)
-        parts = [torch.bincount(flat, minlength=E)]
+        # decode sends the k expert ids themselves; prefill sends per-expert token counts
+        parts = [flat if decode else torch.bincount(flat, minlength=E)]
         guess = self.prefetch > 0 and bool(self._next_gate)
         if guess:
             logits = F.linear(hidden_states, self._next_gate[0].to(hidden_states.dtype))
-            k = min(self.prefetch, E) if hidden_states.shape[0] == 1 else self.top_k
-            parts.append(torch.bincount(torch.topk(logits, k, dim=-1).indices.reshape(-1), minlength=E))
+            if decode:
+                parts.append(torch.topk(logits, min(self.prefetch, E), dim=-1).indices.reshape(-1))
+            else:
+                parts.append(torch.bincount(torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1), minlength=E))
         host = torch.cat(parts).tolist()  # the one host sync of this layer
         cache.host_syncs += 1
-        counts = host[:E]
-        needed = [e for e in range(E) if counts[e] > 0]
+        n = self.top_k if decode else E
+        if decode:
+            slot_of = {e: j for j, e in enumerate(host[:n])}
+            needed = sorted(slot_of)
+            counts = [1 if e in slot_of else 0 for e in range(E)]
+        else:
+            counts = host[:E]
+            needed = [e for e in range(E) if counts[e] > 0]
         if self.predicted is not None:
             cache.note_prediction(self.predicted, set(needed))
             self.predicted = None
@@ -81,35 +91,43 @@ class OffloadedExperts(nn.Module):
             bufs[e] = b
 
         if guess:
-            pred = host[E:]
-            chosen = sorted((e for e in range(E) if pred[e] > 0), key=lambda e: -pred[e])[: self.prefetch]
             nxt = self._next_module[0]
-            for e in chosen:
-                nxt.cache.fetch(nxt.cache_layer, e, set(chosen), prefetch=True)
+            if decode:
+                chosen = host[n:]
+            else:
+                pred = host[n:]
+                chosen = sorted((e for e in range(E) if pred[e] > 0), key=lambda e: -pred[e])[: self.prefetch]
+            if nxt.cache.prefetch_useful():
+                for e in chosen:
+                    nxt.cache.fetch(nxt.cache_layer, e, set(chosen), prefetch=True)
             nxt.predicted = set(chosen)
 
-        sort_idx = torch.argsort(flat, stable=True)
-        weights = top_k_weights.reshape(-1)
-        out = torch.zeros_like(hidden_states)
-        start = 0
-        offsets = {}
-        for e in range(E):
-            offsets[e] = start
-            start += counts[e]
+        out: Tensor | None = None
+        if not decode:
+            sort_idx = torch.argsort(flat, stable=True)
+            weights = top_k_weights.reshape(-1)
+            out = torch.zeros_like(hidden_states)
+            offsets = [0] * E
+            for e in range(1, E):
+                offsets[e] = offsets[e - 1] + counts[e - 1]
         for e in order:
             b = bufs.get(e)
             if b is None:
                 b = cache.fetch(layer, e, protect)
                 assert b is not None, "an expert slot must be free once earlier experts are computed"
             w, specs = cache.use(b, hidden_states.dtype)
-            pos = sort_idx[offsets[e]: offsets[e] + counts[e]]
-            tok = pos // self.top_k
-            y = expert_forward(hidden_states[tok], w, specs, self.act_fn)
-            cache.release(b)
-            y = (y * weights[pos, None]).to(out.dtype)
-            if hidden_states.shape[0] == 1:
-                out += y  # decode: one token, no scatter needed
+            if decode:  # one token: no sorting, gathering or scattering
+                y = expert_forward(hidden_states, w, specs, self.act_fn)
+                cache.release(b)
+                j = slot_of[e]
+                y = (y * top_k_weights[:, j:j + 1]).to(hidden_states.dtype)
+                out = y if out is None else out + y
             else:
-                out.index_add_(0, tok, y)
+                pos = sort_idx[offsets[e]: offsets[e] + counts[e]]
+                tok = pos // self.top_k
+                y = expert_forward(hidden_states[tok], w, specs, self.act_fn)
+                cache.release(b)
+                out.index_add_(0, tok, (y * weights[pos, None]).to(out.dtype))
             protect.discard(e)
+        assert out is not None
         return out
