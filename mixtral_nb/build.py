@@ -93,8 +93,8 @@ def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.
             return _to(args, dev), {k: _to(v, dev) for k, v in kwargs.items()}
         return hook
 
-    for i, (layer, dev) in enumerate(zip(model.model.layers, layer_dev)):
-        if i > 0 and layer_dev[i - 1] is not dev:
+    for layer, dev in zip(model.model.layers, layer_dev):
+        if dev != devices[0]:  # every such layer: the mask and rotary tables come from the first device
             layer.register_forward_pre_hook(mover(dev), with_kwargs=True)
     model.model.norm.register_forward_pre_hook(mover(devices[-1]), with_kwargs=True)
     model.lm_head.register_forward_pre_hook(mover(devices[0]), with_kwargs=True)

@@ -311,6 +311,13 @@ class CacheGroup:
 
     def __init__(self, caches: list[ExpertCache]) -> None:
         self.caches = caches
+        self.fmt, self.layout, self.E = caches[0].fmt, caches[0].layout, caches[0].E
+
+    def __getattr__(self, name: str) -> int:
+        if name in ("hits", "misses", "prefetch_issued", "prefetch_used", "bytes_h2d", "bytes_d2h", "host_syncs",
+                    "pred_correct", "pred_total", "actual_total"):
+            return sum(getattr(c, name) for c in self.caches)
+        raise AttributeError(name)
 
     def stats(self, wait: bool = False) -> dict[str, float]:
         parts = [c.stats(wait) for c in self.caches]

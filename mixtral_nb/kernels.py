@@ -1,25 +1,509 @@
-"""Matrix products with quantized weights: a fused Triton path on GPUs, pure torch everywhere else.
+"""Matrix products with quantized weights: fused Triton kernels on GPUs, pure torch everywhere else.
 
-The fallback dequantizes the weight to the activation dtype and calls ``F.linear``; it is the
-reference the fused kernels are tested against.
+``qlinear(x, t, spec)`` computes ``x @ W.T`` for a weight stored in the format of :mod:`.quant`:
+
+- decode (a few rows, T <= ``GEMV_MAX_T``): one fused kernel reads the packed codes, the uint8
+  scale/zero codes and their fp16 meta tables straight from the blob, dequantizes in registers and
+  accumulates in fp32; the weight is never written out. 2/3/4-bit axis-1 weights whose groups are
+  whole 32-bit words take the word kernel (``sum_w s_w * (sum_i q_i x_i - z_w * sum_i x_i)``: per
+  weight one AND/OR, one add, one multiply-add); anything else (axis 0, odd group sizes) the
+  element-wise kernel;
+- prefill (more rows): a Triton kernel dequantizes the weight to fp16, then cuBLAS multiplies;
+- no CUDA, no Triton, or an unsupported dtype: the pure-torch fallback (``quant.dequantize`` +
+  ``F.linear``), which is the reference the kernels are tested against.
+
+The kernels use no tensor cores, bf16 or sm80-only instructions, so they build for a T4 (sm_75).
+Codes become floats with an exponent trick (OR an exponent onto the masked bits, subtract the
+power of two): full-rate integer and float ops instead of the quarter-rate int-to-float unit.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .quant import QSpec, dequantize
+from .quant import PLANES, QSpec, dequantize
 
+try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
+    import triton
+    import triton.language as tl
 
-def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
-    """``x @ W.T`` where W is stored quantized in ``t`` (see ``quant`` for the format)."""
-    return F.linear(x, dequantize(t, spec, x.dtype))
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAVE_TRITON = False
+
+GEMV_MAX_T = 4  # rows up to which the fused GEMV beats dequantize + matmul (H200: T=4 w2 479 us vs 671 us)
+_CHUNK_T = 4  # rows one GEMV launch handles
+_DEQ_BLOCK = (16, 128)  # dequantize kernel tile (rows, columns)
+_FUSED_DTYPES = (torch.float16, torch.float32)
+_DISABLE = os.environ.get("MIXTRAL_NB_NO_TRITON", "") not in ("", "0")
 
 
 def available() -> dict[str, Any]:
     """Which fast paths this process can use (reported by the benchmark and the setup notebook)."""
-    return {"triton": False, "cuda": torch.cuda.is_available()}
+    cuda = torch.cuda.is_available()
+    return {"triton": HAVE_TRITON, "triton_version": triton.__version__ if HAVE_TRITON else None,
+            "cuda": cuda, "fused": HAVE_TRITON and cuda and not _DISABLE}
+
+
+def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
+    """``x @ W.T`` where W is stored quantized in ``t`` (see ``quant`` for the format)."""
+    if HAVE_TRITON and not _DISABLE and x.is_cuda and x.dtype in _FUSED_DTYPES and spec.nbits in PLANES:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, spec.in_features)
+        if x2.shape[0] <= GEMV_MAX_T:
+            y = qgemv(x2, t, spec)
+        else:
+            y = F.linear(x2, dequantize_fused(t, spec, x.dtype))
+        return y.view(*lead, spec.out_features)
+    return qlinear_reference(x, t, spec)
+
+
+def qlinear_reference(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
+    """The pure-torch path: dequantize to the activation dtype, then ``F.linear``."""
+    return F.linear(x, dequantize(t, spec, x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# launch parameters (computed once per spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(spec: QSpec) -> dict[str, Any]:
+    """Per-spec constants for the launchers: plane names and bits, kernel choice, block sizes."""
+    planes = PLANES[spec.nbits]
+    pa, pb = planes[0], (planes[1] if len(planes) > 1 else 0)
+    k, g = spec.in_features, spec.group_size
+    per_word = 32 // pa  # values in one 32-bit word of plane A
+    # the word kernel: axis-1 groups made of whole words, rows made of whole words in every plane
+    words = (spec.nbits in (2, 3, 4) and spec.axis == 1 and g % per_word == 0 and k % per_word == 0
+             and (pb == 0 or k % (32 // pb) == 0))
+    groups_per_row = k // g if spec.axis == 1 else 0
+
+    def meta_mode(quant: bool, m_meta: int) -> tuple[int, int]:
+        """How a group finds its meta entry: 0 one entry, 1 by row (n % R), 2 by modulo."""
+        if not quant or m_meta == 1:
+            return 0, 1
+        if groups_per_row and m_meta % groups_per_row == 0:
+            return 1, m_meta // groups_per_row
+        return 2, m_meta
+
+    ms = spec.groups // spec.scale_group if spec.quant_scale else 1
+    mz = spec.groups // spec.zero_group if spec.quant_zero else 1
+    s_mode, s_mod = meta_mode(spec.quant_scale, ms)
+    z_mode, z_mod = meta_mode(spec.quant_zero, mz)
+    n = spec.out_features
+    if words:  # enough programs to fill a GPU (>= 128), as many row tiles per program as that allows
+        block_n, warps = 8, 4
+        tiles = next(r for r in (4, 2, 1) if r == 1 or -(-n // (block_n * r)) >= 128)
+        block_k = (64 if k * pa // 32 >= 768 else 32) * per_word  # 32 or 64 words per row per step
+    else:
+        block_n, block_k, warps, tiles = 16, 128, 4, 1
+    return {"qa": f"q{pa}", "qb": f"q{pb}" if pb else f"q{pa}", "pa": pa, "pb": pb, "words": words,
+            "block_n": block_n, "block_k": block_k, "warps": warps, "tiles": tiles, "ms": ms, "mz": mz,
+            "row_words_a": k * pa // 32, "row_words_b": k * (pb or pa) // 32, "groups_per_row": groups_per_row,
+            "s_mode": s_mode, "s_mod": s_mod, "z_mode": z_mode, "z_mod": z_mod}
+
+
+def _meta_args(t: dict[str, Tensor], spec: QSpec) -> tuple[Tensor, ...]:
+    """Scale and zero tensors in kernel-argument order (plain fp16 vectors stand in for the meta)."""
+    s = (t["scale_q"], t["scale_ms"], t["scale_mz"]) if spec.quant_scale else (t["scale"],) * 3
+    z = (t["zero_q"], t["zero_ms"], t["zero_mz"]) if spec.quant_zero else (t["zero"],) * 3
+    return s + z
+
+
+def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = None, block_n: int | None = None,
+          block_k: int | None = None, num_warps: int | None = None, tiles: int | None = None) -> Tensor:
+    """Fused dequantize + GEMV for x [T, K] (any T; launched in chunks of 4 rows) -> [T, N].
+
+    Runs wherever Triton runs: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    ``out`` (contiguous [T, N]) lets tests pass a poisoned buffer; the block arguments override
+    the tuned defaults (micro-benchmarks; ``block_k`` counts weights, ``tiles`` is the word
+    kernel's R: row tiles per program sharing each x load, 1, 2 or 4).
+    """
+    p = _plan(spec)
+    n, k = spec.out_features, spec.in_features
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device) if out is None else out
+    bn, bk, nw = block_n or p["block_n"], block_k or p["block_k"], num_warps or p["warps"]
+    tensors = (t[p["qa"]], t[p["qb"]], *_meta_args(t, spec))
+    for r in range(0, rows, _CHUNK_T):
+        tt = min(_CHUNK_T, rows - r)
+        xs, ys = (x, y) if rows <= _CHUNK_T else (x[r:r + tt], y[r:r + tt])
+        sx, sy = xs.stride(0), ys.stride(0)
+        if p["words"]:
+            r_tiles = min(tiles or p["tiles"], _CHUNK_T // tt)  # R * T <= 4 accumulators
+            bw = max(1, bk * p["pa"] // 32)
+            args = (xs, ys, *tensors, n, p["row_words_a"], p["row_words_b"], p["groups_per_row"], p["s_mod"],
+                    p["z_mod"], sx, sy, tt, r_tiles, p["pa"], p["pb"], spec.group_size, spec.quant_scale,
+                    spec.quant_zero, p["s_mode"], p["z_mode"], bn, bw)
+            grid = (triton.cdiv(n, bn * r_tiles),)
+            fn = _gemv_words
+        else:
+            args = (xs, ys, *tensors, n, k, p["ms"], p["mz"], sx, sy, tt, p["pa"], p["pb"], spec.group_size,
+                    spec.axis, spec.quant_scale, spec.quant_zero, bn, bk)
+            grid = (triton.cdiv(n, bn),)
+            fn = _gemv_generic
+        fn[grid](*args, num_warps=nw)
+    return y
+
+
+def dequantize_fused(t: dict[str, Tensor], spec: QSpec, dtype: torch.dtype = torch.float16,
+                     out: Tensor | None = None) -> Tensor:
+    """The weight [N, K] in ``dtype`` (or into contiguous ``out``), dequantized by a Triton kernel."""
+    p = _plan(spec)
+    n, k = spec.out_features, spec.in_features
+    w = torch.empty(n, k, dtype=dtype, device=t[p["qa"]].device) if out is None else out
+    bn, bk = _DEQ_BLOCK
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    tensors = (t[p["qa"]], t[p["qb"]], *_meta_args(t, spec))
+    args = (w, *tensors, n, k, p["ms"], p["mz"], p["pa"], p["pb"], spec.group_size, spec.axis, spec.quant_scale,
+            spec.quant_zero, bn, bk)
+    _dequant[grid](*args, num_warps=4)
+    return w
+
+
+def warmup(specs: list[QSpec], device: torch.device | str, dtype: torch.dtype = torch.float16) -> None:
+    """Compile every kernel variant ``specs`` will use (T = 1..4 and the prefill path) up front."""
+    if not (HAVE_TRITON and torch.device(device).type == "cuda"):
+        return
+    for spec in dict.fromkeys(specs):
+        t = {s.name: torch.zeros(s.shape, dtype=s.dtype, device=device) for s in spec.layout().segments}
+        for rows in (1, 2, 3, 4, GEMV_MAX_T + 1):
+            qlinear(torch.ones(rows, spec.in_features, dtype=dtype, device=device), t, spec)
+    torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _to_f32(code):
+        """Small non-negative int32 codes -> float32 without the slow int-to-float unit."""
+        return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _group_meta(ptr, ms_ptr, mz_ptr, c, mask, M_META, QUANT: tl.constexpr):
+        """Step sizes or zero points of groups ``c``: 8-bit codes with fp16 meta, or plain fp16."""
+        if QUANT:
+            v = tl.load(ptr + c, mask=mask, other=0).to(tl.float32)
+            mi = c % M_META
+            mz = tl.load(mz_ptr + mi, mask=mask, other=0.0).to(tl.float32)
+            ms = tl.load(ms_ptr + mi, mask=mask, other=0.0).to(tl.float32)
+            return (v - mz) * ms
+        else:
+            return tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _small_int(bits, SHIFT: tl.constexpr):
+        """``(bits >> SHIFT)`` as float32, for ``bits`` holding only bits SHIFT .. SHIFT+3 (< 2^23).
+
+        Gives the value the exponent 150 - SHIFT, so the mantissa's bits already read as the code:
+        float(2^(23-SHIFT) + code) - 2^(23-SHIFT), one OR and one add instead of shift + convert.
+        """
+        return (bits | ((150 - SHIFT) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
+
+    @triton.jit
+    def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
+                       QUANT: tl.constexpr, MODE: tl.constexpr):
+        """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``)."""
+        c = rows[:, None] * GPR + kg[None, :]
+        mask = (rows[:, None] < N) & mw[None, :]
+        if QUANT:
+            v = _small_int(tl.load(ptr + c, mask=mask, other=0).to(tl.int32), 0)
+            if MODE == 0:
+                return (v - mz0) * ms0
+            else:
+                if MODE == 1:
+                    mi = (rows % MOD)[:, None] * GPR + kg[None, :]
+                else:
+                    mi = c % MOD
+                mz = tl.load(mz_ptr + mi, mask=mask, other=0.0).to(tl.float32)
+                ms = tl.load(ms_ptr + mi, mask=mask, other=0.0).to(tl.float32)
+                return (v - mz) * ms
+        else:
+            return tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _pick(v0, v1, v2, v3, IDX: tl.constexpr):
+        """``(v0, v1, v2, v3)[IDX]`` for a compile-time IDX (Triton has no lists of tensors)."""
+        if IDX == 0:
+            return v0
+        elif IDX == 1:
+            return v1
+        elif IDX == 2:
+            return v2
+        else:
+            return v3
+
+    @triton.jit
+    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr):
+        """Raw words of a [BLOCK_N, BLOCK_W] tile: plane A, and plane B shifted to the same weights
+        (3-bit only; 0 otherwise). Words past the row's end read as 0."""
+        w2 = offs_w[None, :]
+        mask = (rows[:, None] < N) & (w2 < ROW_WA)
+        a = tl.load(qa_w + rows[:, None] * ROW_WA + w2, mask=mask, other=0)
+        if PB > 0:  # 3-bit: plane B holds bit 2 of every code, 32 per word = two words of plane A
+            b = tl.load(qb_w + rows[:, None] * ROW_WB + w2 // 2, mask=mask, other=0)
+            b = b >> ((w2 % 2) * 16)
+        else:
+            b = 0
+        return a, b
+
+    @triton.jit
+    def _halves(a):
+        """The two 16-bit halves of each word under the float exponent of 2^23 (see ``_code``)."""
+        return (a & 0xFFFF) | 0x4B000000, ((a >> 16) & 0xFFFF) | 0x4B000000
+
+    @triton.jit
+    def _code(lo, hi, b, IW: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr):
+        """Weight IW of each word as float32 ``code * 2^sh`` (the caller scales x by 2^-sh).
+
+        ``lo``/``hi`` are 16 code bits under the exponent of 2^23: keeping the exponent and one
+        code's bits (a single AND) gives the float 2^23 + code * 2^sh, exact, with no shift and no
+        int-to-float conversion; subtracting 2^23 leaves code * 2^sh.
+        """
+        HALF: tl.constexpr = 16 // PA
+        sh = PA * (IW % HALF)
+        keep = 0x7F800000 | (((1 << PA) - 1) << sh)
+        if IW < HALF:
+            bits = lo & keep
+        else:
+            bits = hi & keep
+        if PB > 0:  # move bit IW of b to just above the low bits
+            up = sh + PA - IW
+            if up >= 0:
+                bits = bits | ((b << up) & (1 << (sh + PA)))
+            else:
+                bits = bits | ((b >> (0 - up)) & (1 << (sh + PA)))
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _gemv_words(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                    N, ROW_WA, ROW_WB, GPR, S_MOD, Z_MOD, stride_x, stride_y,
+                    T: tl.constexpr, R: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
+                    SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr, Z_MODE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Axis-1 groups of whole 32-bit words: y[t, n] = sum_w s_w * (sum_i q_i x_ti - z_w * sum_i x_ti).
+
+        A program owns R tiles of [BLOCK_N rows, BLOCK_W words of plane A] (R * T <= 4); word w of
+        a row holds its VW weights (k = w*VW + i), and its group's step/zero is gathered per word.
+        Per weight the work is one AND/OR, one add and one multiply-add; each x value is loaded and
+        converted once for the R tiles (Triton gives every thread one row of a tile, so without the
+        R tiles each weight would cost an x load too). Accumulator j serves x row j // R, tile j % R.
+        """
+        VW: tl.constexpr = 32 // PA  # weights per word of plane A
+        WPG: tl.constexpr = G // VW  # words per group
+        J: tl.constexpr = T * R
+        pid = tl.program_id(0)
+        rows0 = pid * (BLOCK_N * R) + tl.arange(0, BLOCK_N)
+        rows1 = rows0 + BLOCK_N
+        rows2 = rows0 + 2 * BLOCK_N
+        rows3 = rows0 + 3 * BLOCK_N
+        qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
+        qb_w = qb_ptr.to(tl.pointer_type(tl.int32))
+        ms0 = 0.0
+        mz0 = 0.0
+        if SQ:
+            if S_MODE == 0:
+                ms0 = tl.load(sms_ptr).to(tl.float32)
+                mz0 = tl.load(smz_ptr).to(tl.float32)
+        zms0 = 0.0
+        zmz0 = 0.0
+        if ZQ:
+            if Z_MODE == 0:
+                zms0 = tl.load(zms_ptr).to(tl.float32)
+                zmz0 = tl.load(zmz_ptr).to(tl.float32)
+        acc0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        # codes are loaded one block ahead, so their latency overlaps the previous block's math
+        offs_w = tl.arange(0, BLOCK_W)
+        a0, b0 = _load_words(qa_w, qb_w, rows0, offs_w, N, ROW_WA, ROW_WB, PB)
+        if R > 1:
+            a1, b1 = _load_words(qa_w, qb_w, rows1, offs_w, N, ROW_WA, ROW_WB, PB)
+        if R > 2:
+            a2, b2 = _load_words(qa_w, qb_w, rows2, offs_w, N, ROW_WA, ROW_WB, PB)
+            a3, b3 = _load_words(qa_w, qb_w, rows3, offs_w, N, ROW_WA, ROW_WB, PB)
+        for w0 in range(0, ROW_WA, BLOCK_W):
+            offs_w = w0 + tl.arange(0, BLOCK_W)
+            mw = offs_w < ROW_WA
+            next_w = offs_w + BLOCK_W
+            lo0, hi0 = _halves(a0)
+            c0 = b0
+            a0, b0 = _load_words(qa_w, qb_w, rows0, next_w, N, ROW_WA, ROW_WB, PB)
+            lo1, hi1, c1 = lo0, hi0, c0
+            lo2, hi2, c2 = lo0, hi0, c0
+            lo3, hi3, c3 = lo0, hi0, c0
+            if R > 1:
+                lo1, hi1 = _halves(a1)
+                c1 = b1
+                a1, b1 = _load_words(qa_w, qb_w, rows1, next_w, N, ROW_WA, ROW_WB, PB)
+            if R > 2:
+                lo2, hi2 = _halves(a2)
+                c2 = b2
+                a2, b2 = _load_words(qa_w, qb_w, rows2, next_w, N, ROW_WA, ROW_WB, PB)
+                lo3, hi3 = _halves(a3)
+                c3 = b3
+                a3, b3 = _load_words(qa_w, qb_w, rows3, next_w, N, ROW_WA, ROW_WB, PB)
+            d0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            d1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            d2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            d3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs0 = tl.zeros([BLOCK_W], dtype=tl.float32)
+            xs1 = tl.zeros([BLOCK_W], dtype=tl.float32)
+            xs2 = tl.zeros([BLOCK_W], dtype=tl.float32)
+            xs3 = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for i in tl.static_range(VW):
+                q0 = _code(lo0, hi0, c0, i, PA, PB)
+                q1, q2, q3 = q0, q0, q0
+                if R > 1:
+                    q1 = _code(lo1, hi1, c1, i, PA, PB)
+                if R > 2:
+                    q2 = _code(lo2, hi2, c2, i, PA, PB)
+                    q3 = _code(lo3, hi3, c3, i, PA, PB)
+                xp = x_ptr + offs_w * VW + i
+                unscale = 1.0 / (1 << (PA * (i % (16 // PA))))  # undoes _code's 2^sh (exact)
+                x0 = tl.load(xp, mask=mw, other=0.0).to(tl.float32)
+                xs0 += x0
+                x0 = x0 * unscale
+                x1, x2, x3 = x0, x0, x0
+                if T > 1:
+                    x1 = tl.load(xp + stride_x, mask=mw, other=0.0).to(tl.float32)
+                    xs1 += x1
+                    x1 = x1 * unscale
+                if T > 2:
+                    x2 = tl.load(xp + 2 * stride_x, mask=mw, other=0.0).to(tl.float32)
+                    xs2 += x2
+                    x2 = x2 * unscale
+                if T > 3:
+                    x3 = tl.load(xp + 3 * stride_x, mask=mw, other=0.0).to(tl.float32)
+                    xs3 += x3
+                    x3 = x3 * unscale
+                d0 += q0 * x0[None, :]
+                if J > 1:
+                    d1 += _pick(q0, q1, q2, q3, 1 % R) * _pick(x0, x1, x2, x3, 1 // R)[None, :]
+                if J > 2:
+                    d2 += _pick(q0, q1, q2, q3, 2 % R) * _pick(x0, x1, x2, x3, 2 // R)[None, :]
+                if J > 3:
+                    d3 += _pick(q0, q1, q2, q3, 3 % R) * _pick(x0, x1, x2, x3, 3 // R)[None, :]
+            kg = offs_w // WPG
+            s0 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows0, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+            z0 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows0, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+            s1, s2, s3, z1, z2, z3 = s0, s0, s0, z0, z0, z0
+            if R > 1:
+                s1 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows1, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+                z1 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows1, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+            if R > 2:
+                s2 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows2, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+                z2 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows2, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+                s3 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows3, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+                z3 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows3, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+            acc0 += s0 * (d0 - z0 * xs0[None, :])
+            if J > 1:
+                acc1 += _pick(s0, s1, s2, s3, 1 % R) * (
+                    d1 - _pick(z0, z1, z2, z3, 1 % R) * _pick(xs0, xs1, xs2, xs3, 1 // R)[None, :])
+            if J > 2:
+                acc2 += _pick(s0, s1, s2, s3, 2 % R) * (
+                    d2 - _pick(z0, z1, z2, z3, 2 % R) * _pick(xs0, xs1, xs2, xs3, 2 // R)[None, :])
+            if J > 3:
+                acc3 += _pick(s0, s1, s2, s3, 3 % R) * (
+                    d3 - _pick(z0, z1, z2, z3, 3 % R) * _pick(xs0, xs1, xs2, xs3, 3 // R)[None, :])
+        out_ty = y_ptr.dtype.element_ty
+        rows = _pick(rows0, rows1, rows2, rows3, 0)
+        tl.store(y_ptr + rows, tl.sum(acc0, axis=1).to(out_ty), mask=rows < N)
+        if J > 1:
+            rows = _pick(rows0, rows1, rows2, rows3, 1 % R)
+            tl.store(y_ptr + (1 // R) * stride_y + rows, tl.sum(acc1, axis=1).to(out_ty), mask=rows < N)
+        if J > 2:
+            rows = _pick(rows0, rows1, rows2, rows3, 2 % R)
+            tl.store(y_ptr + (2 // R) * stride_y + rows, tl.sum(acc2, axis=1).to(out_ty), mask=rows < N)
+        if J > 3:
+            rows = _pick(rows0, rows1, rows2, rows3, 3 % R)
+            tl.store(y_ptr + (3 // R) * stride_y + rows, tl.sum(acc3, axis=1).to(out_ty), mask=rows < N)
+
+    @triton.jit
+    def _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2, mask, N, K, MS, MZ,
+                      PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
+                      SQ: tl.constexpr, ZQ: tl.constexpr):
+        """Weights W[n2, k2] in float32, each element indexing its own byte, scale and zero."""
+        VA: tl.constexpr = 8 // PA
+        a = tl.load(qa_ptr + n2 * (K // VA) + k2 // VA, mask=mask, other=0).to(tl.int32)
+        code = (a >> (PA * (k2 % VA))) & ((1 << PA) - 1)
+        if PB > 0:
+            VB: tl.constexpr = 8 // PB
+            b = tl.load(qb_ptr + n2 * (K // VB) + k2 // VB, mask=mask, other=0).to(tl.int32)
+            code = code | (((b >> (PB * (k2 % VB))) & ((1 << PB) - 1)) << PA)
+        if AXIS == 1:
+            c = n2 * (K // G) + k2 // G
+        else:
+            c = (n2 % (N // G)) * K + k2
+        s = _group_meta(s_ptr, sms_ptr, smz_ptr, c, mask, MS, SQ)
+        z = _group_meta(z_ptr, zms_ptr, zmz_ptr, c, mask, MZ, ZQ)
+        return (_to_f32(code) - z) * s
+
+    @triton.jit
+    def _gemv_generic(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                      N, K, MS, MZ, stride_x, stride_y,
+                      T: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
+                      SQ: tl.constexpr, ZQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Any axis and group size: dequantize a [BLOCK_N, BLOCK_K] tile element-wise, then dot."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n2 = offs_n[:, None]
+        acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k2 = offs_k[None, :]
+            mk = offs_k < K
+            w = _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2,
+                              (n2 < N) & (k2 < K), N, K, MS, MZ, PA, PB, G, AXIS, SQ, ZQ)
+            x0 = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+            acc0 += tl.sum(w * x0[None, :], axis=1)
+            if T > 1:
+                x1 = tl.load(x_ptr + stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w * x1[None, :], axis=1)
+            if T > 2:
+                x2 = tl.load(x_ptr + 2 * stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
+                acc2 += tl.sum(w * x2[None, :], axis=1)
+            if T > 3:
+                x3 = tl.load(x_ptr + 3 * stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
+                acc3 += tl.sum(w * x3[None, :], axis=1)
+        mn = offs_n < N
+        out = y_ptr + offs_n
+        tl.store(out, acc0.to(y_ptr.dtype.element_ty), mask=mn)
+        if T > 1:
+            tl.store(out + stride_y, acc1.to(y_ptr.dtype.element_ty), mask=mn)
+        if T > 2:
+            tl.store(out + 2 * stride_y, acc2.to(y_ptr.dtype.element_ty), mask=mn)
+        if T > 3:
+            tl.store(out + 3 * stride_y, acc3.to(y_ptr.dtype.element_ty), mask=mn)
+
+    @triton.jit
+    def _dequant(w_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, N, K, MS, MZ,
+                 PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
+                 SQ: tl.constexpr, ZQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W [N, K] in the output's dtype, one [BLOCK_N, BLOCK_K] tile per program."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        n2 = offs_n[:, None]
+        k2 = offs_k[None, :]
+        mask = (n2 < N) & (k2 < K)
+        w = _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2, mask,
+                          N, K, MS, MZ, PA, PB, G, AXIS, SQ, ZQ)
+        tl.store(w_ptr + n2 * K + k2, w.to(w_ptr.dtype.element_ty), mask=mask)

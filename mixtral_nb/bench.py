@@ -1,0 +1,502 @@
+"""``python -m mixtral_nb bench``: decode/prefill speed of a synthetic full-size Mixtral-8x7B.
+
+Why synthetic: speed depends on shapes, bytes and routing, not on weight values, so random codes in
+our quantized layout (meta fields set so activations stay finite) measure the engine with no
+87 GB download or quantization. The model is built on the GPU under a T4-like budget: at most
+``--vram-gib`` of device memory (``torch.cuda.set_per_process_memory_fraction``), pinned host
+blobs capped by ``--pinned-gib`` (host_mirror only when every expert fits), fp16, the article's
+quantization (2-bit g16 experts, 4-bit g64 attention).
+
+Modes: default (our engine), ``--baseline`` (the article's algorithm in the same harness: per-layer
+LRU, copies on the compute stream, write-back on every miss, no prefetch, one spare buffer),
+``--compare`` (both, one process, with the speed ratio), ``--resident`` (every expert on the GPU, no
+VRAM cap), ``--routing iid`` (router outputs replaced by top-2 of random logits, so hit rates do not
+depend on the random weights), ``--tiny`` (a small model on CPU, so CI covers the harness).
+
+T4 projection, per decoded token (printed with its inputs)::
+
+    t4_s = h2d_bytes / 9.7e9 + gpu_read_bytes / 240e9 + overhead_s
+    overhead_s = max(0, measured_s - h2d_bytes / measured_h2d_Bps - gpu_read_bytes / measured_hbm_Bps)
+
+h2d_bytes: expert bytes copied host->GPU per token; gpu_read_bytes: weights (trunk, quantized
+attention, the experts used), KV cache and lm_head read from GPU memory per token; 9.7 GB/s and
+240 GB/s are a Colab T4's measured pinned-copy and memory bandwidths (FACTS.md). It assumes no
+overlap of copies with compute (pessimistic) and carries over this machine's CPU/launch overhead
+unchanged (optimistic if the host CPU is slower, as Colab's is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .config import OffloadConfig, QuantConfig, article_quant_config
+from .expert import ExpertFormat
+from .quant import QSpec
+
+GIB = 1 << 30
+T4_H2D_BPS = 9.7e9
+T4_HBM_BPS = 240e9
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def mixtral_8x7b_config() -> dict[str, Any]:
+    """Mixtral-8x7B's architecture (FACTS.md), as a MixtralConfig dict."""
+    return {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "router_jitter_noise": 0.0}
+
+
+def tiny_bench_config() -> dict[str, Any]:
+    """A Mixtral small enough for CI on a CPU, with the real model's structure."""
+    from .tiny import tiny_config
+
+    cfg = tiny_config(layers=4, experts=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
+    for k in ("architectures", "model_type", "torch_dtype", "dtype"):
+        cfg.pop(k, None)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic checkpoint
+
+
+def fill_quantized(views: dict[str, Tensor], spec: QSpec, gen: torch.Generator) -> None:
+    """Random codes plus meta values chosen so that W has std ~ 1/sqrt(in_features).
+
+    Steps land in [0.5, 1.5] x the target step and zero points within +-0.5 of the code range's
+    middle, so outputs of every layer stay O(1) however many layers are stacked.
+    """
+    levels = 1 << spec.nbits
+    step = spec.in_features ** -0.5 / math.sqrt((levels * levels - 1) / 12.0)
+    mid = (levels - 1) / 2.0
+    for name, v in views.items():
+        if v.dtype == torch.uint8:
+            v.copy_(torch.randint(0, 256, v.shape, dtype=torch.uint8, device=v.device, generator=gen))
+    if spec.quant_scale:
+        views["scale_ms"].fill_(step / 255.0)
+        views["scale_mz"].fill_(-127.5)  # s = (code + 127.5) * step / 255 in [0.5, 1.5] * step
+    else:
+        views["scale"].copy_((0.5 + torch.rand(views["scale"].shape, device=views["scale"].device,
+                                               generator=gen)) * step)
+    if spec.quant_zero:
+        views["zero_ms"].fill_(1.0 / 255.0)
+        views["zero_mz"].fill_(-(mid - 0.5) * 255.0)  # z = mid - 0.5 + code / 255
+    else:
+        views["zero"].copy_(mid - 0.5 + torch.rand(views["zero"].shape, device=views["zero"].device, generator=gen))
+
+
+class SyntheticCheckpoint:
+    """Random weights in the project layout, generated on ``device``; ProjectCheckpoint's interface.
+
+    ``build_model`` accepts it in place of a folder. Every tensor is made on demand and only once
+    (the expert blobs are consumed as the ExpertCache is filled), so nothing is held twice.
+    """
+
+    kind = "project"
+
+    def __init__(self, config_dict: dict[str, Any], quant: QuantConfig, device: torch.device | str,
+                 dtype: torch.dtype = torch.float16, seed: int = 0, router_scale: float = 4.0) -> None:
+        from transformers import MixtralConfig
+
+        if quant.ffn is None:
+            raise ValueError("SyntheticCheckpoint makes quantized experts: give a QuantConfig with an ffn config")
+        self.config = MixtralConfig(**config_dict)
+        self.quant = quant
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.router_scale = router_scale
+        c = self.config
+        self.fmt = ExpertFormat.make(c.hidden_size, c.intermediate_size, quant.ffn, dtype)
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(seed)
+        hd = c.hidden_size // c.num_attention_heads
+        self._attn_shapes = {"q_proj": (c.num_attention_heads * hd, c.hidden_size),
+                             "k_proj": (c.num_key_value_heads * hd, c.hidden_size),
+                             "v_proj": (c.num_key_value_heads * hd, c.hidden_size),
+                             "o_proj": (c.hidden_size, c.num_attention_heads * hd)}
+        self.attn_specs: dict[str, dict[str, Any]] = {}
+        if quant.attn is not None:
+            for i in range(c.num_hidden_layers):
+                for p, shape in self._attn_shapes.items():
+                    self.attn_specs[f"model.layers.{i}.self_attn.{p}"] = QSpec.make(shape, quant.attn).to_json()
+
+    def _randn(self, *shape: int, scale: float) -> Tensor:
+        t = torch.randn(*shape, device=self.device, dtype=torch.float32, generator=self.gen)
+        return (t * scale).to(self.dtype)
+
+    def trunk(self) -> Iterator[tuple[str, Tensor]]:
+        c = self.config
+        H, V = c.hidden_size, c.vocab_size
+        yield "model.embed_tokens.weight", self._randn(V, H, scale=1.0)
+        yield "model.norm.weight", torch.ones(H, device=self.device, dtype=self.dtype)
+        yield "lm_head.weight", self._randn(V, H, scale=H ** -0.5)
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}"
+            yield f"{p}.input_layernorm.weight", torch.ones(H, device=self.device, dtype=self.dtype)
+            yield f"{p}.post_attention_layernorm.weight", torch.ones(H, device=self.device, dtype=self.dtype)
+            yield f"{p}.mlp.gate.weight", self._randn(c.num_local_experts, H, scale=self.router_scale * H ** -0.5)
+            for proj, shape in self._attn_shapes.items():
+                base = f"{p}.self_attn.{proj}"
+                if self.quant.attn is None:
+                    yield f"{base}.weight", self._randn(*shape, scale=shape[1] ** -0.5)
+                    continue
+                spec = QSpec(**self.attn_specs[base])
+                tensors = {s.name: torch.empty(s.shape, dtype=s.dtype, device=self.device)
+                           for s in spec.layout().segments}
+                fill_quantized(tensors, spec, self.gen)
+                for k, v in tensors.items():
+                    yield f"{base}.{k}", v
+
+    def blob(self, layer: int, e: int) -> Tensor:
+        """A fresh random expert blob (uint8, on the checkpoint's device)."""
+        blob = torch.zeros(self.fmt.layout.total_bytes, dtype=torch.uint8, device=self.device)
+        for views, spec in zip(self.fmt.views(blob), self.fmt.specs):  # type: ignore[arg-type]
+            fill_quantized(views, spec, self.gen)
+        return blob
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.fmt.layout.total_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, kind: str, mib: int = 256, reps: int = 5) -> float:
+    """Bytes/s of a pinned host->device copy (``h2d``) or device->device copy (``d2d``, read+write).
+
+    On CPU both are plain memory copies (``mib`` is capped at 64 there, to stay quick).
+    """
+    if device.type != "cuda":
+        mib = min(mib, 64)
+    n = mib << 20
+    pin = device.type == "cuda" and kind == "h2d"
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=pin, device="cpu" if kind == "h2d" else device)
+    src.fill_(7)
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    times = []
+    for i in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=pin)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    moved = n if kind == "h2d" else 2 * n
+    del src, dst
+    return moved / statistics.median(times)
+
+
+def gpu_read_bytes_per_token(model: Any, cache: Any, uses_per_token: float, context: float) -> float:
+    """Bytes one decode step reads from GPU memory: trunk minus embeddings, experts used, KV cache."""
+    c = model.config
+    total = 0
+    emb = model.model.embed_tokens.weight
+    for p in model.parameters():
+        if p is not emb:
+            total += p.numel() * p.element_size()
+    for b in model.buffers():
+        total += b.numel() * b.element_size()
+    total += emb.shape[1] * emb.element_size()
+    total += uses_per_token * cache.layout.raw_bytes
+    hd = c.hidden_size // c.num_attention_heads
+    total += context * c.num_hidden_layers * 2 * c.num_key_value_heads * hd * emb.element_size()
+    return float(total)
+
+
+class IIDRouting:
+    """Forward hooks that replace every router's choice with the top-k of random logits."""
+
+    def __init__(self, model: Any, seed: int = 1234) -> None:
+        self.seed = seed
+        self.gens: dict[torch.device, torch.Generator] = {}  # one per device: layers may be split over GPUs
+        self.handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
+
+    def _hook(self, module: Any, inputs: Any, output: Any) -> tuple[Tensor, Tensor, Tensor]:
+        logits, scores, _ = output  # MixtralTopKRouter returns (logits, top-k weights, top-k indices)
+        gen = self.gens.get(logits.device)
+        if gen is None:
+            gen = self.gens[logits.device] = torch.Generator(device=logits.device)
+            gen.manual_seed(self.seed + len(self.gens))
+        r = torch.randn(logits.shape, device=logits.device, dtype=torch.float32, generator=gen)
+        top = torch.topk(torch.softmax(r, dim=-1), module.top_k, dim=-1)
+        weights = top.values / top.values.sum(dim=-1, keepdim=True)
+        return r.to(logits.dtype), weights.to(scores.dtype), top.indices
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+
+def _new_kv_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` in forward; accept either."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _generate(model: Any, prompt: Tensor, new_tokens: int, device: torch.device,
+              between: Any = None) -> tuple[float, float, Tensor]:
+    """Manual greedy loop: timed prefill, then ``new_tokens`` timed one-token steps."""
+    kv = _new_kv_cache(model)
+    kw = _cache_kwarg(model)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{kw: kv})
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t_prefill = time.perf_counter() - t0
+    if between is not None:
+        between()
+    tokens = [nxt]
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, use_cache=True, **{kw: kv})
+        nxt = out.logits[:, -1:].argmax(-1)  # stays on the device: no host sync in the loop
+        tokens.append(nxt)
+    _sync(device)
+    t_decode = time.perf_counter() - t0
+    return t_prefill, t_decode, torch.cat(tokens, dim=1)
+
+
+def run_one(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    """Build the synthetic model for ``mode`` (ours / baseline / resident), time it, return metrics."""
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    threads = torch.get_num_threads()
+    if args.tiny:
+        torch.set_num_threads(1)  # toy-sized ops: OpenMP start-up costs more than it saves (ms per index_add_)
+    try:
+        return _run_one(args, mode, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[str, float]:
+    from .build import build_model
+
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    devices = [torch.device(d) for d in args.devices.split(",")] if args.devices and device.type == "cuda" else [device]
+    device = devices[0]
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    cfg = tiny_bench_config() if args.tiny else mixtral_8x7b_config()
+    L, E = cfg["num_hidden_layers"], cfg["num_local_experts"]
+    for dev in devices:
+        if dev.type == "cuda":
+            total = torch.cuda.get_device_properties(dev).total_memory
+            frac = 1.0 if mode == "resident" else min(1.0, args.vram_gib * GIB / total)
+            torch.cuda.set_per_process_memory_fraction(frac, dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    h2d_bps = copy_bandwidth(device, "h2d")
+    hbm_bps = copy_bandwidth(device, "d2d", mib=512)
+
+    ck = SyntheticCheckpoint(cfg, article_quant_config(), device, dtype, seed=args.seed)
+    blob_bytes = ck.expert_bytes
+    opl = 0 if mode == "resident" else args.offload_per_layer
+    if mode == "ours":
+        mirror = L * E * blob_bytes <= args.pinned_gib * GIB
+        off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=4, offload_per_layer=opl,
+                            prefetch=args.prefetch, host_mirror=mirror)
+    else:
+        mirror = False
+        off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=1, offload_per_layer=opl,
+                            prefetch=0, host_mirror=False)
+    host_need = (L * E if mirror else L * opl + off.buffer_size) * blob_bytes
+    if device.type == "cuda" and host_need > args.pinned_gib * GIB:
+        raise SystemExit(f"bench: {mode} needs {host_need / GIB:.1f} GiB of pinned host memory, over "
+                         f"--pinned-gib {args.pinned_gib}: raise it or lower --offload-per-layer")
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model = build_model(devices if len(devices) > 1 else device, None, off, ck, dtype=dtype, host_mirror=mirror,
+                            separate_streams=mode != "baseline")
+    build_s = time.perf_counter() - t0
+    cache = model.expert_cache
+    del ck
+    routing = IIDRouting(model, seed=args.seed + 1) if args.routing == "iid" else None
+
+    from . import kernels
+
+    specs = list(cache.fmt.specs or ())
+    specs += [m.spec for m in model.modules() if hasattr(m, "spec") and isinstance(m.spec, QSpec)]
+    kernels.warmup(specs, device, dtype)
+
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    vocab = cfg["vocab_size"]
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
+
+    with torch.inference_mode():
+        _generate(model, prompt[:, : min(8, args.prompt_len)], 4, device)  # warm-up (allocator, launchers)
+        prefill_times, decode_times = [], []
+        totals: dict[str, float] = {}
+        finite = True
+        for _ in range(args.repeat):
+            t_p, t_d, toks = _generate(model, prompt, args.new_tokens, device, between=cache.reset_stats)
+            st = cache.stats(wait=True)
+            st.update(pred_correct=cache.pred_correct, pred_total=cache.pred_total, actual_total=cache.actual_total)
+            for k, v in st.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            prefill_times.append(t_p)
+            decode_times.append(t_d)
+            finite = finite and bool((toks >= 0).all() and (toks < vocab).all())
+        logits = model(input_ids=prompt[:, :4]).logits
+        finite = finite and bool(torch.isfinite(logits).all())
+
+    n_tok = args.new_tokens * args.repeat
+    s_tok = statistics.median(decode_times) / args.new_tokens
+    uses = (totals["hits"] + totals["misses"]) / n_tok
+    h2d_tok = totals["bytes_h2d"] / n_tok
+    d2h_tok = totals["bytes_d2h"] / n_tok
+    gpu_read = gpu_read_bytes_per_token(model, cache, uses, args.prompt_len + args.new_tokens / 2)
+    limit = h2d_bps / h2d_tok if h2d_tok else math.inf
+    overhead = max(0.0, s_tok - h2d_tok / h2d_bps - gpu_read / hbm_bps)
+    t4_s = h2d_tok / T4_H2D_BPS + gpu_read / T4_HBM_BPS + overhead
+    decode_tok_s = 1.0 / s_tok
+    prefill_s = statistics.median(prefill_times)
+    m = {
+        "decode_tok_s": decode_tok_s,
+        "prefill_tok_s": args.prompt_len / prefill_s,
+        "prefill_s": prefill_s,
+        "h2d_bytes_per_token": h2d_tok,
+        "d2h_bytes_per_token": d2h_tok,
+        "hit_rate": totals["hits"] / max(1.0, totals["hits"] + totals["misses"]),
+        "expert_uses_per_token": uses,
+        "prefetch_recall": totals["pred_correct"] / totals["actual_total"] if totals.get("actual_total") else 0.0,
+        "prefetch_precision": totals["pred_correct"] / totals["pred_total"] if totals.get("pred_total") else 0.0,
+        "prefetch_issued_per_token": totals["prefetch_issued"] / n_tok,
+        "copy_wait_s_per_token": totals["wait_s"] / n_tok,
+        "h2d_busy_s_per_token": totals["h2d_s"] / n_tok,
+        "host_syncs_per_token": totals["host_syncs"] / n_tok,
+        "peak_vram_gib": max(torch.cuda.max_memory_allocated(d) for d in devices) / GIB if device.type == "cuda" else 0.0,
+        "devices": float(len(devices)),
+        "pinned_host_gib": cache.host_bytes / GIB,
+        "gpu_expert_slots_gib": cache.gpu_bytes / GIB,
+        "h2d_gbps": h2d_bps / 1e9,
+        "hbm_copy_gbps": hbm_bps / 1e9,
+        "transfer_limit_tok_s": limit,
+        "efficiency": decode_tok_s / limit if h2d_tok else math.nan,
+        "gpu_read_bytes_per_token": gpu_read,
+        "overhead_s_per_token": overhead,
+        "t4_projected_tok_s": 1.0 / t4_s,
+        "host_mirror": float(mirror),
+        "build_s": build_s,
+        "outputs_finite": float(finite),
+    }
+    if routing is not None:
+        routing.remove()
+    model.expert_cache = None
+    del model, cache
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mixtral_nb bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--baseline", action="store_true", help="the article's algorithm in the same harness")
+    g.add_argument("--compare", action="store_true", help="ours, then the baseline, in one process; prints the ratio")
+    g.add_argument("--resident", action="store_true", help="every expert on the GPU, no VRAM cap")
+    p.add_argument("--routing", choices=("model", "iid"), default="model",
+                   help="iid: replace router outputs with top-2 of random logits")
+    p.add_argument("--tiny", action="store_true", help="a small model on CPU (CI)")
+    p.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1: split layers over GPUs, each capped at --vram-gib")
+    p.add_argument("--offload-per-layer", type=int, default=4)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--vram-gib", type=float, default=15.0)
+    p.add_argument("--pinned-gib", type=float, default=11.0)
+    p.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --tiny)")
+    p.add_argument("--repeat", type=int, default=1, help="decode runs; the median is reported")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="write every number to PATH")
+    return p
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return str(v)
+    if abs(v) >= 1e6:
+        return f"{v:.4g}"
+    return f"{v:.4f}"
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mixtral_nb bench``; prints ``name = value`` lines."""
+    args = _parser().parse_args(argv)
+    default_len = 16 if args.tiny else 128
+    args.prompt_len = args.prompt_len or default_len
+    args.new_tokens = args.new_tokens or default_len
+    modes = ["ours", "baseline"] if args.compare else ["baseline"] if args.baseline else \
+        ["resident"] if args.resident else ["ours"]
+    from . import kernels
+
+    info = kernels.available()
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
+    print(f"# mixtral_nb bench: modes={modes} routing={args.routing} device={device_name} "
+          f"triton={info['triton_version']} fused_kernels={info['fused'] and device_name != 'cpu'}")
+    print(f"# prompt_len={args.prompt_len} new_tokens={args.new_tokens} repeat={args.repeat} "
+          f"offload_per_layer={args.offload_per_layer} prefetch={args.prefetch} vram_gib={args.vram_gib} "
+          f"pinned_gib={args.pinned_gib}")
+    print("# t4_s = h2d_bytes/9.7e9 + gpu_read_bytes/240e9 + overhead_s;  overhead_s = max(0, measured_s"
+          " - h2d_bytes/h2d_Bps - gpu_read_bytes/hbm_Bps)")
+    results: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        m = run_one(args, mode)
+        results[mode] = m
+        for k, v in m.items():
+            print(f"{mode}.{k} = {_fmt(v)}")
+        sys.stdout.flush()
+    out: dict[str, Any] = {"args": vars(args), "device": device_name, "kernels": info, "runs": results}
+    if args.compare:
+        ratio = results["ours"]["decode_tok_s"] / results["baseline"]["decode_tok_s"]
+        out["speedup_decode"] = ratio
+        out["speedup_prefill"] = results["ours"]["prefill_tok_s"] / results["baseline"]["prefill_tok_s"]
+        print(f"compare.speedup_decode = {_fmt(ratio)}")
+        print(f"compare.speedup_prefill = {_fmt(out['speedup_prefill'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(bench_main())

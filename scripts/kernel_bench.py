@@ -1,0 +1,278 @@
+"""Kernel checks for the GPU machine: sm_75 (T4) builds and GEMV micro-benchmarks.
+
+    python scripts/kernel_bench.py compile [--arch 75 --arch 90] [--out DIR]   # no GPU needed
+    python scripts/kernel_bench.py bench [--sweep]                             # needs CUDA
+
+``compile`` builds every kernel variant the engine launches with ``triton.compile`` for the given
+compute capabilities (Triton bundles ptxas, so this runs on a CPU-only machine too) and prints
+registers/spills from the bundled cuobjdump. ``bench`` times the 2-bit Mixtral expert GEMVs (and the
+4-bit attention one) against a device-to-device copy, rotating over enough weight copies to defeat
+the L2 cache; ``--sweep`` also tries other block shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from mixtral_nb import kernels  # noqa: E402
+from mixtral_nb.config import article_quant_config  # noqa: E402
+from mixtral_nb.quant import QSpec  # noqa: E402
+
+EXPERT = article_quant_config().ffn
+ATTN = article_quant_config().attn
+
+
+def spec_of(shape, params, **kw) -> QSpec:
+    p = dict(params)
+    p.update(kw)
+    return QSpec.make(shape, p)
+
+
+def variants(block_n: int | None = None, block_k: int | None = None, warps: int | None = None,
+             tiles: int | None = None):
+    """(name, jit fn, signature, constexprs, ints, num_warps) for every kernel variant the engine uses.
+
+    ``ints`` are the run-time integer arguments' values, so the compile check specializes them the
+    way the launcher does (== 1 becomes a constant, multiples of 16 are marked divisible).
+    """
+    out = []
+    cases = [("e2", spec_of((14336, 4096), EXPERT)), ("e2_down", spec_of((4096, 14336), EXPERT)),
+             ("e3", spec_of((14336, 4096), EXPERT, nbits=3, group_size=64)),
+             ("a4", spec_of((4096, 4096), ATTN)), ("a4_kv", spec_of((1024, 4096), ATTN)),
+             ("e2_axis0", spec_of((14336, 4096), EXPERT, axis=0))]
+    for name, spec in cases:
+        p = kernels._plan(spec)
+        bn, bk, nw, tl_ = block_n or p["block_n"], block_k or p["block_k"], warps or p["warps"], tiles or p["tiles"]
+        s_ty = "*u8" if spec.quant_scale else "*fp16"
+        z_ty = "*u8" if spec.quant_zero else "*fp16"
+        ptrs = {"qa_ptr": "*u8", "qb_ptr": "*u8", "s_ptr": s_ty, "sms_ptr": "*fp16", "smz_ptr": "*fp16",
+                "z_ptr": z_ty, "zms_ptr": "*fp16", "zmz_ptr": "*fp16"}
+        common = dict(PA=p["pa"], PB=p["pb"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero)
+        n, k = spec.out_features, spec.in_features
+        for t in (1, 2, 3, 4):
+            sig = {"x_ptr": "*fp16", "y_ptr": "*fp16", **ptrs}
+            if p["words"]:
+                ints = dict(N=n, ROW_WA=p["row_words_a"], ROW_WB=p["row_words_b"], GPR=p["groups_per_row"],
+                            S_MOD=p["s_mod"], Z_MOD=p["z_mod"], stride_x=k, stride_y=n)
+                cx = dict(common, T=t, R=min(tl_, 4 // t), S_MODE=p["s_mode"], Z_MODE=p["z_mode"], BLOCK_N=bn,
+                          BLOCK_W=max(1, bk * p["pa"] // 32))
+                out.append((f"{name}_gemv_words_T{t}", kernels._gemv_words, sig, cx, ints, nw))
+            else:
+                ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
+                cx = dict(common, T=t, AXIS=spec.axis, BLOCK_N=bn, BLOCK_K=bk)
+                out.append((f"{name}_gemv_generic_T{t}", kernels._gemv_generic, sig, cx, ints, nw))
+        ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"])
+        cx = dict(common, AXIS=spec.axis, BLOCK_N=kernels._DEQ_BLOCK[0], BLOCK_K=kernels._DEQ_BLOCK[1])
+        out.append((f"{name}_dequant", kernels._dequant, {"w_ptr": "*fp16", **ptrs}, cx, ints, 4))
+    return out
+
+
+def compile_all(archs: list[int], out_dir: Path | None, sass: bool = False, **blocks) -> bool:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    ok = True
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for arch in archs:
+        for name, fn, sig, cx, ints, warps in variants(**blocks):
+            cx = dict(cx, **{a: 1 for a, v in ints.items() if v == 1})
+            sig = dict(sig, **{a: "i32" for a, v in ints.items() if v != 1})
+            full_sig = {a: ("constexpr" if a in cx else sig[a]) for a in fn.arg_names}
+            # what the launcher specializes at run time: 16-byte aligned pointers, ints divisible by 16
+            aligned = [a for a in sig if sig[a].startswith("*") or (a in ints and ints[a] % 16 == 0)]
+            attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+            try:
+                src = triton.compiler.ASTSource(fn=fn, signature=full_sig, constexprs=cx, attrs=attrs)
+                k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                cubin = k.asm["cubin"]
+                ptx = k.asm["ptx"]
+                info = ""
+                if out_dir is not None:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    path = out_dir / f"{name}_sm{arch}.cubin"
+                    path.write_bytes(cubin)
+                    if cuobjdump.exists():
+                        r = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
+                                           text=True)
+                        m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", r.stdout)
+                        if m:
+                            info = f"regs={m.group(1)} stack={m.group(2)} smem={m.group(3)} local={m.group(4)}"
+                        if sass:
+                            r = subprocess.run([str(cuobjdump), "--dump-sass", str(path)], capture_output=True,
+                                               text=True)
+                            ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", r.stdout,
+                                             re.M)
+                            counts = {op: ops.count(op) for op in sorted(set(ops))}
+                            top = sorted(counts.items(), key=lambda kv: -kv[1])[:12]
+                            info += f" sass={len(ops)} " + " ".join(f"{o}:{c}" for o, c in top)
+                bad = [w for w in ("bf16", "cp.async", "mma.sync", "wgmma") if w in ptx]
+                print(f"compile sm_{arch} {name}: OK cubin={len(cubin)}B {info} {'SUSPECT ' + str(bad) if bad else ''}")
+            except Exception as e:  # report and carry on: every variant's status is wanted
+                ok = False
+                print(f"compile sm_{arch} {name}: FAILED {type(e).__name__}: {str(e)[:400]}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-benchmarks
+
+
+def random_weights(spec: QSpec, copies: int) -> list[dict[str, torch.Tensor]]:
+    from mixtral_nb.bench import fill_quantized
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sets = []
+    for _ in range(copies):
+        t = {s.name: torch.empty(s.shape, dtype=s.dtype, device="cuda") for s in spec.layout().segments}
+        fill_quantized(t, spec, gen)
+        sets.append(t)
+    return sets
+
+
+def weight_bytes(spec: QSpec) -> int:
+    return spec.layout().raw_bytes
+
+
+def time_fn(fn, n_sets: int) -> float:
+    """Median seconds of ``fn(i)`` cycling i over weight sets, timed with CUDA events."""
+    import triton.testing
+
+    state = {"i": 0}
+
+    def call():
+        fn(state["i"] % n_sets)
+        state["i"] += 1
+
+    return triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def copy_bw() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    import triton.testing
+
+    t = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median") / 1e3
+    return 2 * (1 << 30) / t
+
+
+SWEEP = [  # (block_n, block_k weights, warps, tiles) tried for T=1
+    (16, 512, 4, 4), (16, 256, 4, 4), (8, 512, 4, 4), (8, 512, 2, 4), (8, 256, 2, 4), (16, 512, 8, 4),
+    (32, 256, 4, 4), (8, 1024, 4, 4), (16, 256, 2, 4), (4, 512, 1, 4), (16, 512, 4, 2), (32, 512, 4, 2),
+    (16, 512, 4, 1), (32, 512, 4, 1), (64, 256, 4, 1), (32, 256, 8, 2),
+]
+
+
+def launch_overhead_us(fn, n: int = 2000) -> float:
+    """Host microseconds per call (no synchronisation): what decode pays per launch on the CPU."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return t / n * 1e6
+
+
+def bench(sweep: bool, only: list[str] | None = None) -> None:
+    bw = copy_bw()
+    print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; 'of copy bw' = bytes read / time / that")
+    cases = [("expert w1/w3 2-bit g16", spec_of((14336, 4096), EXPERT)),
+             ("expert w2 2-bit g16", spec_of((4096, 14336), EXPERT)),
+             ("expert w1 3-bit g64", spec_of((14336, 4096), EXPERT, nbits=3, group_size=64)),
+             ("attn q/o 4-bit g64", spec_of((4096, 4096), ATTN)),
+             ("attn k/v 4-bit g64", spec_of((1024, 4096), ATTN)),
+             ("expert w1 2-bit axis0", spec_of((14336, 4096), EXPERT, axis=0))]
+    rows = []
+    for name, spec in cases:
+        if only and not any(o in name for o in only):
+            continue
+        nbytes = weight_bytes(spec)
+        copies = max(2, -(-256 * 2**20 // nbytes))  # > 4x the 60 MB L2
+        sets = random_weights(spec, copies)
+        x = torch.randn(4, spec.in_features, device="cuda", dtype=torch.float16)
+        err = 0.0
+        for t in (1, 2, 3, 4, 5, 9, 33):  # correctness on this GPU: every row count path, poisoned outputs
+            xt = torch.randn(t, spec.in_features, device="cuda", dtype=torch.float16)
+            ref = kernels.qlinear_reference(xt.float(), sets[0], spec)
+            if t <= kernels.GEMV_MAX_T:
+                out = torch.full((t, spec.out_features), float("nan"), device="cuda", dtype=torch.float16)
+                y = kernels.qgemv(xt, sets[0], spec, out=out).float()
+            else:
+                y = kernels.qlinear(xt, sets[0], spec).float()
+            e = ((y - ref).norm() / ref.norm()).item()
+            err = max(err, e if e == e else float("inf"))
+        print(f"{name}: max rel err vs reference over T=1..33: {err:.1e} {'OK' if err < 2e-3 else 'FAIL'}")
+        for t in (1, 2, 4):
+            sec = time_fn(lambda i: kernels.qgemv(x[:t], sets[i], spec), copies)
+            rows.append((name, t, "default", sec, nbytes / sec / 1e9, nbytes / sec / bw, err))
+        if sweep and kernels._plan(spec)["words"] and "2-bit g16" in name:
+            best = None
+            for bn, bk, nw, tiles in SWEEP:
+                try:
+                    sec = time_fn(lambda i: kernels.qgemv(x[:1], sets[i], spec, block_n=bn, block_k=bk, num_warps=nw,
+                                                          tiles=tiles), copies)
+                except Exception as e:  # a config that does not compile (registers) is just skipped
+                    print(f"  sweep {name} bn={bn} bk={bk} w={nw} r={tiles}: {type(e).__name__} {str(e)[:100]}")
+                    continue
+                print(f"  sweep {name} T=1 bn={bn:2d} bk={bk:4d} warps={nw} tiles={tiles}: {sec * 1e6:7.1f} us "
+                      f"{nbytes / sec / 1e9:6.0f} GB/s {nbytes / sec / bw:5.2f}")
+                if best is None or sec < best[0]:
+                    best = (sec, bn, bk, nw, tiles)
+            if best:
+                rows.append((name, 1, "best bn={} bk={} w={} r={}".format(*best[1:]), best[0],
+                             nbytes / best[0] / 1e9, nbytes / best[0] / bw, err))
+        sec = time_fn(lambda i: kernels.dequantize_fused(sets[i], spec), copies)
+        wbytes = spec.out_features * spec.in_features * 2
+        rows.append((name, 0, "dequant->fp16 (r+w)", sec, (nbytes + wbytes) / sec / 1e9, (nbytes + wbytes) / sec / bw,
+                     float("nan")))
+        w16 = torch.randn(spec.out_features, spec.in_features, device="cuda", dtype=torch.float16)
+        sec = time_fn(lambda i: torch.nn.functional.linear(x[:1], w16), 1)
+        rows.append((name, 1, "fp16 F.linear", sec, wbytes / sec / 1e9, wbytes / sec / bw, float("nan")))
+        host = launch_overhead_us(lambda: kernels.qlinear(x[:1], sets[0], spec))
+        print(f"{name}: host time per qlinear call (T=1, no sync) {host:.1f} us")
+        sets.clear()
+        w16 = None
+        torch.cuda.empty_cache()
+    print(f"\n{'case':24s} {'T':>2s} {'variant':26s} {'us':>8s} {'GB/s':>7s} {'of copy bw':>10s} {'rel err':>9s}")
+    for name, t, var, sec, gbs, frac, err in rows:
+        print(f"{name:24s} {t:2d} {var:26s} {sec * 1e6:8.1f} {gbs:7.0f} {frac:10.2f} {err:9.1e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compile")
+    c.add_argument("--arch", type=int, action="append")
+    c.add_argument("--out", type=Path, default=None)
+    c.add_argument("--sass", action="store_true", help="print instruction counts (needs --out)")
+    c.add_argument("--block-n", type=int)
+    c.add_argument("--block-k", type=int)
+    c.add_argument("--warps", type=int)
+    c.add_argument("--tiles", type=int)
+    b = sub.add_parser("bench")
+    b.add_argument("--sweep", action="store_true")
+    b.add_argument("--cases", default=None, help="comma-separated substrings of case names to run")
+    a = p.parse_args(argv)
+    if a.cmd == "compile":
+        return 0 if compile_all(a.arch or [75], a.out, a.sass, block_n=a.block_n, block_k=a.block_k,
+                                warps=a.warps, tiles=a.tiles) else 1
+    bench(a.sweep, a.cases.split(",") if a.cases else None)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The benchmark harness on a tiny CPU model: every metric is printed, finite, and in the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from mixtral_nb import bench
+from mixtral_nb.config import article_quant_config
+from mixtral_nb.quant import QSpec, dequantize
+
+LINE = re.compile(r"^(\w+)\.(\w+) = (\S+)$")
+METRICS = ("decode_tok_s", "prefill_tok_s", "h2d_bytes_per_token", "d2h_bytes_per_token", "hit_rate",
+           "prefetch_recall", "prefetch_precision", "copy_wait_s_per_token", "host_syncs_per_token", "peak_vram_gib",
+           "pinned_host_gib", "h2d_gbps", "transfer_limit_tok_s", "efficiency", "t4_projected_tok_s",
+           "overhead_s_per_token", "gpu_read_bytes_per_token")
+
+
+def run(argv, capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    assert bench.bench_main(argv + ["--json", str(path)]) == 0
+    printed: dict[str, dict[str, float]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        m = LINE.match(line)
+        if m:
+            printed.setdefault(m.group(1), {})[m.group(2)] = float(m.group(3))
+    return printed, json.loads(path.read_text())
+
+
+@pytest.mark.timeout(60)
+def test_tiny_prints_every_metric(capsys, tmp_path):
+    printed, data = run(["--tiny", "--routing", "iid", "--repeat", "2"], capsys, tmp_path)
+    ours = printed["ours"]
+    for name in METRICS:
+        assert name in ours, f"{name} not printed"
+        assert math.isfinite(ours[name]), f"{name} = {ours[name]}"
+        assert math.isclose(data["runs"]["ours"][name], ours[name], rel_tol=1e-3, abs_tol=1e-4)
+    for name, v in ours.items():
+        assert math.isfinite(v), f"{name} = {v}"
+    assert ours["decode_tok_s"] > 0 and ours["prefill_tok_s"] > 0
+    assert 0 < ours["hit_rate"] < 1  # 4 of 8 experts offloaded, random routing: some hits, some misses
+    assert ours["h2d_bytes_per_token"] > 0
+    assert ours["host_syncs_per_token"] == 4  # one per layer
+    assert ours["outputs_finite"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_tiny_compare(capsys, tmp_path):
+    printed, data = run(["--tiny", "--compare", "--new-tokens", "8"], capsys, tmp_path)
+    assert set(printed) == {"ours", "baseline", "compare"}
+    for mode in ("ours", "baseline"):
+        for name in METRICS:
+            assert math.isfinite(printed[mode][name]), f"{mode}.{name}"
+    base = printed["baseline"]
+    assert base["prefetch_precision"] == 0 and base["d2h_bytes_per_token"] > 0  # write-back on every miss
+    assert math.isclose(printed["compare"]["speedup_decode"],
+                        printed["ours"]["decode_tok_s"] / base["decode_tok_s"], rel_tol=1e-3)
+    assert "speedup_decode" in data
+
+
+@pytest.mark.timeout(60)
+def test_tiny_resident(capsys, tmp_path):
+    printed, _ = run(["--tiny", "--resident", "--new-tokens", "4"], capsys, tmp_path)
+    res = printed["resident"]
+    assert res["hit_rate"] == 1 and res["h2d_bytes_per_token"] == 0
+    assert math.isinf(res["transfer_limit_tok_s"])
+
+
+def test_synthetic_weights_have_the_intended_scale():
+    """Random codes + the chosen meta give W with std ~ 1/sqrt(in_features), zero mean-ish."""
+    gen = torch.Generator().manual_seed(0)
+    for params, shape in ((article_quant_config().ffn, (256, 512)), (article_quant_config().attn, (128, 256))):
+        spec = QSpec.make(shape, params)
+        t = {s.name: torch.empty(s.shape, dtype=s.dtype) for s in spec.layout().segments}
+        bench.fill_quantized(t, spec, gen)
+        w = dequantize(t, spec)
+        target = shape[1] ** -0.5
+        assert 0.7 * target < w.std().item() < 1.4 * target
+        assert abs(w.mean().item()) < 0.3 * target

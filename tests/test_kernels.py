@@ -1,0 +1,192 @@
+"""Fused Triton kernels vs the pure-torch reference, on random weights in our quantized format.
+
+The kernels run under ``TRITON_INTERPRET=1`` on the CPU (in a child pytest started with the
+variable set, since Triton picks the interpreter when it is first imported) and natively on CUDA
+when a GPU is present. Outputs are poisoned with NaN before every run, so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral_nb import kernels
+from mixtral_nb.quant import QSpec, dequantize
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parents[1]
+
+# (out, in, group) per axis; N not a multiple of BLOCK_N and K not a multiple of BLOCK_K somewhere
+SHAPES = {1: [(40, 256, 16), (24, 320, 64), (20, 640, 16)], 0: [(40, 256, 8), (64, 320, 64)]}
+CASES = [(b, axis, shape) for b in (2, 3, 4) for axis in (1, 0) for shape in SHAPES[axis]]
+
+
+def make_spec(shape: tuple[int, int], nbits: int, group: int, axis: int, **kw) -> QSpec:
+    params = dict(nbits=nbits, group_size=group, axis=axis, quant_scale=True, scale_group=128, quant_zero=True,
+                  zero_group=None)
+    params.update(kw)
+    return QSpec.make(shape, params)
+
+
+def random_tensors(spec: QSpec, gen: torch.Generator, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random codes and random (positive, varied) meta values: any valid stored weight."""
+    t = {}
+    for s in spec.layout().segments:
+        if s.dtype == torch.uint8:
+            t[s.name] = torch.randint(0, 256, s.shape, dtype=torch.uint8, generator=gen)
+        elif s.name.endswith("_mz"):
+            t[s.name] = (torch.rand(s.shape, generator=gen) * 60 - 30).half()
+        else:
+            t[s.name] = (torch.rand(s.shape, generator=gen) * 0.02 + 0.005).half()
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(y).any(), "output has unwritten (NaN-poisoned) or NaN elements"
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(
+    not (HAVE_TRITON and INTERPRETING),
+    reason="runs under TRITON_INTERPRET=1 (test_kernels_under_interpreter starts that pytest run)")
+
+
+@pytest.fixture
+def interp():
+    """The kernels module, whose Triton functions run in the interpreter in this process."""
+    assert isinstance(kernels._gemv_words, triton_interpreted_type())
+    return kernels
+
+
+def triton_interpreted_type():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the interpreter run itself")
+@pytest.mark.timeout(300)
+def test_kernels_under_interpreter():
+    """Triton picks the interpreter when it is imported, so the kernel tests run in a child pytest."""
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed: pip install triton to run the kernels under TRITON_INTERPRET=1")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "interpreted"], env=env, capture_output=True, text=True, cwd=ROOT)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+# ---------------------------------------------------------------------------------------------
+# the fallback (always runs)
+
+
+@pytest.mark.parametrize("nbits,axis,shape", CASES)
+def test_fallback_matches_dequantize(nbits, axis, shape):
+    gen = torch.Generator().manual_seed(1)
+    spec = make_spec(shape[:2], nbits, shape[2], axis)
+    t = random_tensors(spec, gen)
+    w = dequantize(t, spec).double()
+    x = torch.randn(3, 2, spec.in_features, generator=gen)
+    y = kernels.qlinear(x, t, spec)  # CPU tensors: the pure-torch path
+    assert y.shape == (3, 2, spec.out_features)
+    assert rel_err(y, x.double() @ w.T) < 1e-5
+    y16 = kernels.qlinear_reference(x.half(), t, spec)
+    assert y16.dtype == torch.float16
+
+
+def test_available_reports():
+    info = kernels.available()
+    assert set(info) >= {"triton", "cuda", "fused"}
+    assert info["fused"] == (kernels.HAVE_TRITON and torch.cuda.is_available() and not kernels._DISABLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernels under the interpreter (CPU)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("nbits,axis,shape", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_gemv_interpreted(interp, nbits, axis, shape, rows):
+    gen = torch.Generator().manual_seed(nbits * 100 + axis * 10 + rows)
+    spec = make_spec(shape[:2], nbits, shape[2], axis)
+    t = random_tensors(spec, gen)
+    w = dequantize(t, spec).double()
+    x = torch.randn(rows, spec.in_features, generator=gen).half()
+    out = torch.full((rows, spec.out_features), float("nan"), dtype=torch.float16)
+    y = interp.qgemv(x, t, spec, out=out)
+    assert rel_err(y, x.double() @ w.T) < 2e-3  # fp16 output rounding ~2e-4
+
+
+@needs_interpreter
+@pytest.mark.parametrize("nbits,axis,shape", CASES[::2])
+def test_dequantize_interpreted(interp, nbits, axis, shape):
+    gen = torch.Generator().manual_seed(7)
+    spec = make_spec(shape[:2], nbits, shape[2], axis)
+    t = random_tensors(spec, gen)
+    out = torch.full((spec.out_features, spec.in_features), float("nan"), dtype=torch.float16)
+    w = interp.dequantize_fused(t, spec, torch.float16, out=out)
+    assert rel_err(w, dequantize(t, spec).double()) < 1e-3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kw", [dict(quant_scale=False), dict(quant_zero=False), dict(zero_group=64),
+                                dict(scale_group=32, zero_group=16)])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_meta_variants_interpreted(interp, kw, axis):
+    gen = torch.Generator().manual_seed(3)
+    spec = make_spec((48, 256), 2, 16, axis, **kw)
+    t = random_tensors(spec, gen)
+    w = dequantize(t, spec).double()
+    x = torch.randn(2, spec.in_features, generator=gen).half()
+    out = torch.full((2, spec.out_features), float("nan"), dtype=torch.float16)
+    assert rel_err(interp.qgemv(x, t, spec, out=out), x.double() @ w.T) < 2e-3
+
+
+@needs_interpreter
+def test_block_overrides_interpreted(interp):
+    """Other block shapes (the micro-benchmark sweeps them) compute the same thing."""
+    gen = torch.Generator().manual_seed(5)
+    spec = make_spec((56, 256), 2, 16, 1)
+    t = random_tensors(spec, gen)
+    ref = torch.randn(1, 256, generator=gen).half()
+    w = dequantize(t, spec).double()
+    for bn, bk, tiles in ((4, 64, 1), (32, 128, 2), (8, 1024, 4), (16, 16, 4)):
+        out = torch.full((1, 56), float("nan"), dtype=torch.float16)
+        y = interp.qgemv(ref, t, spec, out=out, block_n=bn, block_k=bk, num_warps=2, tiles=tiles)
+        assert rel_err(y, ref.double() @ w.T) < 2e-3, (bn, bk, tiles)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.skipif(not (CUDA and kernels.HAVE_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("nbits,axis,shape", CASES + [(2, 1, (14336, 4096, 16)), (2, 1, (4096, 14336, 16)),
+                                                      (4, 1, (1024, 4096, 64))])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 33])
+def test_qlinear_cuda(nbits, axis, shape, rows):
+    gen = torch.Generator().manual_seed(11 + rows)
+    spec = make_spec(shape[:2], nbits, shape[2], axis, scale_group=128 if shape[2] == 16 else 256)
+    t = random_tensors(spec, gen, "cuda")
+    w = dequantize({k: v.cpu() for k, v in t.items()}, spec).double()
+    x = torch.randn(rows, spec.in_features, generator=gen).half()
+    ref = x.double() @ w.T
+    y = kernels.qlinear(x.cuda(), t, spec)
+    assert rel_err(y.cpu(), ref) < 2e-3
+    if rows <= kernels.GEMV_MAX_T:
+        out = torch.full((rows, spec.out_features), float("nan"), dtype=torch.float16, device="cuda")
+        assert rel_err(kernels.qgemv(x.cuda(), t, spec, out=out).cpu(), ref) < 2e-3
+    wd = torch.full((spec.out_features, spec.in_features), float("nan"), dtype=torch.float16, device="cuda")
+    assert rel_err(kernels.dequantize_fused(t, spec, out=wd).cpu(), w) < 1e-3
+
