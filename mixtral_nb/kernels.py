@@ -58,10 +58,12 @@ def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
     if HAVE_TRITON and not _DISABLE and x.is_cuda and x.dtype in _FUSED_DTYPES and spec.nbits in PLANES:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
-        if x2.shape[0] <= GEMV_MAX_T:
-            y = qgemv(x2, t, spec)
-        else:
-            y = F.linear(x2, dequantize_fused(t, spec, x.dtype))
+        # Triton launches on the current device: make it x's (layers split over GPUs live on cuda:1..)
+        with torch.cuda.device(x.device):
+            if x2.shape[0] <= GEMV_MAX_T:
+                y = qgemv(x2, t, spec)
+            else:
+                y = F.linear(x2, dequantize_fused(t, spec, x.dtype))
         return y.view(*lead, spec.out_features)
     return qlinear_reference(x, t, spec)
 
