@@ -94,7 +94,8 @@ def _check_notebooks(args: argparse.Namespace) -> int:
 
     bad = dirty_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
     for p in bad:
-        print(f"{p}: committed with outputs; run `nbstripout {p}`")
+        print(f"{p}: committed with outputs outside the NBVAL_CHECK_OUTPUT cells (or execution counts there): "
+              "clear them, keeping only the expected outputs of NBVAL_CHECK_OUTPUT cells")
     return 1 if bad else 0
 
 

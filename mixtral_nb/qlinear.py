@@ -7,6 +7,7 @@ buffers, so ``.to(device)`` and ``state_dict()`` work as for any module.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
@@ -23,6 +24,7 @@ class QuantLinear(nn.Module):
         self._names = spec.layout().names
         for name in self._names:
             self.register_buffer(name, tensors[name])
+        self._dense: Tensor | None = None
 
     @classmethod
     def from_weight(cls, weight: Tensor, params: dict, device: torch.device | str | None = None) -> "QuantLinear":
@@ -38,6 +40,12 @@ class QuantLinear(nn.Module):
         return dequantize(self.stored(), self.spec, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            # CPU: dequantizing costs far more than the matmul; keep the float weight (attention is small)
+            w = self._dense
+            if w is None or w.dtype != x.dtype:
+                w = self._dense = self.dequantized(x.dtype)
+            return F.linear(x, w)
         return kernels.qlinear(x, self.stored(), self.spec)
 
     def extra_repr(self) -> str:
