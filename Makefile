@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-notebooks test-browser notebooks bench lint strip clean
+.PHONY: setup demo test test-unit test-gpu test-notebooks test-browser notebooks bench lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS) tests
+
+test-gpu: setup  # on a CUDA machine: kernel tests against the reference
+	$(BIN)/python -m pytest -q -m gpu tests
 
 test-notebooks: setup
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \

@@ -26,3 +26,20 @@ def tiny_ref(tiny_dir):
     from transformers import MixtralForCausalLM
 
     return MixtralForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need another process kind run elsewhere, not as skips here: ``gpu`` tests on a
+    CUDA machine (`make test-gpu`), ``interpreter`` tests in the TRITON_INTERPRET=1 child pytest
+    that tests/test_kernels.py starts."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    keep, drop = [], []
+    for item in items:
+        if (item.get_closest_marker("gpu") and not torch.cuda.is_available()) or (
+                item.get_closest_marker("interpreter") and not interpreting):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

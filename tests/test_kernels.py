@@ -54,9 +54,9 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(
-    not (HAVE_TRITON and INTERPRETING),
-    reason="runs under TRITON_INTERPRET=1 (test_kernels_under_interpreter starts that pytest run)")
+# runs only under TRITON_INTERPRET=1: test_kernels_under_interpreter starts that pytest run (conftest.py
+# deselects these tests elsewhere)
+needs_interpreter = pytest.mark.interpreter
 
 
 @pytest.fixture
@@ -76,8 +76,7 @@ def triton_interpreted_type():
 @pytest.mark.timeout(300)
 def test_kernels_under_interpreter():
     """Triton picks the interpreter when it is imported, so the kernel tests run in a child pytest."""
-    if not HAVE_TRITON:
-        pytest.skip("triton is not installed: pip install triton to run the kernels under TRITON_INTERPRET=1")
+    assert HAVE_TRITON, "triton is not installed: `pip install triton` (requirements-dev.txt) runs the kernels on CPU"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "interpreted"], env=env, capture_output=True, text=True, cwd=ROOT)
@@ -171,7 +170,7 @@ def test_block_overrides_interpreted(interp):
 # CUDA
 
 
-@pytest.mark.skipif(not (CUDA and kernels.HAVE_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.gpu  # on the GPU machine: `make test-gpu` (conftest.py deselects it without CUDA)
 @pytest.mark.parametrize("nbits,axis,shape", CASES + [(2, 1, (14336, 4096, 16)), (2, 1, (4096, 14336, 16)),
                                                       (4, 1, (1024, 4096, 64))])
 @pytest.mark.parametrize("rows", [1, 2, 4, 7, 33])
