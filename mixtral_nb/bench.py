@@ -290,6 +290,31 @@ def _generate(model: Any, prompt: Tensor, new_tokens: int, device: torch.device,
     return t_prefill, t_decode, torch.cat(tokens, dim=1)
 
 
+def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str) -> None:
+    """Where a decode step's time goes: host (cProfile) and device (torch.profiler), 16 tokens."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    _generate(model, prompt[:, :16], 16, device)
+    prof.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(45)
+    st.sort_stats("cumulative").print_stats(45)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as tp:
+        _generate(model, prompt[:, :16], 8, device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    buf.write(tp.key_averages().table(sort_by=sort, row_limit=40))
+    with open(path, "w") as f:
+        f.write(buf.getvalue())
+
+
 def run_one(args: argparse.Namespace, mode: str) -> dict[str, float]:
     """Build the synthetic model for ``mode`` (ours / baseline / resident), time it, return metrics."""
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -359,6 +384,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
 
     with torch.inference_mode():
         _generate(model, prompt[:, : min(8, args.prompt_len)], 4, device)  # warm-up (allocator, launchers)
+        if args.profile:
+            _profile_decode(model, prompt, device, args.profile)
         prefill_times, decode_times = [], []
         totals: dict[str, float] = {}
         finite = True
@@ -438,6 +465,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=("model", "iid"), default="model",
                    help="iid: replace router outputs with top-2 of random logits")
     p.add_argument("--tiny", action="store_true", help="a small model on CPU (CI)")
+    p.add_argument("--profile", default=None, metavar="PATH", help="write a host + device profile of 16 decode steps")
     p.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1: split layers over GPUs, each capped at --vram-gib")
     p.add_argument("--offload-per-layer", type=int, default=4)
     p.add_argument("--prefetch", type=int, default=2)
