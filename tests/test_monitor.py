@@ -7,25 +7,30 @@ import time
 from matplotlib import _pylab_helpers
 from matplotlib.figure import Figure
 
-from mixtral_nb import charts
+import torch
+
+from mixtral_nb import OffloadConfig, charts
+from mixtral_nb.cache import ExpertCache
+from mixtral_nb.expert import ExpertFormat
 from mixtral_nb.monitor import SAMPLE_FIELDS, ResourceMonitor
 
 
-class CountingCache:
-    """Stands in for the engine's ExpertCache: only the documented ``stats()`` protocol is used."""
-
-    def __init__(self) -> None:
-        self.hits = self.misses = 0
-
-    def stats(self) -> dict:
-        self.hits += 3
-        self.misses += 1
-        return {"hits": self.hits, "misses": self.misses, "bytes_h2d": 1024 * self.misses, "wait_s": 0.01}
-
-
 class ModelWithCache:
+    """A real ExpertCache (2 layers of 4 tiny float experts, 2 GPU slots each) on the CPU."""
+
     def __init__(self) -> None:
-        self.expert_cache = CountingCache()
+        fmt = ExpertFormat.make(8, 16, None, torch.float32)
+        blob = fmt.encode(torch.ones(16, 8), torch.ones(16, 8), torch.ones(8, 16))
+        cfg = OffloadConfig(main_size=4, offload_size=4, buffer_size=1, offload_per_layer=2, prefetch=0)
+        self.expert_cache = ExpertCache(fmt, 2, 4, cfg, "cpu", lambda layer, e: blob, host_mirror=True)
+
+    def touch(self) -> None:
+        """Three hits and one miss in layer 0."""
+        c = self.expert_cache
+        a, b = list(c.lru[0])
+        for e in (a, b, a):
+            c.fetch(0, e)
+        c.fetch(0, next(e for e in range(4) if e not in c.lru[0]))
 
 
 def test_cpu_sample_has_host_memory_and_no_gpu_fields():
@@ -57,16 +62,22 @@ def test_ring_buffer_keeps_the_newest():
 
 
 def test_expert_cache_counters_are_recorded():
-    mon = ResourceMonitor(model=ModelWithCache(), device="cpu")
+    model = ModelWithCache()
+    mon = ResourceMonitor(model=model, device="cpu")
+    model.touch()
     mon.sample()
+    model.touch()
     s = mon.sample()
-    assert s["cache_hits"] == 6 and s["cache_misses"] == 2 and s["cache_bytes_h2d"] == 2048
+    blob = model.expert_cache.blob_bytes
+    assert s["cache_hits"] == 6 and s["cache_misses"] == 2 and s["cache_bytes_h2d"] == 2 * blob
     assert s["cache_hit_rate"] == 0.75
 
 
 def test_charts_render_without_touching_pyplot():
-    mon = ResourceMonitor(model=ModelWithCache(), device="cpu")
+    model = ModelWithCache()
+    mon = ResourceMonitor(model=model, device="cpu")
     for _ in range(4):
+        model.touch()
         mon.sample()
     managers_before = list(_pylab_helpers.Gcf.get_all_fig_managers())
     png = charts.render_live_panel(mon.samples, [(time.time() - 2, 3.0), (time.time(), 4.5)])
