@@ -29,16 +29,21 @@ def ref_out(tiny_ref):
     return logits, tokens
 
 
-@pytest.mark.parametrize("mirror", [True, False])
-@pytest.mark.parametrize("prefetch", [0, 1, 2])
-@pytest.mark.parametrize("slots", range(1, 9))
-def test_unquantized_equals_transformers(tiny_dir, ref_out, slots, prefetch, mirror):
-    model = build_model("cpu", QuantConfig(None, None), offload(slots, prefetch), tiny_dir, host_mirror=mirror)
+def assert_same_as_reference(model, ref_out) -> None:
+    """Logits within 1e-5 of transformers' on the 64-token prompt, and 32 identical greedy tokens."""
     with torch.no_grad():
         logits = model(PROMPT).logits
     assert (logits - ref_out[0]).abs().max().item() <= 1e-5
     tokens = model.generate(PROMPT[:, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)
     assert torch.equal(tokens, ref_out[1])
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("slots", range(1, 9))
+def test_unquantized_equals_transformers(tiny_dir, ref_out, slots, prefetch, mirror):
+    model = build_model("cpu", QuantConfig(None, None), offload(slots, prefetch), tiny_dir, host_mirror=mirror)
+    assert_same_as_reference(model, ref_out)
     st = model.expert_cache.stats()
     if mirror:
         assert st["bytes_d2h"] == 0
@@ -186,13 +191,8 @@ def test_layers_split_over_two_devices_equal_one(tiny_dir, ref_out, prefetch):
     assert isinstance(model.expert_cache, CacheGroup)
     assert [c.L for c in model.expert_cache.caches] == [2, 2]
     assert [m.mlp.experts.cache_layer for m in model.model.layers] == [0, 1, 0, 1]
-    with torch.no_grad():
-        logits = model(PROMPT).logits
-    assert (logits - ref_out[0]).abs().max().item() <= 1e-5
-    tokens = model.generate(PROMPT[:, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    assert torch.equal(tokens, ref_out[1])
+    assert_same_as_reference(model, ref_out)
     st = model.expert_cache.stats()
     assert st["misses"] > 0 and (st["prefetch_issued"] > 0) == (prefetch > 0)
-    # the prefetch of layer 2 (second cache) is issued by layer 1 (first cache): it crosses the split
-    if prefetch:
+    if prefetch:  # prefetches land in the second device's cache too
         assert model.expert_cache.caches[1].prefetch_issued > 0
