@@ -72,10 +72,17 @@ def tokenizer_for(folder: Path) -> Any:
     return mixtral_tokenizer()
 
 
-def load(model: str = "auto", device: str | torch.device | None = None, offload_config: OffloadConfig | None = None,
+def load(model: str = "auto", device: str | torch.device | list | None = None, offload_config: OffloadConfig | None = None,
          quant_config: QuantConfig | None = None, token: str | None = None) -> tuple[Any, Any]:
     """Build the chat model named by ``model`` ("auto", "embedded", a folder or a hub id) and its tokenizer."""
-    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(device, (list, tuple)) and len(device) == 1:
+        device = device[0]
+    if isinstance(device, (list, tuple)):  # several GPUs: build_model splits the layers across them
+        devs = [torch.device(d) for d in device]
+        dev, target_all = devs[0], devs
+    else:
+        dev = torch.device(device) if device is not None else default_device()
+        target_all = None
     name = resolve(model)
     if name == EMBEDDED:
         folder = embedded_checkpoint(quant_config)
@@ -89,14 +96,18 @@ def load(model: str = "auto", device: str | torch.device | None = None, offload_
         E = load_config(folder).num_local_experts
         cfg.main_size = max(cfg.main_size, L * (E - cfg.offload_per_layer))
         cfg.offload_size = L * cfg.offload_per_layer
-        return build_model(dev, None, cfg, folder), tokenizer_for(tok_dir)
+        return build_model(target_all or dev, None, cfg, folder), tokenizer_for(tok_dir)
     folder = Path(name)
     if not folder.exists():
         from .hub import download
 
         folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
+    target: Any = target_all or dev
     if offload_config is None:
         from .planner import detect
 
-        offload_config = detect().offload_config()
-    return build_model(dev, quant_config, offload_config, folder), tokenizer_for(folder)
+        p = detect(device)  # device None: every GPU of the machine (Kaggle's 2 x T4 split the layers)
+        offload_config = p.offload_config()
+        if device is None:
+            target = p.devices()
+    return build_model(target, quant_config, offload_config, folder), tokenizer_for(folder)

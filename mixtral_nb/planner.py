@@ -14,7 +14,7 @@ do not fit this machine", and its message names the numbers and the setting to c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import OffloadConfig, QuantConfig, article_quant_config
@@ -128,6 +128,13 @@ class Plan:
     context: int = 4096
     disk_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    num_gpus: int = 1  # layers split over this many GPUs; gpu_bytes/vram_bytes are per GPU
+
+    def devices(self) -> list[str]:
+        """The ``device`` argument for build_model: one GPU, or all of them (layers split across)."""
+        if self.device == "cpu":
+            return ["cpu"]
+        return [f"cuda:{i}" for i in range(max(1, self.num_gpus))]
 
     def offload_config(self) -> OffloadConfig:
         """The article-style OffloadConfig of this plan."""
@@ -153,7 +160,8 @@ class Plan:
             f"  {E - self.offload_per_layer} of {E} experts per layer in {where} (offload_per_layer="
             f"{self.offload_per_layer}), {self.buffer_size} spare buffers, prefetch {self.prefetch}",
             f"  {mode}",
-            f"  expected GPU use {_g(self.gpu_bytes)}; host buffers {_g(self.pinned_bytes)}, host total ~{_g(self.host_bytes)}",
+            f"  expected GPU use {_g(self.gpu_bytes)}{' per GPU' if self.num_gpus > 1 else ''}; "
+            f"host buffers {_g(self.pinned_bytes)}, host total ~{_g(self.host_bytes)}",
             f"  (trunk {_g(s.trunk_bytes)}: attention {_g(s.attn_bytes)}, embeddings+lm_head {_g(s.embed_bytes)}; "
             f"KV cache for {self.context} tokens {_g(s.kv_bytes_per_token * self.context)})",
         ]
@@ -199,17 +207,19 @@ def plan(vram_bytes: int, host_ram_bytes: int, disk_bytes: int | None = None, nu
         notes.append("CPU run: every expert lives in RAM once; expect seconds per token for Mixtral-8x7B")
         _disk_note(p)
         return p
-    if num_gpus > 1:
-        notes.append(f"{num_gpus} GPUs found: build_model uses one device; the plan is for one GPU and the others idle")
+    n = max(1, num_gpus)
+    part = per_gpu(sizes, n)
+    if n > 1:
+        notes.append(f"{n} GPUs: {part.num_layers} layers on each, hidden states cross once per boundary")
     buffers = min(buffer_size, max(1, E))
     chosen = None
     for opl in range(0, E):
-        gpu, _, _ = _needs(sizes, opl, buffers, False, True, context)
+        gpu, _, _ = _needs(part, opl, buffers, False, True, context)
         if gpu <= vram_bytes:
             chosen = opl
             break
     if chosen is None:
-        gpu, _, _ = _needs(sizes, E - 1, buffers, False, True, context)
+        gpu, _, _ = _needs(part, E - 1, buffers, False, True, context)
         raise MemoryPlanError(f"even offload_per_layer={E - 1} needs {_g(gpu)} of VRAM, {_g(vram_bytes)} available: "
                               "use a GPU with more memory, fewer bits, or a shorter context")
     opl = chosen
@@ -218,16 +228,27 @@ def plan(vram_bytes: int, host_ram_bytes: int, disk_bytes: int | None = None, nu
         notes.append("every expert fits on the GPU: no offloading, no misses")
     all_experts = L * E * sizes.expert_bytes
     mirror = opl > 0 and all_experts + HOST_OVERHEAD + HOST_MARGIN <= host_ram_bytes
-    gpu, pinned, host = _needs(sizes, opl, buffers, mirror, True, context)
+    gpu, pinned, host = _needs(part, opl, buffers, mirror, True, context)
+    pinned, host = pinned * n, host + pinned * (n - 1)  # every GPU's cache keeps its own host buffers
     if host > host_ram_bytes:
         raise MemoryPlanError(f"offload_per_layer={opl} needs {_g(host)} of host RAM ({_g(pinned)} of expert buffers), "
                               f"{_g(host_ram_bytes)} available: use a machine with more RAM or fewer bits per expert")
     if opl > 0 and not mirror:
         notes.append(f"host RAM cannot also hold all {L * E} experts ({_g(all_experts)}): swap mode")
     p = Plan("cuda", opl, buffers, prefetch if opl > 0 else 0, mirror, gpu, pinned, host, vram_bytes, host_ram_bytes,
-             sizes, context, disk_bytes, notes)
+             sizes, context, disk_bytes, notes, n)
     _disk_note(p)
     return p
+
+
+def per_gpu(sizes: ModelSizes, num_gpus: int) -> ModelSizes:
+    """One GPU's share when layers are split over ``num_gpus`` (the first also holds embeddings + lm_head)."""
+    if num_gpus <= 1:
+        return sizes
+    L = sizes.num_layers
+    lp = -(-L // num_gpus)
+    return replace(sizes, num_layers=lp, attn_bytes=sizes.attn_bytes * lp // L, small_bytes=sizes.small_bytes * lp // L,
+                   kv_bytes_per_token=sizes.kv_bytes_per_token * lp // L)
 
 
 def _disk_note(p: Plan) -> None:
@@ -285,9 +306,12 @@ def machine(device: Any = None) -> Machine:
     ram = psutil.virtual_memory().available
     disk = shutil.disk_usage(".").free
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        free, _ = torch.cuda.mem_get_info(dev)
-        return Machine(int(free), int(ram), torch.cuda.device_count(), disk, torch.cuda.get_device_name(dev))
+        if device is not None:  # one named GPU
+            dev = torch.device(device)
+            return Machine(int(torch.cuda.mem_get_info(dev)[0]), int(ram), 1, disk, torch.cuda.get_device_name(dev))
+        n = torch.cuda.device_count()  # all GPUs (layers are split across them); plan for the smallest
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(n))
+        return Machine(int(free), int(ram), n, disk, f"{n} x {torch.cuda.get_device_name(0)}")
     return Machine(0, int(ram), 0, disk, "CPU")
 
 
@@ -310,7 +334,8 @@ def check_fits(what: Plan | OffloadConfig, vram_bytes: int | None, ram_bytes: in
     build_model just before the cache is created).
     """
     if isinstance(what, Plan):
-        sizes, opl, buffers, context = what.sizes, what.offload_per_layer, what.buffer_size, what.context
+        sizes, opl, buffers, context = per_gpu(what.sizes, what.num_gpus), what.offload_per_layer, what.buffer_size, \
+            what.context
         mirror = what.host_mirror if host_mirror is None else host_mirror
     else:
         sizes = sizes or ModelSizes.of()

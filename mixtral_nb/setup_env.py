@@ -235,6 +235,7 @@ class NotebookSettings:
     device: torch.device
     max_new_tokens: int
     token: str | None = None
+    device_given: bool = False  # DEVICE was set: plan for that GPU only, not all of them
 
     @property
     def embedded(self) -> bool:
@@ -263,7 +264,8 @@ def notebook_settings(model: str = "auto", device: str | torch.device | None = N
     name = EMBEDDED if model == "auto" and dev.type != "cuda" else resolve(model)
     if max_new_tokens is None:
         max_new_tokens = GPU_MAX_NEW_TOKENS if dev.type == "cuda" else CPU_MAX_NEW_TOKENS
-    return NotebookSettings(name, dev, int(max_new_tokens), token or os.environ.get("HF_TOKEN") or None)
+    return NotebookSettings(name, dev, int(max_new_tokens), token or os.environ.get("HF_TOKEN") or None,
+                            device_given=device is not None)
 
 
 def prepare_model(settings: NotebookSettings) -> Path:
@@ -291,9 +293,8 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
     the expert cache miss).
     """
     import dataclasses
-    import importlib
 
-    planner = importlib.import_module(f"{__package__}.planner")
+    from . import planner
 
     if preset is not None:
         p = planner.preset(preset, context=context)
@@ -308,7 +309,11 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
             kw["model"] = load_config(folder)
             if settings.embedded:
                 kw["quant"] = embedded_quant_config()
-        p = planner.detect(settings.device if settings.device.type == "cuda" else "cpu", **kw)
+        if settings.device.type != "cuda":
+            where: Any = "cpu"
+        else:  # DEVICE unset: every GPU (Kaggle's 2 x T4 split the layers and keep every expert resident)
+            where = settings.device if settings.device_given else None
+        p = planner.detect(where, **kw)
     if offload_per_layer is not None and offload_per_layer != p.offload_per_layer:
         E = p.sizes.num_experts
         if not 0 <= offload_per_layer < E:

@@ -36,7 +36,7 @@ def test_presets_fit_and_choose_sensible_modes():
         assert "Memory plan" in p.explain()
     colab = plans["colab-t4"]
     assert colab.device == "cuda" and not colab.host_mirror and 3 <= colab.offload_per_layer <= 5  # 12.7 GB RAM: swap
-    assert plans["kaggle-2xt4"].host_mirror and "one GPU" in plans["kaggle-2xt4"].explain()
+    assert plans["kaggle-2xt4"].offload_per_layer == 0 and "2 GPUs" in plans["kaggle-2xt4"].explain()
     assert plans["12gb"].offload_per_layer >= colab.offload_per_layer
     for big in ("24gb", "a100-40gb", "a100-80gb"):
         assert plans[big].offload_per_layer == 0 and plans[big].prefetch == 0
@@ -99,3 +99,16 @@ def test_build_model_checks_memory_before_allocating(tmp_path, monkeypatch):
     assert model.expert_cache.mirror is False
     monkeypatch.setattr(P, "HOST_MARGIN", 0)
     assert build_model("cpu", None, cfg, src).expert_cache.mirror is True
+
+
+def test_two_gpus_split_layers_and_hold_every_expert():
+    """Kaggle's 2 x T4: each GPU takes half the layers, so the whole 2-bit model is resident."""
+    one = preset("colab-t4")
+    two = preset("kaggle-2xt4")
+    assert two.num_gpus == 2 and two.devices() == ["cuda:0", "cuda:1"]
+    assert two.offload_per_layer == 0 and one.offload_per_layer > 0
+    assert two.gpu_bytes <= two.vram_bytes
+    assert "2 GPUs" in two.explain()
+    # the same VRAM per GPU with one GPU cannot hold them all
+    assert plan(two.vram_bytes, two.host_ram_bytes, num_gpus=1).offload_per_layer > 0
+    assert one.devices() == ["cuda:0"] and preset("cpu").devices() == ["cpu"]
