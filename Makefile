@@ -37,10 +37,9 @@ test-unit: setup
 test-gpu: setup  # on a CUDA machine: kernel tests against the reference
 	$(BIN)/python -m pytest -q -m gpu tests
 
-test-notebooks: setup
-	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  $(BIN)/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks; \
-	else echo "no notebooks yet"; fi
+test-notebooks: setup  # the notebooks are stripped in git: run copies with the expected check outputs
+	$(BIN)/python -m mixtral_nb nbval-prepare build/nbval >/dev/null
+	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider build/nbval
 
 test-browser: setup
 	@if grep -rqs "pytest.mark.browser" tests; then $(BIN)/python -m pytest -q -m browser tests; \

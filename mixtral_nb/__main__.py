@@ -94,9 +94,17 @@ def _check_notebooks(args: argparse.Namespace) -> int:
 
     bad = dirty_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
     for p in bad:
-        print(f"{p}: committed with outputs outside the NBVAL_CHECK_OUTPUT cells (or execution counts there): "
-              "clear them, keeping only the expected outputs of NBVAL_CHECK_OUTPUT cells")
+        print(f"{p}: committed with outputs; strip them (`nbstripout {p}`); expected outputs of NBVAL_CHECK_OUTPUT "
+              "cells belong in notebooks/nbval_expected.json")
     return 1 if bad else 0
+
+
+def _nbval_prepare(args: argparse.Namespace) -> int:
+    from .notebook_tools import prepare_for_nbval
+
+    for p in prepare_for_nbval(Path(__file__).resolve().parent.parent / "notebooks", Path(args.dst)):
+        print(p)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="benchmark (see `bench --help`)")
     sub.add_parser("notebooks", help="execute every notebook to artifacts/*.html").set_defaults(fn=_notebooks)
     sub.add_parser("check-notebooks", help="fail if a notebook has outputs").set_defaults(fn=_check_notebooks)
+    nv = sub.add_parser("nbval-prepare", help="copy the notebooks with their expected check outputs, for nbval")
+    nv.add_argument("dst")
+    nv.set_defaults(fn=_nbval_prepare)
     args = p.parse_args(argv)
     return args.fn(args)
 

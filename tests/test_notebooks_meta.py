@@ -77,19 +77,20 @@ def test_markdown_before_every_code_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_outputs_only_in_check_cells(path):
+def test_stripped_with_expected_outputs_beside(path):
+    """Committed stripped; each check cell's expected output lives in nbval_expected.json."""
+    expected = json.loads((NB_DIR / "nbval_expected.json").read_text())["notebooks"].get(path.name, {})
     checks = 0
     for c in _read(path).cells:
         if c.cell_type != "code":
             continue
+        assert not c.outputs and c.execution_count is None, "commit notebooks stripped"
         if CHECK in c.source:
             checks += 1
-            assert c.outputs, "a check cell needs its expected output committed (nbval compares it)"
-            assert c.execution_count is not None, "nbval skips check cells whose execution_count is null"
-            for out in c.outputs:
-                assert out.output_type == "stream" and out.name == "stdout", "expected outputs are plain text"
-        else:
-            assert not c.outputs and c.execution_count is None, "commit notebooks stripped"
+            outs = expected.get(c.id)
+            assert outs, f"check cell {c.id} needs its expected output in notebooks/nbval_expected.json"
+            for out in outs:
+                assert out["output_type"] == "stream" and out["name"] == "stdout", "expected outputs are plain text"
     assert checks >= 1, "at least one cell whose output proves the stage worked"
 
 
@@ -99,18 +100,28 @@ def test_check_notebooks_tool_agrees():
     assert dirty_notebooks(NB_DIR) == []
 
 
-def test_dirty_notebooks_flags_outputs_outside_check_cells(tmp_path):
+def test_dirty_notebooks_flags_any_output(tmp_path):
     from mixtral_nb.notebook_tools import dirty_notebooks
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)"),
-                                         nbformat.v4.new_code_cell("print(2)")])
-    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
-    nb.cells[0].execution_count = 1
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)")])
     nbformat.write(nb, str(tmp_path / "ok.ipynb"))
     assert dirty_notebooks(tmp_path) == []
-    nb.cells[1].execution_count = 2
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
     nbformat.write(nb, str(tmp_path / "bad.ipynb"))
     assert dirty_notebooks(tmp_path) == [tmp_path / "bad.ipynb"]
+
+
+def test_prepare_for_nbval_fills_exactly_the_check_cells(tmp_path):
+    from mixtral_nb.notebook_tools import CHECK_MARKER, prepare_for_nbval
+
+    out = prepare_for_nbval(NB_DIR, tmp_path / "nbval")
+    assert sorted(p.name for p in out) == sorted(p.name for p in NOTEBOOKS)
+    for p in out:
+        for c in nbformat.read(str(p), as_version=4).cells:
+            if c.cell_type == "code":
+                filled = bool(c.outputs) and c.execution_count == 1
+                assert filled == (CHECK_MARKER in c.source)
+    assert (tmp_path / "nbval" / "quality_embedded.json").exists()  # data files come along
 
 
 def test_required_stages():
