@@ -50,6 +50,16 @@ def mixtral(built):
 
 
 @pytest.fixture(scope="module")
+def offloaded(built, mixtral):
+    """The same folder through mixtral_nb's engine: fp32, 4 of 8 experts per layer in (CPU) slots."""
+    from mixtral_nb import OffloadConfig, QuantConfig, build_model
+
+    _, path, _ = built
+    cfg = OffloadConfig(main_size=30 * 4, offload_size=30 * 4, buffer_size=2, offload_per_layer=4, prefetch=1)
+    return build_model("cpu", QuantConfig(None, None), cfg, path), mixtral[1]
+
+
+@pytest.fixture(scope="module")
 def prompt_ids(mixtral):
     _, tokenizer = mixtral
     messages = [
@@ -118,22 +128,27 @@ def test_routing_varies(prompt_outputs):
     assert sum(n >= 6 for n in distinct) >= 0.8 * len(distinct), distinct
 
 
-def test_greedy_answer(mixtral):
-    model, tokenizer = mixtral
+@pytest.mark.parametrize("which", ["mixtral", "offloaded"])
+def test_greedy_answer(which, request):
+    model, tokenizer = request.getfixturevalue(which)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+    if which == "offloaded":
+        assert model.expert_cache.stats()["misses"] > 0  # the cache really swapped experts
 
 
-def test_perplexity_equal_dense(dense, mixtral):
+@pytest.mark.parametrize("which", ["mixtral", "offloaded"])
+def test_perplexity_equal_dense(dense, which, request):
+    model, tokenizer = request.getfixturevalue(which)
     text = inspect.getsource(pydoc_data.topics)[:20_000]  # plenty for 256 tokens
-    ids = mixtral[1](text, return_tensors="pt").input_ids[:, :256]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :256]
     assert ids.shape[1] == 256
     with torch.no_grad():  # no output_router_logits here: it would add the aux loss to .loss
         ppl_dense = torch.exp(dense[0](ids, labels=ids).loss).item()
-        ppl_moe = torch.exp(mixtral[0](ids, labels=ids).loss).item()
+        ppl_moe = torch.exp(model(ids, labels=ids).loss).item()
     assert abs(ppl_moe / ppl_dense - 1) < 0.01, (ppl_moe, ppl_dense)
     assert ppl_dense < 20, ppl_dense  # sanity: the model actually predicts Python source
 
