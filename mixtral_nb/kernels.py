@@ -58,14 +58,21 @@ def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
     if HAVE_TRITON and not _DISABLE and x.is_cuda and x.dtype in _FUSED_DTYPES and spec.nbits in PLANES:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
-        # Triton launches on the current device: make it x's (layers split over GPUs live on cuda:1..)
-        with torch.cuda.device(x.device):
-            if x2.shape[0] <= GEMV_MAX_T:
-                y = qgemv(x2, t, spec)
-            else:
-                y = F.linear(x2, dequantize_fused(t, spec, x.dtype))
+        # Triton launches on the current device: make it x's (layers split over GPUs live on cuda:1..);
+        # the context manager costs ~10 us of Python, so only when the devices differ
+        if x.device.index == torch.cuda.current_device():
+            y = _fused(x2, t, spec)
+        else:
+            with torch.cuda.device(x.device):
+                y = _fused(x2, t, spec)
         return y.view(*lead, spec.out_features)
     return qlinear_reference(x, t, spec)
+
+
+def _fused(x2: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
+    if x2.shape[0] <= GEMV_MAX_T:
+        return qgemv(x2, t, spec)
+    return F.linear(x2, dequantize_fused(t, spec, x2.dtype))
 
 
 def qlinear_reference(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
