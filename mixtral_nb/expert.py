@@ -6,6 +6,7 @@ Either every matrix is quantized (``quant.QSpec`` each) or all are floating poin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -43,8 +44,8 @@ class ExpertFormat:
     def shapes(self) -> tuple[tuple[int, int], ...]:
         return (self.intermediate, self.hidden), (self.intermediate, self.hidden), (self.hidden, self.intermediate)
 
-    @property
-    def layout(self) -> Layout:
+    @functools.cached_property
+    def layout(self) -> Layout:  # computed once: views() and dense() use it on every CPU miss
         if self.specs is None:
             return Layout.of((n, self.dtype, s) for n, s in zip(NAMES, self.shapes))
         return Layout.concat((n + ".", spec.layout()) for n, spec in zip(NAMES, self.specs))

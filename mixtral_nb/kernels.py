@@ -203,14 +203,18 @@ if HAVE_TRITON:
         return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _meta_dequant(v, ms_ptr, mz_ptr, mi, mask):
+        """8-bit codes ``v`` (as float32) -> values, with the fp16 meta scale/zero at entries ``mi``."""
+        mz = tl.load(mz_ptr + mi, mask=mask, other=0.0).to(tl.float32)
+        ms = tl.load(ms_ptr + mi, mask=mask, other=0.0).to(tl.float32)
+        return (v - mz) * ms
+
+    @triton.jit
     def _group_meta(ptr, ms_ptr, mz_ptr, c, mask, M_META, QUANT: tl.constexpr):
         """Step sizes or zero points of groups ``c``: 8-bit codes with fp16 meta, or plain fp16."""
         if QUANT:
             v = tl.load(ptr + c, mask=mask, other=0).to(tl.float32)
-            mi = c % M_META
-            mz = tl.load(mz_ptr + mi, mask=mask, other=0.0).to(tl.float32)
-            ms = tl.load(ms_ptr + mi, mask=mask, other=0.0).to(tl.float32)
-            return (v - mz) * ms
+            return _meta_dequant(v, ms_ptr, mz_ptr, c % M_META, mask)
         else:
             return tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
 
@@ -238,9 +242,7 @@ if HAVE_TRITON:
                     mi = (rows % MOD)[:, None] * GPR + kg[None, :]
                 else:
                     mi = c % MOD
-                mz = tl.load(mz_ptr + mi, mask=mask, other=0.0).to(tl.float32)
-                ms = tl.load(ms_ptr + mi, mask=mask, other=0.0).to(tl.float32)
-                return (v - mz) * ms
+                return _meta_dequant(v, ms_ptr, mz_ptr, mi, mask)
         else:
             return tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
 
