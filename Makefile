@@ -52,7 +52,7 @@ bench: setup
 	$(BIN)/python -m mixtral_nb bench $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check mixtral_nb tests
+	$(BIN)/ruff check mixtral_nb tests scripts notebooks
 	$(BIN)/python -m mixtral_nb check-notebooks
 
 clean:

@@ -12,6 +12,8 @@ LRU, copies on the compute stream, write-back on every miss, no prefetch, one sp
 ``--compare`` (both, one process, with the speed ratio), ``--resident`` (every expert on the GPU, no
 VRAM cap), ``--routing iid`` (router outputs replaced by top-2 of random logits, so hit rates do not
 depend on the random weights), ``--tiny`` (a small model on CPU, so CI covers the harness).
+Our engine runs the layers with :mod:`.decoder` (static KV cache, CUDA graphs) unless ``--engine
+transformers``; the baseline always goes through transformers' forward, as the article's code does.
 
 T4 projection, per decoded token (printed with its inputs)::
 
@@ -223,20 +225,19 @@ def gpu_read_bytes_per_token(model: Any, cache: Any, uses_per_token: float, cont
 
 
 class IIDRouting:
-    """Forward hooks that replace every router's choice with the top-k of random logits."""
+    """Forward hooks that replace every router's choice with the top-k of random logits.
+
+    The numbers come from torch's default generators (seeded here): unlike a private Generator,
+    those advance on every replay of a CUDA graph that captured the hook.
+    """
 
     def __init__(self, model: Any, seed: int = 1234) -> None:
-        self.seed = seed
-        self.gens: dict[torch.device, torch.Generator] = {}  # one per device: layers may be split over GPUs
+        torch.manual_seed(seed)
         self.handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
 
     def _hook(self, module: Any, inputs: Any, output: Any) -> tuple[Tensor, Tensor, Tensor]:
         logits, scores, _ = output  # MixtralTopKRouter returns (logits, top-k weights, top-k indices)
-        gen = self.gens.get(logits.device)
-        if gen is None:
-            gen = self.gens[logits.device] = torch.Generator(device=logits.device)
-            gen.manual_seed(self.seed + len(self.gens))
-        r = torch.randn(logits.shape, device=logits.device, dtype=torch.float32, generator=gen)
+        r = torch.randn(logits.shape, device=logits.device, dtype=torch.float32)
         top = torch.topk(torch.softmax(r, dim=-1), module.top_k, dim=-1)
         weights = top.values / top.values.sum(dim=-1, keepdim=True)
         return r.to(logits.dtype), weights.to(scores.dtype), top.indices
@@ -266,14 +267,27 @@ def _cache_kwarg(model: Any) -> str:
 
 
 def _generate(model: Any, prompt: Tensor, new_tokens: int, device: torch.device,
-              between: Any = None) -> tuple[float, float, Tensor]:
-    """Manual greedy loop: timed prefill, then ``new_tokens`` timed one-token steps."""
-    kv = _new_kv_cache(model)
-    kw = _cache_kwarg(model)
+              between: Any = None, decoder: Any = None) -> tuple[float, float, Tensor]:
+    """Manual greedy loop: timed prefill, then ``new_tokens`` timed one-token steps.
+
+    With ``decoder`` (a :class:`~mixtral_nb.decoder.Decoder`) the steps go through it, else through
+    transformers' forward with a DynamicCache.
+    """
+    if decoder is not None:
+        decoder.reset()
+
+        def step(ids: Tensor, first: bool = False) -> Tensor:
+            return decoder.forward(ids).argmax(-1, keepdim=True)
+    else:
+        kv = _new_kv_cache(model)
+        kw = _cache_kwarg(model)
+
+        def step(ids: Tensor, first: bool = False) -> Tensor:
+            extra = {"logits_to_keep": 1} if first else {}
+            return model(input_ids=ids, use_cache=True, **{kw: kv}, **extra).logits[:, -1:].argmax(-1)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{kw: kv})
-    nxt = out.logits[:, -1:].argmax(-1)
+    nxt = step(prompt, first=True)
     _sync(device)
     t_prefill = time.perf_counter() - t0
     if between is not None:
@@ -282,15 +296,14 @@ def _generate(model: Any, prompt: Tensor, new_tokens: int, device: torch.device,
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, use_cache=True, **{kw: kv})
-        nxt = out.logits[:, -1:].argmax(-1)  # stays on the device: no host sync in the loop
+        nxt = step(nxt)  # stays on the device: no host sync in the loop
         tokens.append(nxt)
     _sync(device)
     t_decode = time.perf_counter() - t0
     return t_prefill, t_decode, torch.cat(tokens, dim=1)
 
 
-def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str) -> None:
+def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str, decoder: Any = None) -> None:
     """Where a decode step's time goes: host (cProfile) and device (torch.profiler), 16 tokens."""
     import cProfile
     import io
@@ -298,7 +311,7 @@ def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str)
 
     prof = cProfile.Profile()
     prof.enable()
-    _generate(model, prompt[:, :16], 16, device)
+    _generate(model, prompt[:, :16], 16, device, decoder=decoder)
     prof.disable()
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf)
@@ -308,7 +321,7 @@ def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str)
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as tp:
-        _generate(model, prompt[:, :16], 8, device)
+        _generate(model, prompt[:, :16], 8, device, decoder=decoder)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     buf.write(tp.key_averages().table(sort_by=sort, row_limit=40))
     with open(path, "w") as f:
@@ -382,15 +395,25 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     vocab = cfg["vocab_size"]
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
 
+    decoder = None
+    if args.engine == "decoder" and mode != "baseline":
+        from .decoder import Decoder, DecoderConfig
+
+        decoder = Decoder(model, DecoderConfig(max_len=args.prompt_len + args.new_tokens + 1))
     with torch.inference_mode():
-        _generate(model, prompt[:, : min(8, args.prompt_len)], 4, device)  # warm-up (allocator, launchers)
+        # warm-up (allocator, launchers; the decoder captures its graphs for the lengths measured)
+        _generate(model, prompt, 4, device, decoder=decoder)
+        _generate(model, prompt[:, : min(8, args.prompt_len)], 4, device, decoder=decoder)
+        if decoder is not None:
+            _generate(model, prompt, args.new_tokens, device, decoder=decoder)
         if args.profile:
-            _profile_decode(model, prompt, device, args.profile)
+            _profile_decode(model, prompt, device, args.profile, decoder=decoder)
         prefill_times, decode_times = [], []
         totals: dict[str, float] = {}
         finite = True
         for _ in range(args.repeat):
-            t_p, t_d, toks = _generate(model, prompt, args.new_tokens, device, between=cache.reset_stats)
+            t_p, t_d, toks = _generate(model, prompt, args.new_tokens, device, between=cache.reset_stats,
+                                       decoder=decoder)
             st = cache.stats(wait=True)
             st.update(pred_correct=cache.pred_correct, pred_total=cache.pred_total, actual_total=cache.actual_total)
             for k, v in st.items():
@@ -462,6 +485,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="store_true", help="the article's algorithm in the same harness")
     g.add_argument("--compare", action="store_true", help="ours, then the baseline, in one process; prints the ratio")
     g.add_argument("--resident", action="store_true", help="every expert on the GPU, no VRAM cap")
+    p.add_argument("--engine", choices=("decoder", "transformers"), default="decoder",
+                   help="what runs the layers: mixtral_nb's Decoder (static KV cache, CUDA graphs) or transformers' "
+                        "forward; --baseline always uses transformers' forward, as the article's code does")
     p.add_argument("--routing", choices=("model", "iid"), default="model",
                    help="iid: replace router outputs with top-2 of random logits")
     p.add_argument("--tiny", action="store_true", help="a small model on CPU (CI)")
@@ -501,7 +527,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
     print(f"# mixtral_nb bench: modes={modes} routing={args.routing} device={device_name} "
           f"triton={info['triton_version']} fused_kernels={info['fused'] and device_name != 'cpu'}")
-    print(f"# prompt_len={args.prompt_len} new_tokens={args.new_tokens} repeat={args.repeat} "
+    print(f"# engine={args.engine} (baseline: transformers) prompt_len={args.prompt_len} "
+          f"new_tokens={args.new_tokens} repeat={args.repeat} "
           f"offload_per_layer={args.offload_per_layer} prefetch={args.prefetch} vram_gib={args.vram_gib} "
           f"pinned_gib={args.pinned_gib}")
     print("# t4_s = h2d_bytes/9.7e9 + gpu_read_bytes/240e9 + overhead_s;  overhead_s = max(0, measured_s"

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict, deque
@@ -106,6 +107,7 @@ class ExpertCache:
                     self.gpu[b].copy_(blob)
                     self.lru[layer][e] = b
                     b += 1
+        self._slot_table: Tensor | None = None
         self.gpu_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(b, n_gpu))
         self.host_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(h, len(self.host)))
         self.reset_stats()
@@ -162,6 +164,25 @@ class ExpertCache:
         }
 
     # ------------------------------------------------------------------ cache operations
+
+    @functools.cached_property
+    def w3_offset(self) -> int:
+        """Bytes from w1's tensors to w3's in a blob (grouped kernels run both in one launch)."""
+        from .moe import mat_stride
+
+        return mat_stride(self.fmt, self.gpu[0])
+
+    def slot_table(self) -> Tensor:
+        """[layers, experts] int32 on the device: the GPU buffer of every expert, when all are resident.
+
+        Only then is the mapping fixed, so kernels can look experts up on the GPU without a host sync.
+        """
+        if self.slots != self.E:
+            raise RuntimeError("slot_table() needs every expert resident (offload_per_layer=0)")
+        if self._slot_table is None:
+            table = [[self.lru[layer][e] for e in range(self.E)] for layer in range(self.L)]
+            self._slot_table = torch.tensor(table, dtype=torch.int32, device=self.device)
+        return self._slot_table
 
     def resident(self, layer: int, expert: int) -> bool:
         return expert in self.lru[layer]

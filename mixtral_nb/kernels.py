@@ -53,9 +53,14 @@ def available() -> dict[str, Any]:
             "cuda": cuda, "fused": HAVE_TRITON and cuda and not _DISABLE}
 
 
+def can_fuse(x: Tensor, spec: QSpec) -> bool:
+    """Whether the Triton kernels serve activations ``x`` and weights stored as ``spec``."""
+    return HAVE_TRITON and not _DISABLE and x.is_cuda and x.dtype in _FUSED_DTYPES and spec.nbits in PLANES
+
+
 def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
     """``x @ W.T`` where W is stored quantized in ``t`` (see ``quant`` for the format)."""
-    if HAVE_TRITON and not _DISABLE and x.is_cuda and x.dtype in _FUSED_DTYPES and spec.nbits in PLANES:
+    if can_fuse(x, spec):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
         # Triton launches on the current device: make it x's (layers split over GPUs live on cuda:1..);
@@ -137,33 +142,64 @@ def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = Non
     the tuned defaults (micro-benchmarks; ``block_k`` counts weights, ``tiles`` is the word
     kernel's R: row tiles per program sharing each x load, 1, 2 or 4).
     """
-    p = _plan(spec)
-    n, k = spec.out_features, spec.in_features
+    n = spec.out_features
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows = x.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device) if out is None else out
-    bn, bk, nw = block_n or p["block_n"], block_k or p["block_k"], num_warps or p["warps"]
-    tensors = (t[p["qa"]], t[p["qb"]], *_meta_args(t, spec))
     for r in range(0, rows, _CHUNK_T):
         tt = min(_CHUNK_T, rows - r)
         xs, ys = (x, y) if rows <= _CHUNK_T else (x[r:r + tt], y[r:r + tt])
-        sx, sy = xs.stride(0), ys.stride(0)
-        if p["words"]:
-            r_tiles = min(tiles or p["tiles"], _CHUNK_T // tt)  # R * T <= 4 accumulators
-            bw = max(1, bk * p["pa"] // 32)
-            args = (xs, ys, *tensors, n, p["row_words_a"], p["row_words_b"], p["groups_per_row"], p["s_mod"],
-                    p["z_mod"], sx, sy, tt, r_tiles, p["pa"], p["pb"], spec.group_size, spec.quant_scale,
-                    spec.quant_zero, p["s_mode"], p["z_mode"], bn, bw)
-            grid = (triton.cdiv(n, bn * r_tiles),)
-            fn = _gemv_words
-        else:
-            args = (xs, ys, *tensors, n, k, p["ms"], p["mz"], sx, sy, tt, p["pa"], p["pb"], spec.group_size,
-                    spec.axis, spec.quant_scale, spec.quant_zero, bn, bk)
-            grid = (triton.cdiv(n, bn),)
-            fn = _gemv_generic
-        fn[grid](*args, num_warps=nw)
+        _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles)
     return y
+
+
+def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, slot_bytes: int,
+                  mats_per_slot: int = 1, mat_bytes: int = 0, out: Tensor | None = None) -> Tensor:
+    """One launch for several matrices of one token: ``y[m] = x_m @ W_m.T`` -> [M, N].
+
+    W_m is the matrix whose tensors sit at ``t``'s addresses plus ``slots[m // mats_per_slot] *
+    slot_bytes + (m % mats_per_slot) * mat_bytes`` bytes: ``t`` views slot 0 of a buffer of equal
+    slots (the expert cache), ``slots`` is an int32 tensor on the device, so which experts run is
+    decided on the GPU with no host sync (and the launch can be captured in a CUDA graph).
+    x is [1, K] (shared by every matrix, e.g. w1 and w3) or [M, K] (one row each, e.g. w2).
+    """
+    m = slots.numel() * mats_per_slot
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    assert x.shape[0] in (1, m), f"x has {x.shape[0]} rows for {m} matrices"
+    y = torch.empty(m, spec.out_features, dtype=x.dtype, device=x.device) if out is None else out
+    group = (slots, slot_bytes, mat_bytes, x.stride(0) if x.shape[0] > 1 else 0, y.stride(0), mats_per_slot, m)
+    if not x.is_cuda or x.device.index == torch.cuda.current_device():
+        _launch_gemv(x, y, 1, t, spec, group)
+    else:
+        with torch.cuda.device(x.device):
+            _launch_gemv(x, y, 1, t, spec, group)
+    return y
+
+
+def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, group: tuple | None,
+                 block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                 tiles: int | None = None) -> None:
+    """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices)."""
+    p = _plan(spec)
+    n, k = spec.out_features, spec.in_features
+    bn, bk, nw = block_n or p["block_n"], block_k or p["block_k"], num_warps or p["warps"]
+    tensors = (t[p["qa"]], t[p["qb"]], *_meta_args(t, spec))
+    slots, slot_bytes, mat_bytes, x_m, y_m, mps, m = group if group is not None else (xs, 0, 0, 0, 0, 0, 1)
+    grouping = (slots, slot_bytes, mat_bytes, x_m, y_m)
+    sx, sy = xs.stride(0), ys.stride(0)
+    if p["words"]:
+        r_tiles = min(tiles or p["tiles"], _CHUNK_T // tt)  # R * T <= 4 accumulators
+        bw = max(1, bk * p["pa"] // 32)
+        args = (xs, ys, *tensors, *grouping, n, p["row_words_a"], p["row_words_b"], p["groups_per_row"],
+                p["s_mod"], p["z_mod"], sx, sy, tt, r_tiles, p["pa"], p["pb"], spec.group_size, spec.quant_scale,
+                spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw)
+        _gemv_words[(triton.cdiv(n, bn * r_tiles), m)](*args, num_warps=nw)
+    else:
+        args = (xs, ys, *tensors, *grouping, n, k, p["ms"], p["mz"], sx, sy, tt, p["pa"], p["pb"], spec.group_size,
+                spec.axis, spec.quant_scale, spec.quant_zero, mps, bn, bk)
+        _gemv_generic[(triton.cdiv(n, bn), m)](*args, num_warps=nw)
 
 
 def dequantize_fused(t: dict[str, Tensor], spec: QSpec, dtype: torch.dtype = torch.float16,
@@ -217,6 +253,18 @@ if HAVE_TRITON:
             return _meta_dequant(v, ms_ptr, mz_ptr, c % M_META, mask)
         else:
             return tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _shift(ptr, nbytes):
+        """``ptr`` moved by ``nbytes`` bytes (int64), keeping its element type."""
+        return (ptr.to(tl.pointer_type(tl.uint8)) + nbytes).to(ptr.dtype)
+
+    @triton.jit
+    def _group_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS: tl.constexpr):
+        """Byte offset of matrix ``program_id(1)`` from slot 0 (see ``qgemv_grouped``)."""
+        m = tl.program_id(1)
+        slot = tl.load(slot_ptr + m // MPS).to(tl.int64)
+        return slot * SLOT_BYTES + (m % MPS).to(tl.int64) * MAT_BYTES
 
     @triton.jit
     def _small_int(bits, SHIFT: tl.constexpr):
@@ -302,10 +350,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_words(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
-                    N, ROW_WA, ROW_WB, GPR, S_MOD, Z_MOD, stride_x, stride_y,
+                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, N, ROW_WA, ROW_WB, GPR, S_MOD, Z_MOD, stride_x, stride_y,
                     T: tl.constexpr, R: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
                     SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr, Z_MODE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                    MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         """Axis-1 groups of whole 32-bit words: y[t, n] = sum_w s_w * (sum_i q_i x_ti - z_w * sum_i x_ti).
 
         A program owns R tiles of [BLOCK_N rows, BLOCK_W words of plane A] (R * T <= 4); word w of
@@ -313,7 +361,15 @@ if HAVE_TRITON:
         Per weight the work is one AND/OR, one add and one multiply-add; each x value is loaded and
         converted once for the R tiles (Triton gives every thread one row of a tile, so without the
         R tiles each weight would cost an x load too). Accumulator j serves x row j // R, tile j % R.
+        MPS > 0: grouped launch (``qgemv_grouped``), program_id(1) picks the matrix.
         """
+        if MPS > 0:
+            off = _group_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS)
+            qa_ptr, qb_ptr = _shift(qa_ptr, off), _shift(qb_ptr, off)
+            s_ptr, sms_ptr, smz_ptr = _shift(s_ptr, off), _shift(sms_ptr, off), _shift(smz_ptr, off)
+            z_ptr, zms_ptr, zmz_ptr = _shift(z_ptr, off), _shift(zms_ptr, off), _shift(zmz_ptr, off)
+            x_ptr += tl.program_id(1) * X_M
+            y_ptr += tl.program_id(1) * Y_M
         VW: tl.constexpr = 32 // PA  # weights per word of plane A
         WPG: tl.constexpr = G // VW  # words per group
         J: tl.constexpr = T * R
@@ -467,10 +523,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_generic(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
-                      N, K, MS, MZ, stride_x, stride_y,
+                      slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, N, K, MS, MZ, stride_x, stride_y,
                       T: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
-                      SQ: tl.constexpr, ZQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      SQ: tl.constexpr, ZQ: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
         """Any axis and group size: dequantize a [BLOCK_N, BLOCK_K] tile element-wise, then dot."""
+        if MPS > 0:
+            off = _group_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS)
+            qa_ptr, qb_ptr = _shift(qa_ptr, off), _shift(qb_ptr, off)
+            s_ptr, sms_ptr, smz_ptr = _shift(s_ptr, off), _shift(sms_ptr, off), _shift(smz_ptr, off)
+            z_ptr, zms_ptr, zmz_ptr = _shift(z_ptr, off), _shift(zms_ptr, off), _shift(zmz_ptr, off)
+            x_ptr += tl.program_id(1) * X_M
+            y_ptr += tl.program_id(1) * Y_M
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n2 = offs_n[:, None]

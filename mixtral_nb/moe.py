@@ -5,6 +5,12 @@ top_k_weights [T, k]) -> [T, H], so the rest of transformers' Mixtral runs uncha
 makes one host sync (the per-expert token counts, plus the next layer's routing guess, in one small
 tensor), asks the ExpertCache for the experts it needs (hits first, so they compute while misses
 load), starts prefetching the next layer's predicted experts, and sums the experts' outputs.
+
+Decoding one token on a GPU, the k experts run as one group: two grouped kernel launches (w1 and w3
+of every expert, then w2 of every expert) that find each expert's weights from GPU buffer numbers
+held in a device tensor. When every expert of the layer is resident, those numbers come from a
+device-side table indexed by the router's output, so the layer makes no host sync at all and can
+be captured in a CUDA graph (see ``decoder.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .cache import ExpertCache
-from .expert import expert_forward
+from .expert import ExpertFormat, expert_forward
+
+
+def mat_stride(fmt: ExpertFormat, blob: Tensor) -> int:
+    """Bytes from each tensor of w1 to the same tensor of w3 in a blob (one grouped launch runs both)."""
+    v = fmt.views(blob)
+    gaps = {v[1][n].data_ptr() - v[0][n].data_ptr() for n in v[0]}
+    if len(gaps) != 1:
+        raise ValueError(f"w1 and w3 are not laid out alike in the expert blob: distances {sorted(gaps)}")
+    return gaps.pop()
 
 
 class OffloadedExperts(nn.Module):
@@ -34,6 +50,7 @@ class OffloadedExperts(nn.Module):
         self._cache = (cache,)  # a tuple so nn.Module does not treat the shared cache as a child
         self._next_gate: tuple[Tensor, ...] = ()  # weight [E, H] of the next layer's router
         self.predicted: set[int] | None = None  # guess made by the previous layer, scored here
+        self._staging: tuple[Tensor, Tensor] | None = None  # (pinned host, device) buffer numbers for groups
 
     @property
     def cache(self) -> ExpertCache:
@@ -53,9 +70,67 @@ class OffloadedExperts(nn.Module):
         return (f"layer={self.layer_idx}, device={self.cache.device}, experts={self.num_experts}, "
                 f"gpu_slots={self.cache.slots}, prefetch={self.prefetch}")
 
+    def grouped(self, x: Tensor) -> bool:
+        """Whether one token ``x`` can take the grouped-kernel path (quantized experts on a GPU)."""
+        specs = self.cache.fmt.specs
+        return x.shape[0] == 1 and specs is not None and all(kernels.can_fuse(x, s) for s in specs)
+
+    def static(self) -> bool:
+        """Whether a decode step through this layer makes no host sync (every expert resident,
+        nothing to prefetch): the layer can then be captured in a CUDA graph."""
+        return self.cache.slots == self.num_experts and not (self.prefetch and self._next_gate)
+
+    def run_group(self, x: Tensor, bufs: Tensor, weights: Tensor) -> Tensor:
+        """``sum_i weights[i] * expert_i(x)`` for one token x [1, H], experts at GPU buffers ``bufs``
+        (int32 [n], on the device): w1 and w3 of all n in one launch, w2 of all n in another."""
+        cache = self.cache
+        v, (s1, _, s2) = cache.gpu_views[0], cache.fmt.specs
+        n = bufs.numel()
+        y13 = kernels.qgemv_grouped(x, v[0], s1, bufs, cache.blob_bytes, 2, cache.w3_offset).view(n, 2, -1)
+        h = self.act_fn(y13[:, 0]) * y13[:, 1]
+        y = kernels.qgemv_grouped(h, v[2], s2, bufs, cache.blob_bytes)
+        return (y.float() * weights.view(n, 1).float()).sum(0, keepdim=True).to(x.dtype)
+
+    def _decode_static(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        cache = self.cache
+        bufs = cache.slot_table()[self.cache_layer].index_select(0, top_k_index.view(-1))
+        cache.hits += self.top_k
+        return self.run_group(x, bufs, top_k_weights.view(-1))
+
+    def _run_groups(self, x: Tensor, order: list[int], bufs: dict[int, int], col: dict[int, int],
+                    top_k_weights: Tensor) -> Tensor:
+        """Experts ``order`` in at most two groups: those already on the GPU, then those still arriving."""
+        cache, k = self.cache, self.top_k
+        if self._staging is None:
+            host = torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, pin_memory=True)
+            self._staging = (host, torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, device=x.device))
+        host, dev = self._staging
+        ready = [e for e in order if bufs[e] not in cache.pending]
+        groups = [g for g in (ready, [e for e in order if bufs[e] in cache.pending]) if g]
+        out: Tensor | None = None
+        w = top_k_weights.view(-1)
+        for gi, group in enumerate(groups):
+            n = len(group)
+            row = host[self.cache_layer, gi]
+            row[:n] = torch.tensor([bufs[e] for e in group], dtype=torch.int32)
+            row[k:k + n] = torch.tensor([col[e] for e in group], dtype=torch.int32)
+            drow = dev[self.cache_layer, gi]
+            drow.copy_(row, non_blocking=True)  # read by the GPU after this layer's sync: safe to reuse next token
+            for e in group:
+                cache.use(bufs[e], x.dtype)
+            y = self.run_group(x, drow[:n], w.index_select(0, drow[k:k + n]))
+            for e in group:
+                cache.release(bufs[e])
+            out = y if out is None else out + y
+        assert out is not None
+        return out
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         cache, layer, E = self.cache, self.cache_layer, self.num_experts
         decode = hidden_states.shape[0] == 1
+        grouped = decode and self.grouped(hidden_states)
+        if grouped and self.static():
+            return self._decode_static(hidden_states, top_k_index, top_k_weights)
         flat = top_k_index.reshape(-1)
         # decode sends the k expert ids themselves; prefill sends per-expert token counts
         parts = [flat if decode else torch.bincount(flat, minlength=E)]
@@ -102,6 +177,8 @@ class OffloadedExperts(nn.Module):
                     nxt.cache.fetch(nxt.cache_layer, e, set(chosen), prefetch=True)
             nxt.predicted = set(chosen)
 
+        if grouped and len(bufs) == len(order):
+            return self._run_groups(hidden_states, order, bufs, slot_of, top_k_weights)
         out: Tensor | None = None
         if not decode:
             sort_idx = torch.argsort(flat, stable=True)

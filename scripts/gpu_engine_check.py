@@ -4,6 +4,7 @@ and the multi-GPU layer split.
     python scripts/gpu_engine_check.py equivalence [--quantized DIR]   # one GPU
     python scripts/gpu_engine_check.py overlap                        # one GPU
     python scripts/gpu_engine_check.py split                          # two GPUs
+    python scripts/gpu_engine_check.py decoder [--quantized DIR]      # Decoder + CUDA graphs (two GPUs if present)
 
 ``DIR`` is a project checkpoint made on a machine with hqq (the GPU machine has none):
 ``python -c "from mixtral_nb.tiny import write_tiny; ..."`` then ``mixtral_nb.quantize``.
@@ -126,13 +127,47 @@ def split() -> dict:
     return res
 
 
+def decoder(quantized: str | None) -> dict:
+    """The Decoder (CUDA graphs, static KV cache) vs transformers' forward on the same built model."""
+    from mixtral_nb.decoder import Decoder, DecoderConfig, generate
+
+    d = quantized
+    if d is None:
+        d = tempfile.mkdtemp()
+        write_tiny(d, seed=0)
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(1)).to("cuda:0")
+    devices = [["cuda:0"]] + ([["cuda:0", "cuda:1"]] if torch.cuda.device_count() > 1 else [])
+    res = []
+    for devs in devices:
+        for slots, prefetch in ((8, 0), (3, 2), (2, 0)):
+            m = build_model(devs if len(devs) > 1 else devs[0], None if quantized else QuantConfig(None, None),
+                            offload(slots, prefetch, 4), d, dtype=torch.float16)
+            with torch.no_grad():
+                ref = m(ids).logits[0]
+            g_ref = m.generate(ids[:, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)[:, 8:]
+            for graphs in (True, False):
+                dec = Decoder(m, DecoderConfig(max_len=96, bucket=32, cuda_graphs=graphs))
+                got = [dec.forward(ids[:, :40])] + [dec.forward(ids[:, t:t + 1]) for t in range(40, 64)]
+                err = rel(torch.cat(got), ref[39:64])
+                toks = generate(dec, ids[:, :8], 32)
+                row = {"devices": devs, "slots": slots, "prefetch": prefetch, "graphs": graphs, "static": dec.static,
+                       "rel": err, "same_tokens": bool(torch.equal(toks, g_ref)),
+                       "agree": float((toks == g_ref).float().mean())}
+                res.append(row)
+                print(row)
+    print(f"decoder vs transformers forward ({'quantized' if quantized else 'fp16'}): worst rel logit error "
+          f"{max(r['rel'] for r in res):.2e}; greedy identical in {sum(r['same_tokens'] for r in res)}/{len(res)}")
+    return {"rows": res}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("equivalence", "overlap", "split"))
+    p.add_argument("what", choices=("equivalence", "overlap", "split", "decoder"))
     p.add_argument("--quantized", default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    res = {"equivalence": lambda: equivalence(a.quantized), "overlap": overlap, "split": split}[a.what]()
+    res = {"equivalence": lambda: equivalence(a.quantized), "overlap": overlap, "split": split,
+           "decoder": lambda: decoder(a.quantized)}[a.what]()
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -189,3 +189,66 @@ def test_qlinear_cuda(nbits, axis, shape, rows):
     wd = torch.full((spec.out_features, spec.in_features), float("nan"), dtype=torch.float16, device="cuda")
     assert rel_err(kernels.dequantize_fused(t, spec, out=wd).cpu(), w) < 1e-3
 
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped launches: several experts' matrices at slot offsets of one buffer (the expert cache)
+
+
+def expert_buffer(nbits: int, group: int, axis: int, slots: int, gen: torch.Generator, device: str = "cpu"):
+    """A buffer of ``slots`` random expert blobs, its ExpertFormat, and the w3 - w1 byte distance."""
+    from mixtral_nb.expert import ExpertFormat
+
+    params = dict(nbits=nbits, group_size=group, axis=axis, quant_scale=True, scale_group=128, quant_zero=True,
+                  zero_group=None)
+    fmt = ExpertFormat.make(128, 192, params, torch.float16)
+    buf = torch.stack([fmt.layout.pack({f"{n}.{k}": v for n, spec in zip(("w1", "w3", "w2"), fmt.specs)
+                                        for k, v in random_tensors(spec, gen).items()}) for _ in range(slots)])
+    views = fmt.views(buf[0])
+    return buf.to(device), fmt, views
+
+
+@needs_interpreter
+@pytest.mark.parametrize("nbits,group,axis", [(2, 16, 1), (3, 32, 1), (4, 64, 1), (2, 16, 0)])
+def test_grouped_interpreted(interp, nbits, group, axis):
+    from mixtral_nb.moe import mat_stride
+
+    gen = torch.Generator().manual_seed(nbits + group)
+    buf, fmt, _ = expert_buffer(nbits, group, axis, 4, gen)
+    views = fmt.views(buf[0])
+    s1, _, s2 = fmt.specs
+    slots = torch.tensor([3, 1], dtype=torch.int32)
+    x = torch.randn(1, 128, generator=gen).half()
+    out = torch.full((4, 192), float("nan"), dtype=torch.float16)
+    y = interp.qgemv_grouped(x, views[0], s1, slots, buf.stride(0), 2, mat_stride(fmt, buf[0]), out=out)
+    for m in range(4):
+        w = fmt.dense(buf[slots[m // 2]])[m % 2].double()
+        assert rel_err(y[m], x[0].double() @ w.T) < 2e-3, m
+    h = torch.randn(2, 192, generator=gen).half()
+    out2 = torch.full((2, 128), float("nan"), dtype=torch.float16)
+    y2 = interp.qgemv_grouped(h, views[2], s2, slots, buf.stride(0), out=out2)
+    for m in range(2):
+        w = fmt.dense(buf[slots[m]])[2].double()
+        assert rel_err(y2[m], h[m].double() @ w.T) < 2e-3, m
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nbits,group,axis", [(2, 16, 1), (3, 32, 1), (4, 64, 1), (2, 16, 0)])
+def test_grouped_cuda(nbits, group, axis):
+    from mixtral_nb.moe import mat_stride
+
+    gen = torch.Generator().manual_seed(nbits)
+    buf, fmt, _ = expert_buffer(nbits, group, axis, 5, gen, "cuda")
+    views = fmt.views(buf[0])
+    s1, _, s2 = fmt.specs
+    slots = torch.tensor([4, 2], dtype=torch.int32, device="cuda")
+    x = torch.randn(1, 128, generator=gen).half().cuda()
+    y = kernels.qgemv_grouped(x, views[0], s1, slots, buf.stride(0), 2, mat_stride(fmt, buf[0]))
+    h = torch.randn(2, 192, generator=gen).half().cuda()
+    y2 = kernels.qgemv_grouped(h, views[2], s2, slots, buf.stride(0))
+    for m in range(4):
+        w = fmt.dense(buf[int(slots[m // 2])].cpu())[m % 2].double()
+        assert rel_err(y[m].cpu(), x[0].cpu().double() @ w.T) < 2e-3
+    for m in range(2):
+        w = fmt.dense(buf[int(slots[m])].cpu())[2].double()
+        assert rel_err(y2[m].cpu(), h[m].cpu().double() @ w.T) < 2e-3

@@ -1,0 +1,277 @@
+"""Decoder: Mixtral's forward pass written out in plain PyTorch, with a static KV cache and CUDA graphs.
+
+Why: one decode step of Mixtral-8x7B reads ~5 GB of weights (milliseconds on a GPU), while
+transformers' forward spends ~2 ms of Python per layer on masks, cache objects and kwargs, and each
+of the ~20 kernels per layer costs a launch. This file drives the same modules of a model made by
+``build_model`` (norms, quantized projections, routers, offloaded experts) itself:
+
+- K and V live in preallocated [kv_heads, max_len, head_dim] tensors per layer, written in place at
+  the token's position, so no address changes from one step to the next;
+- attention reads the cache up to a bucket (a multiple of ``bucket`` positions) and masks the rest;
+- on CUDA a decode step replays CUDA graphs, captured once per bucket: one per device when every
+  expert is resident (the grouped expert kernels look experts up on the GPU: no host sync at all),
+  otherwise one per layer for attention + router, with the experts (one host sync per layer: which
+  experts to load) run eagerly in between.
+
+Prefill (several tokens) runs eagerly through the same functions. Logits match transformers' own
+forward (tests/test_decoder.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class DecoderConfig:
+    """How much KV cache to allocate and whether to use CUDA graphs."""
+
+    max_len: int = 4096  # positions in the KV cache (prompt + reply); K+V take 2*kv_heads*head_dim*2 B each per layer
+    bucket: int = 256  # attention reads the cache in multiples of this many positions
+    cuda_graphs: bool = True  # replay captured graphs for one-token steps (CUDA only)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the last dimension: the rotation of rotary embeddings."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _Graph:
+    """``fn`` on static input tensors, captured as a CUDA graph and replayed.
+
+    ``fn`` runs twice eagerly on a side stream first (kernels compile and cuBLAS picks its
+    workspace outside the capture); the graphs of one decoder share a memory pool since they replay
+    one after another.
+    """
+
+    def __init__(self, fn: Callable[..., Any], inputs: list[Tensor], pool: Any) -> None:
+        self.inputs = inputs
+        dev = inputs[0].device
+        with torch.cuda.device(dev):
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn(*inputs)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.out = fn(*inputs)
+
+    def __call__(self, *args: Tensor) -> Any:
+        for dst, src in zip(self.inputs, args):
+            if dst is not src:
+                dst.copy_(src)
+        self.graph.replay()
+        return self.out
+
+
+class Decoder:
+    """Runs a ``build_model`` Mixtral token by token; see the module docstring.
+
+    ``forward(ids)`` appends ``ids`` [1, T] at position ``pos`` and returns the logits [1, vocab] of
+    the last one; ``truncate(n)`` forgets everything from position n on (chat regenerate), ``reset()``
+    starts a new sequence.
+    """
+
+    def __init__(self, model: Any, config: DecoderConfig | None = None) -> None:
+        self.config = config = config or DecoderConfig()
+        self.model = model
+        c = model.config
+        self.layers = list(model.model.layers)
+        self.devs = [layer.input_layernorm.weight.device for layer in self.layers]
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.nh, self.nkv = c.num_attention_heads, c.num_key_value_heads
+        self.hd = getattr(c, "head_dim", None) or c.hidden_size // self.nh
+        self.window = getattr(c, "sliding_window", None)
+        n = config.max_len
+        self.k = [torch.zeros(self.nkv, n, self.hd, dtype=self.dtype, device=d) for d in self.devs]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        first = self.devs[0]
+        x = torch.zeros(1, dtype=self.dtype, device=first)
+        cos, sin = model.model.rotary_emb(x, torch.arange(n, device=first)[None])
+        self.rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.arange: dict[torch.device, Tensor] = {}
+        self.pos_t: dict[torch.device, Tensor] = {}  # the decode position, a graph input
+        for d in dict.fromkeys(self.devs):
+            self.rope[d] = (cos[0].to(d, self.dtype), sin[0].to(d, self.dtype))
+            self.arange[d] = torch.arange(n, device=d)
+            self.pos_t[d] = torch.zeros(1, dtype=torch.long, device=d)
+        self.pos = 0
+        self._graphs: dict[int, list[Any]] = {}  # bucket length -> stages
+        self._pool: dict[torch.device, Any] = {}
+        experts = [layer.mlp.experts for layer in self.layers]
+        self.use_graphs = config.cuda_graphs and first.type == "cuda"
+        probe = torch.zeros(1, c.hidden_size, dtype=self.dtype, device=first)
+        self.static = self.use_graphs and all(
+            hasattr(e, "static") and e.static() and e.grouped(probe.to(d)) for e, d in zip(experts, self.devs))
+
+    # ------------------------------------------------------------------ sequence state
+
+    def reset(self) -> None:
+        """Start a new sequence (the cache is overwritten as positions are reused)."""
+        self.pos = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep positions [0, n): the next token goes to position n."""
+        if not 0 <= n <= self.pos:
+            raise ValueError(f"truncate({n}): the sequence has {self.pos} positions")
+        self.pos = n
+
+    def _bucket(self, length: int) -> int:
+        b = self.config.bucket
+        return min(self.config.max_len, -(-length // b) * b)
+
+    # ------------------------------------------------------------------ the math
+
+    def attention(self, i: int, x: Tensor, positions: Tensor, length: int) -> Tensor:
+        """Layer i's attention block on x [T, H] at ``positions`` [T]: returns x + attn(norm(x))."""
+        layer = self.layers[i]
+        a = layer.self_attn
+        T = x.shape[0]
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(T, self.nh, self.hd).transpose(0, 1)  # [heads, T, hd]
+        k = a.k_proj(h).view(T, self.nkv, self.hd).transpose(0, 1)
+        v = a.v_proj(h).view(T, self.nkv, self.hd).transpose(0, 1)
+        cos_t, sin_t = self.rope[x.device]
+        cos, sin = cos_t.index_select(0, positions), sin_t.index_select(0, positions)  # [T, hd]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        K, V = self.k[i], self.v[i]
+        K.index_copy_(1, positions, k)
+        V.index_copy_(1, positions, v)
+        K, V = K[:, :length], V[:, :length]
+        keys = self.arange[x.device][:length]
+        allowed = keys[None, :] <= positions[:, None]  # [T, length]: causal, and nothing past the sequence
+        if self.window:
+            allowed = allowed & (keys[None, :] > positions[:, None] - self.window)
+        scale = self.hd ** -0.5
+        if T == 1:  # query heads j*g .. j*g+g-1 share K/V head j
+            g = self.nh // self.nkv
+            s = torch.bmm(q.reshape(self.nkv, g, self.hd), K.transpose(1, 2)).float() * scale  # [kv, g, length]
+            s = s.masked_fill(~allowed, float("-inf"))
+            o = torch.bmm(torch.softmax(s, dim=-1).to(V.dtype), V)  # [kv, g, hd]
+        else:
+            o = F.scaled_dot_product_attention(q[None], K[None], V[None], attn_mask=allowed, scale=scale,
+                                               enable_gqa=True)[0]
+        o = o.reshape(self.nh, T, self.hd).transpose(0, 1).reshape(T, self.nh * self.hd)
+        return x + a.o_proj(o)
+
+    def route(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer i's post-attention norm and router: (normed x, top-k weights, top-k expert ids)."""
+        layer = self.layers[i]
+        h = layer.post_attention_layernorm(x)
+        _, weights, idx = layer.mlp.gate(h)
+        return h, weights, idx
+
+    def layer(self, i: int, x: Tensor, positions: Tensor, length: int) -> Tensor:
+        """One decoder layer on x [T, H]."""
+        x = self.attention(i, x, positions, length)
+        h, weights, idx = self.route(i, x)
+        return x + self.layers[i].mlp.experts(h, idx, weights)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm and lm_head on the last row: logits [1, vocab]."""
+        m = self.model
+        x = m.model.norm(x[-1:].to(m.model.norm.weight.device))
+        return m.lm_head(x.to(m.lm_head.weight.device))
+
+    # ------------------------------------------------------------------ running
+
+    @torch.inference_mode()
+    def forward(self, ids: Tensor) -> Tensor:
+        """Append ``ids`` [1, T] (or [T]) at position ``pos``; logits [1, vocab] of the last token."""
+        ids = ids.reshape(-1)
+        T = ids.numel()
+        if self.pos + T > self.config.max_len:
+            raise ValueError(f"the sequence would reach {self.pos + T} positions, over DecoderConfig.max_len="
+                             f"{self.config.max_len}: build the Decoder with a larger max_len or start a new sequence")
+        length = self._bucket(self.pos + T)
+        if T == 1 and self.use_graphs:
+            logits = self._step_graphed(ids, length)
+        else:
+            x = self.model.model.embed_tokens(ids.to(self.devs[0]))
+            for i, dev in enumerate(self.devs):
+                x = x.to(dev)
+                positions = self.arange[dev][self.pos:self.pos + T]
+                x = self.layer(i, x, positions, length)
+            logits = self.head(x)
+        self.pos += T
+        return logits
+
+    def _step_graphed(self, ids: Tensor, length: int) -> Tensor:
+        for d, t in self.pos_t.items():
+            t.fill_(self.pos)
+        stages = self._graphs.get(length)
+        if stages is None:
+            stages = self._graphs[length] = self._capture(length)
+        x = self.model.model.embed_tokens(ids.to(self.devs[0]))
+        for kind, first, last, g in stages:
+            x = x.to(self.devs[first])
+            if kind == "layers":  # every expert resident: the whole range is one graph
+                x = g(x)
+                for i in range(first, last):
+                    self.layers[i].mlp.experts.cache.hits += self.layers[i].mlp.experts.top_k
+            else:  # attention + router replayed, experts eager (they decide which copies to start)
+                x_mid, h, weights, idx = g(x)
+                x = x_mid + self.layers[first].mlp.experts(h, idx, weights)
+        return self.head(x)
+
+    def _capture(self, length: int) -> list[tuple[str, int, int, _Graph]]:
+        """The graphs of one decode step for cache length ``length``."""
+        H = self.model.config.hidden_size
+        stages: list[tuple[str, int, int, _Graph]] = []
+
+        def pool(dev: torch.device) -> Any:
+            if dev not in self._pool:
+                with torch.cuda.device(dev):
+                    self._pool[dev] = torch.cuda.graph_pool_handle()
+            return self._pool[dev]
+
+        hits = [layer.mlp.experts.cache.hits for layer in self.layers]
+        i = 0
+        while i < len(self.layers):
+            dev = self.devs[i]
+            x = torch.zeros(1, H, dtype=self.dtype, device=dev)
+            pos = self.pos_t[dev]
+            if self.static:
+                j = i
+                while j < len(self.layers) and self.devs[j] == dev:
+                    j += 1
+
+                def run(x: Tensor, first: int = i, last: int = j, pos: Tensor = pos) -> Tensor:
+                    for k in range(first, last):
+                        x = self.layer(k, x, pos, length)
+                    return x
+                stages.append(("layers", i, j, _Graph(run, [x], pool(dev))))
+            else:
+                j = i + 1
+
+                def attn_route(x: Tensor, k: int = i, pos: Tensor = pos) -> tuple[Tensor, ...]:
+                    x = self.attention(k, x, pos, length)
+                    return (x, *self.route(k, x))
+                stages.append(("attention", i, j, _Graph(attn_route, [x], pool(dev))))
+            i = j
+        for layer, h in zip(self.layers, hits):  # warm-up runs are not uses
+            layer.mlp.experts.cache.hits = h
+        return stages
+
+
+def generate(decoder: Decoder, prompt: Tensor, max_new_tokens: int, eos: int | None = None) -> Tensor:
+    """Greedy continuation of ``prompt`` [1, T] from a fresh sequence: the new token ids [1, n]."""
+    decoder.reset()
+    logits = decoder.forward(prompt)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        out.append(nxt)
+        if eos is not None and int(nxt) == eos:
+            break
+        logits = decoder.forward(nxt)
+    return torch.stack(out, dim=1) if out else prompt[:, :0]

@@ -1,0 +1,58 @@
+"""The plain-PyTorch Decoder computes what transformers' forward computes, step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixtral_nb import QuantConfig, build_model
+from mixtral_nb.decoder import Decoder, DecoderConfig, generate
+
+from test_engine import PROMPT, offload
+
+
+@pytest.fixture(scope="module")
+def ref_steps(tiny_ref):
+    """transformers' logits for every position of the 64-token prompt, and its 24 greedy tokens."""
+    with torch.no_grad():
+        logits = tiny_ref(PROMPT).logits[0]
+    tokens = tiny_ref.generate(PROMPT[:, :8], max_new_tokens=24, do_sample=False, min_new_tokens=24)
+    return logits, tokens[:, 8:]
+
+
+@pytest.mark.parametrize("slots,prefetch,bucket", [(8, 0, 16), (3, 2, 16), (1, 0, 256), (5, 1, 7)])
+def test_decoder_matches_transformers(tiny_dir, ref_steps, slots, prefetch, bucket):
+    model = build_model("cpu", QuantConfig(None, None), offload(slots, prefetch), tiny_dir)
+    dec = Decoder(model, DecoderConfig(max_len=80, bucket=bucket))
+    logits, tokens = ref_steps
+    # prefill 40 tokens, then one token at a time (prefill and decode paths, several buckets)
+    got = [dec.forward(PROMPT[:, :40])]
+    for t in range(40, 64):
+        got.append(dec.forward(PROMPT[:, t:t + 1]))
+    assert dec.pos == 64
+    want = torch.cat([logits[39:40], logits[40:64]])
+    assert (torch.cat(got) - want).abs().max().item() <= 1e-5
+    assert torch.equal(generate(dec, PROMPT[:, :8], 24), tokens)
+
+
+def test_truncate_and_reuse(tiny_dir, ref_steps):
+    """Rewinding (chat regenerate) and prefilling on top of an existing sequence."""
+    model = build_model("cpu", QuantConfig(None, None), offload(4), tiny_dir)
+    dec = Decoder(model, DecoderConfig(max_len=64, bucket=32))
+    logits = ref_steps[0]
+    dec.forward(PROMPT[:, :20])
+    dec.forward(torch.tensor([[7]]))  # a token that is then taken back
+    dec.truncate(20)
+    out = dec.forward(PROMPT[:, 20:30])  # a multi-token chunk after a cached prefix
+    assert (out - logits[29:30]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="truncate"):
+        dec.truncate(31)
+
+
+def test_too_long_is_refused_before_work(tiny_dir):
+    model = build_model("cpu", QuantConfig(None, None), offload(8), tiny_dir)
+    dec = Decoder(model, DecoderConfig(max_len=16))
+    dec.forward(PROMPT[:, :10])
+    with pytest.raises(ValueError, match="max_len=16"):
+        dec.forward(PROMPT[:, 10:17])
+    assert dec.pos == 10
