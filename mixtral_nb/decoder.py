@@ -151,16 +151,12 @@ class Decoder:
         allowed = keys[None, :] <= positions[:, None]  # [T, length]: causal, and nothing past the sequence
         if self.window:
             allowed = allowed & (keys[None, :] > positions[:, None] - self.window)
-        scale = self.hd ** -0.5
-        if T == 1:  # query heads j*g .. j*g+g-1 share K/V head j
-            g = self.nh // self.nkv
-            s = torch.bmm(q.reshape(self.nkv, g, self.hd), K.transpose(1, 2)).float() * scale  # [kv, g, length]
-            s = s.masked_fill(~allowed, float("-inf"))
-            o = torch.bmm(torch.softmax(s, dim=-1).to(V.dtype), V)  # [kv, g, hd]
-        else:
-            o = F.scaled_dot_product_attention(q[None], K[None], V[None], attn_mask=allowed, scale=scale,
-                                               enable_gqa=True)[0]
-        o = o.reshape(self.nh, T, self.hd).transpose(0, 1).reshape(T, self.nh * self.hd)
+        # query heads j*g .. j*g+g-1 share K/V head j: fold them into the query axis of head j, so
+        # one plain SDPA call (fp32 softmax inside; memory-efficient kernel on GPUs) serves any T
+        g = self.nh // self.nkv
+        o = F.scaled_dot_product_attention(q.reshape(self.nkv, g * T, self.hd)[None], K[None], V[None],
+                                           attn_mask=allowed.repeat(g, 1), scale=self.hd ** -0.5)[0]
+        o = o.view(self.nh, T, self.hd).transpose(0, 1).reshape(T, self.nh * self.hd)
         return x + a.o_proj(o)
 
     def route(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
