@@ -20,11 +20,13 @@ forward (tests/test_decoder.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .graphs import CapturedGraph
 
 
 @dataclass
@@ -40,36 +42,6 @@ def rotate_half(x: Tensor) -> Tensor:
     """(x1, x2) -> (-x2, x1) on the last dimension: the rotation of rotary embeddings."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-class _Graph:
-    """``fn`` on static input tensors, captured as a CUDA graph and replayed.
-
-    ``fn`` runs twice eagerly on a side stream first (kernels compile and cuBLAS picks its
-    workspace outside the capture); the graphs of one decoder share a memory pool since they replay
-    one after another.
-    """
-
-    def __init__(self, fn: Callable[..., Any], inputs: list[Tensor], pool: Any) -> None:
-        self.inputs = inputs
-        dev = inputs[0].device
-        with torch.cuda.device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fn(*inputs)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.out = fn(*inputs)
-
-    def __call__(self, *args: Tensor) -> Any:
-        for dst, src in zip(self.inputs, args):
-            if dst is not src:
-                dst.copy_(src)
-        self.graph.replay()
-        return self.out
 
 
 class Decoder:
@@ -105,7 +77,6 @@ class Decoder:
             self.pos_t[d] = torch.zeros(1, dtype=torch.long, device=d)
         self.pos = 0
         self._graphs: dict[int, list[Any]] = {}  # bucket length -> stages
-        self._pool: dict[torch.device, Any] = {}
         experts = [layer.mlp.experts for layer in self.layers]
         self.use_graphs = config.cuda_graphs and first.type == "cuda"
         probe = torch.zeros(1, c.hidden_size, dtype=self.dtype, device=first)
@@ -219,16 +190,10 @@ class Decoder:
                 x = x_mid + self.layers[first].mlp.experts(h, idx, weights)
         return self.head(x)
 
-    def _capture(self, length: int) -> list[tuple[str, int, int, _Graph]]:
+    def _capture(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
         """The graphs of one decode step for cache length ``length``."""
         H = self.model.config.hidden_size
-        stages: list[tuple[str, int, int, _Graph]] = []
-
-        def pool(dev: torch.device) -> Any:
-            if dev not in self._pool:
-                with torch.cuda.device(dev):
-                    self._pool[dev] = torch.cuda.graph_pool_handle()
-            return self._pool[dev]
+        stages: list[tuple[str, int, int, CapturedGraph]] = []
 
         hits = [layer.mlp.experts.cache.hits for layer in self.layers]
         i = 0
@@ -245,14 +210,14 @@ class Decoder:
                     for k in range(first, last):
                         x = self.layer(k, x, pos, length)
                     return x
-                stages.append(("layers", i, j, _Graph(run, [x], pool(dev))))
+                stages.append(("layers", i, j, CapturedGraph(run, [x])))
             else:
                 j = i + 1
 
                 def attn_route(x: Tensor, k: int = i, pos: Tensor = pos) -> tuple[Tensor, ...]:
                     x = self.attention(k, x, pos, length)
                     return (x, *self.route(k, x))
-                stages.append(("attention", i, j, _Graph(attn_route, [x], pool(dev))))
+                stages.append(("attention", i, j, CapturedGraph(attn_route, [x])))
             i = j
         for layer, h in zip(self.layers, hits):  # warm-up runs are not uses
             layer.mlp.experts.cache.hits = h

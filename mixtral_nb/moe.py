@@ -15,7 +15,7 @@ be captured in a CUDA graph (see ``decoder.py``).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import kernels
 from .cache import ExpertCache
 from .expert import ExpertFormat, expert_forward
+from .graphs import CapturedGraph
 
 
 def mat_stride(fmt: ExpertFormat, blob: Tensor) -> int:
@@ -50,7 +51,9 @@ class OffloadedExperts(nn.Module):
         self._cache = (cache,)  # a tuple so nn.Module does not treat the shared cache as a child
         self._next_gate: tuple[Tensor, ...] = ()  # weight [E, H] of the next layer's router
         self.predicted: set[int] | None = None  # guess made by the previous layer, scored here
-        self._staging: tuple[Tensor, Tensor] | None = None  # (pinned host, device) buffer numbers for groups
+        self._staging: tuple[Tensor, Tensor, Any] | None = None  # pinned host, device, numpy view of host
+        self._graphs: dict[tuple, Any] = {}
+        self.graphs = True  # replay captured graphs for one-token expert groups (CUDA)
 
     @property
     def cache(self) -> ExpertCache:
@@ -99,31 +102,47 @@ class OffloadedExperts(nn.Module):
 
     def _run_groups(self, x: Tensor, order: list[int], bufs: dict[int, int], col: dict[int, int],
                     top_k_weights: Tensor) -> Tensor:
-        """Experts ``order`` in at most two groups: those already on the GPU, then those still arriving."""
+        """Experts ``order`` in at most two groups: those already on the GPU, then those still arriving.
+
+        Each group is one replay of a CUDA graph (captured per group position and size) that reads
+        the group's buffer numbers and weight columns from a device row, filled from pinned memory.
+        """
         cache, k = self.cache, self.top_k
         if self._staging is None:
             host = torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, pin_memory=True)
-            self._staging = (host, torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, device=x.device))
-        host, dev = self._staging
+            self._staging = (host, torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, device=x.device), host.numpy())
+        _, dev, host_np = self._staging
         ready = [e for e in order if bufs[e] not in cache.pending]
         groups = [g for g in (ready, [e for e in order if bufs[e] in cache.pending]) if g]
         out: Tensor | None = None
         w = top_k_weights.view(-1)
         for gi, group in enumerate(groups):
             n = len(group)
-            row = host[self.cache_layer, gi]
-            row[:n] = torch.tensor([bufs[e] for e in group], dtype=torch.int32)
-            row[k:k + n] = torch.tensor([col[e] for e in group], dtype=torch.int32)
-            drow = dev[self.cache_layer, gi]
-            drow.copy_(row, non_blocking=True)  # read by the GPU after this layer's sync: safe to reuse next token
+            host_np[self.cache_layer, gi, :n] = [bufs[e] for e in group]
+            host_np[self.cache_layer, gi, k:k + n] = [col[e] for e in group]
+            # read by the GPU before this layer's next sync, one token later: safe to overwrite then
+            dev[self.cache_layer, gi].copy_(self._staging[0][self.cache_layer, gi], non_blocking=True)
             for e in group:
                 cache.use(bufs[e], x.dtype)
-            y = self.run_group(x, drow[:n], w.index_select(0, drow[k:k + n]))
+            y = self._group_graph(gi, n, x, w)(x, w)
             for e in group:
                 cache.release(bufs[e])
             out = y if out is None else out + y
         assert out is not None
         return out
+
+    def _group_graph(self, gi: int, n: int, x: Tensor, w: Tensor) -> Any:
+        """The captured ``run_group`` for group ``gi`` of size ``n`` (eager when graphs are off)."""
+        key = (gi, n, x.dtype, w.dtype)
+        g = self._graphs.get(key)
+        if g is None:
+            row = self._staging[1][self.cache_layer, gi]
+            k = self.top_k
+
+            def fn(x: Tensor, w: Tensor) -> Tensor:
+                return self.run_group(x, row[:n], w.index_select(0, row[k:k + n]))
+            g = self._graphs[key] = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)]) if self.graphs else fn
+        return g
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         cache, layer, E = self.cache, self.cache_layer, self.num_experts

@@ -133,7 +133,11 @@ def decoder(quantized: str | None) -> dict:
     Both run in fp16; the yardstick is transformers' forward on the model built in fp32, so the
     Decoder's error is shown next to transformers' own fp16 error.
     """
-    from mixtral_nb.decoder import Decoder, DecoderConfig, generate
+    from mixtral_nb.bench import _generate
+    from mixtral_nb.decoder import Decoder, DecoderConfig
+
+    def greedy(model, decoder=None):  # no min_new_tokens: transformers' generate() would mask eos
+        return _generate(model, ids[:, :8], 31, torch.device("cuda:0"), decoder=decoder)[2]
 
     d = quantized
     if d is None:
@@ -144,7 +148,7 @@ def decoder(quantized: str | None) -> dict:
     m32 = build_model("cuda:0", quant, offload(8, 0, 4), d, dtype=torch.float32)
     with torch.no_grad():
         ref = m32(ids).logits[0]
-    g32 = m32.generate(ids[:, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)[:, 8:]
+    g32 = greedy(m32)
     del m32
     devices = [["cuda:0"]] + ([["cuda:0", "cuda:1"]] if torch.cuda.device_count() > 1 else [])
     res = []
@@ -154,7 +158,7 @@ def decoder(quantized: str | None) -> dict:
                             dtype=torch.float16)
             with torch.no_grad():
                 hf = m(ids).logits[0]
-            g_hf = m.generate(ids[:, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)[:, 8:]
+            g_hf = greedy(m)
             row = {"devices": devs, "slots": slots, "prefetch": prefetch, "engine": "transformers",
                    "rel": rel(hf[39:64], ref[39:64]), "agree_fp32_greedy": float((g_hf == g32).float().mean())}
             res.append(row)
@@ -162,7 +166,7 @@ def decoder(quantized: str | None) -> dict:
             for graphs in (True, False):
                 dec = Decoder(m, DecoderConfig(max_len=96, bucket=32, cuda_graphs=graphs))
                 got = [dec.forward(ids[:, :40])] + [dec.forward(ids[:, t:t + 1]) for t in range(40, 64)]
-                toks = generate(dec, ids[:, :8], 32)
+                toks = greedy(m, dec)
                 row = {"devices": devs, "slots": slots, "prefetch": prefetch, "engine": "decoder", "graphs": graphs,
                        "static": dec.static, "rel": rel(torch.cat(got), ref[39:64]),
                        "rel_vs_fp16_transformers": rel(torch.cat(got), hf[39:64]),
