@@ -324,6 +324,7 @@ def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str,
         _generate(model, prompt[:, :16], 8, device, decoder=decoder)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     buf.write(tp.key_averages().table(sort_by=sort, row_limit=40))
+    tp.export_chrome_trace(path + ".trace.json")
     with open(path, "w") as f:
         f.write(buf.getvalue())
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .config import OffloadConfig
 from .expert import ExpertFormat
+from .graphs import GraphPool
 
 
 class _Streams:
@@ -108,6 +109,7 @@ class ExpertCache:
                     self.lru[layer][e] = b
                     b += 1
         self._slot_table: Tensor | None = None
+        self.graph_pool = GraphPool()  # for the CUDA graphs of this cache's expert groups
         self.gpu_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(b, n_gpu))
         self.host_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(h, len(self.host)))
         self.reset_stats()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .graphs import CapturedGraph
+from .graphs import CapturedGraph, GraphPool
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Decoder:
             self.pos_t[d] = torch.zeros(1, dtype=torch.long, device=d)
         self.pos = 0
         self._graphs: dict[int, list[Any]] = {}  # bucket length -> stages
+        self._pool = GraphPool()
         experts = [layer.mlp.experts for layer in self.layers]
         self.use_graphs = config.cuda_graphs and first.type == "cuda"
         probe = torch.zeros(1, c.hidden_size, dtype=self.dtype, device=first)
@@ -210,14 +211,14 @@ class Decoder:
                     for k in range(first, last):
                         x = self.layer(k, x, pos, length)
                     return x
-                stages.append(("layers", i, j, CapturedGraph(run, [x])))
+                stages.append(("layers", i, j, CapturedGraph(run, [x], self._pool)))
             else:
                 j = i + 1
 
                 def attn_route(x: Tensor, k: int = i, pos: Tensor = pos) -> tuple[Tensor, ...]:
                     x = self.attention(k, x, pos, length)
                     return (x, *self.route(k, x))
-                stages.append(("attention", i, j, CapturedGraph(attn_route, [x])))
+                stages.append(("attention", i, j, CapturedGraph(attn_route, [x], self._pool)))
             i = j
         for layer, h in zip(self.layers, hits):  # warm-up runs are not uses
             layer.mlp.experts.cache.hits = h

@@ -13,16 +13,23 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-_POOLS: dict[torch.device, Any] = {}
 
+class GraphPool:
+    """A memory pool shared by the graphs of one owner (a Decoder, an ExpertCache) on one device.
 
-def pool_for(device: torch.device) -> Any:
-    """One memory pool per device for all graphs: they replay one after another on one stream,
-    and each keeps its outputs referenced, so their temporaries may share memory."""
-    if device not in _POOLS:
-        with torch.cuda.device(device):
-            _POOLS[device] = torch.cuda.graph_pool_handle()
-    return _POOLS[device]
+    Those graphs replay one after another on one stream and keep their outputs referenced, so their
+    temporaries may share memory; the pool lives and dies with its owner (a handle that outlives
+    every graph captured into it must not be reused, so there is no global pool).
+    """
+
+    def __init__(self) -> None:
+        self._handles: dict[torch.device, Any] = {}
+
+    def handle(self, device: torch.device) -> Any:
+        if device not in self._handles:
+            with torch.cuda.device(device):
+                self._handles[device] = torch.cuda.graph_pool_handle()
+        return self._handles[device]
 
 
 class CapturedGraph:
@@ -33,7 +40,7 @@ class CapturedGraph:
     overwritten by the next replay.
     """
 
-    def __init__(self, fn: Callable[..., Any], inputs: list[Tensor]) -> None:
+    def __init__(self, fn: Callable[..., Any], inputs: list[Tensor], pool: GraphPool) -> None:
         self.inputs = inputs
         dev = inputs[0].device
         with torch.cuda.device(dev):
@@ -44,7 +51,7 @@ class CapturedGraph:
                     fn(*inputs)
             torch.cuda.current_stream(dev).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool_for(dev)):
+            with torch.cuda.graph(self.graph, pool=pool.handle(dev)):
                 self.out = fn(*inputs)
 
     def __call__(self, *args: Tensor) -> Any:

@@ -141,7 +141,10 @@ class OffloadedExperts(nn.Module):
 
             def fn(x: Tensor, w: Tensor) -> Tensor:
                 return self.run_group(x, row[:n], w.index_select(0, row[k:k + n]))
-            g = self._graphs[key] = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)]) if self.graphs else fn
+            g = fn
+            if self.graphs:
+                g = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)], self.cache.graph_pool)
+            self._graphs[key] = g
         return g
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
