@@ -366,13 +366,15 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     opl = 0 if mode == "resident" else args.offload_per_layer
     if mode == "ours":
         mirror = L * E * blob_bytes <= args.pinned_gib * GIB
+        # swap mode: spend the rest of the pinned budget on host copies of GPU-resident experts
+        extra = 0 if mirror else max(0, int(args.pinned_gib * GIB // blob_bytes) - (L * opl + 4))
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=4, offload_per_layer=opl,
-                            prefetch=args.prefetch, host_mirror=mirror)
+                            prefetch=args.prefetch, host_mirror=mirror, extra_host_slots=min(extra, L * (E - opl)))
     else:
         mirror = False
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=1, offload_per_layer=opl,
                             prefetch=0, host_mirror=False)
-    host_need = (L * E if mirror else L * opl + off.buffer_size) * blob_bytes
+    host_need = (L * E if mirror else L * opl + off.buffer_size + off.extra_host_slots) * blob_bytes
     if device.type == "cuda" and host_need > args.pinned_gib * GIB:
         raise SystemExit(f"bench: {mode} needs {host_need / GIB:.1f} GiB of pinned host memory, over "
                          f"--pinned-gib {args.pinned_gib}: raise it or lower --offload-per-layer")

@@ -6,8 +6,12 @@
   still being read by queued kernels or copied out.
 - Host blobs are pinned (on CUDA), allocated per layer.
 - Host-mirror mode keeps every expert on the host: an eviction just drops the GPU copy (no
-  device-to-host traffic). Otherwise (Colab: host RAM too small for all experts) the host holds only
-  the offloaded experts plus spare buffers, and a swap copies in and out on two different streams.
+  device-to-host traffic). Otherwise (Colab: host RAM too small for all experts) the host holds the
+  offloaded experts plus spare buffers, and a swap copies in and out on two different streams. An
+  expert copied to the GPU keeps its host copy while spare host blobs last (reclaimed from the most
+  recently loaded experts, which are the last to be evicted), so most evictions need no write-back.
+- A miss queues its host-to-GPU copy before the evicted expert's write-back, so the copy the
+  compute waits for starts first.
 - Copies run on their own CUDA streams; the compute stream waits on per-buffer events only when a
   copy is still in flight, and copies into a buffer wait on the event recorded after its last use.
 - Nothing here synchronises the host with the GPU; on CPU the same logic runs with plain copies.
@@ -81,7 +85,7 @@ class ExpertCache:
         self._dense: dict[int, tuple] = {}
 
         host_per_layer = self.E if self.mirror else self.E - self.slots
-        n_spare_host = 0 if self.mirror else config.buffer_size
+        n_spare_host = 0 if self.mirror else config.buffer_size + config.extra_host_slots
         self.host: list[Tensor] = []
         for _ in range(self.L):
             chunk = torch.empty(host_per_layer, self.blob_bytes, dtype=torch.uint8, pin_memory=pin)
@@ -112,6 +116,7 @@ class ExpertCache:
         self.graph_pool = GraphPool()  # for the CUDA graphs of this cache's expert groups
         self.gpu_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(b, n_gpu))
         self.host_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(h, len(self.host)))
+        self.kept: list[tuple[int, int]] = []  # (layer, expert) on the GPU that still own a host blob, oldest first
         self.reset_stats()
 
     # ------------------------------------------------------------------ counters
@@ -205,11 +210,14 @@ class ExpertCache:
                     self.prefetched[layer].discard(expert)
                     self.prefetch_used += 1
             return lru[expert]
+        victim = None
         if len(lru) >= self.slots:
             victim = next((e for e in lru if e not in protect), None)
             if victim is None:
                 return None
-            self._evict(layer, victim)
+            if not self.gpu_free:  # no spare buffer: the victim's buffer must be freed first
+                self._evict(layer, victim)
+                victim = None
         if not prefetch:
             self.misses += 1
         else:
@@ -219,11 +227,25 @@ class ExpertCache:
         h = self.host_of[layer][expert]
         assert h is not None, f"expert ({layer}, {expert}) is neither on the GPU nor on the host"
         self._copy_in(h, buf, ready)
-        if not self.mirror:
-            self.host_free.append((h, self.host_read[h]))
-            self.host_of[layer][expert] = None
+        if not self.mirror:  # swap mode: the host blob stays this expert's until a write-back needs it
+            self.kept.append((layer, expert))
         lru[expert] = buf
+        if victim is not None:  # queued after the copy in, so the copy the compute needs starts first
+            self._evict(layer, victim)
         return buf
+
+    def _host_blob_for_write_back(self) -> tuple[int, torch.cuda.Event | None]:
+        """A host blob to receive an evicted expert: a free one, else the blob kept by the most
+        recently loaded expert still on the GPU (it will be the last of its layer to be evicted)."""
+        if self.host_free:
+            return self.host_free.popleft()
+        while self.kept:
+            layer, e = self.kept.pop()
+            h = self.host_of[layer][e]
+            if h is not None and e in self.lru[layer]:
+                self.host_of[layer][e] = None
+                return h, self.host_read[h]  # a copy from it may still be in flight
+        raise RuntimeError("no host blob left for a write-back (host slots fewer than offloaded experts)")
 
     def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None) -> None:
         self.bytes_h2d += self.blob_bytes
@@ -248,10 +270,10 @@ class ExpertCache:
     def _evict(self, layer: int, expert: int) -> None:
         buf = self.lru[layer].pop(expert)
         self.prefetched[layer].discard(expert)
-        if self.mirror:
+        if self.mirror or self.host_of[layer][expert] is not None:  # the host still has it: no write-back
             self.gpu_free.append((buf, self.last_use[buf]))
             return
-        h, ready = self.host_free.popleft()
+        h, ready = self._host_blob_for_write_back()
         self.bytes_d2h += self.blob_bytes
         if not self.s.cuda:
             t0 = time.perf_counter()

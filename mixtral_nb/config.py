@@ -20,6 +20,8 @@ class OffloadConfig:
     still being read or written back. ``prefetch`` is how many of the next layer's predicted
     experts to start loading early (0 disables speculative prefetch). ``host_mirror`` keeps every
     expert in host RAM so evictions never copy back (None: whenever host RAM holds them all).
+    ``extra_host_slots`` (swap mode only) adds host blobs beyond the minimum: experts copied to the
+    GPU keep their host copy while spare blobs last, so evicting them later needs no write-back.
     """
 
     main_size: int
@@ -29,6 +31,7 @@ class OffloadConfig:
     prefetch: int = 2
     host_mirror: bool | None = None
     pin_memory: bool = True
+    extra_host_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.offload_per_layer < 0:
@@ -37,6 +40,8 @@ class OffloadConfig:
             raise ValueError(
                 f"OffloadConfig.buffer_size must be >= 1 (a miss needs a spare GPU buffer), got {self.buffer_size}"
             )
+        if self.extra_host_slots < 0:
+            raise ValueError(f"OffloadConfig.extra_host_slots must be >= 0, got {self.extra_host_slots}")
         if self.prefetch < 0:
             raise ValueError(f"OffloadConfig.prefetch must be >= 0, got {self.prefetch}")
 

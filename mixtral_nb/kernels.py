@@ -155,7 +155,7 @@ def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = Non
 
 
 def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, slot_bytes: int,
-                  mats_per_slot: int = 1, mat_bytes: int = 0, out: Tensor | None = None) -> Tensor:
+                  mats_per_slot: int = 1, mat_bytes: int = 0, out: Tensor | None = None, split: int = 1) -> Tensor:
     """One launch for several matrices of one token: ``y[m] = x_m @ W_m.T`` -> [M, N].
 
     W_m is the matrix whose tensors sit at ``t``'s addresses plus ``slots[m // mats_per_slot] *
@@ -163,13 +163,21 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
     slots (the expert cache), ``slots`` is an int32 tensor on the device, so which experts run is
     decided on the GPU with no host sync (and the launch can be captured in a CUDA graph).
     x is [1, K] (shared by every matrix, e.g. w1 and w3) or [M, K] (one row each, e.g. w2).
+    ``split`` > 1 (word kernel only) splits K over that many programs per row tile, for short wide
+    matrices like w2 ([4096, 14336]: too few row tiles to fill a GPU): the result is then the fp32
+    partial sums [split, M, N], to be summed by the caller (who usually sums over experts too).
     """
     m = slots.numel() * mats_per_slot
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert x.shape[0] in (1, m), f"x has {x.shape[0]} rows for {m} matrices"
-    y = torch.empty(m, spec.out_features, dtype=x.dtype, device=x.device) if out is None else out
-    group = (slots, slot_bytes, mat_bytes, x.stride(0) if x.shape[0] > 1 else 0, y.stride(0), mats_per_slot, m)
+    split = split if _plan(spec)["words"] else 1
+    if split > 1:
+        y = torch.empty(split, m, spec.out_features, dtype=torch.float32, device=x.device) if out is None else out
+    else:
+        y = torch.empty(m, spec.out_features, dtype=x.dtype, device=x.device) if out is None else out
+    group = (slots, slot_bytes, mat_bytes, x.stride(0) if x.shape[0] > 1 else 0, y.stride(-2), mats_per_slot, m,
+             y.stride(0) if split > 1 else 0, split)
     if not x.is_cuda or x.device.index == torch.cuda.current_device():
         _launch_gemv(x, y, 1, t, spec, group)
     else:
@@ -186,16 +194,19 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     n, k = spec.out_features, spec.in_features
     bn, bk, nw = block_n or p["block_n"], block_k or p["block_k"], num_warps or p["warps"]
     tensors = (t[p["qa"]], t[p["qb"]], *_meta_args(t, spec))
-    slots, slot_bytes, mat_bytes, x_m, y_m, mps, m = group if group is not None else (xs, 0, 0, 0, 0, 0, 1)
+    if group is None:
+        group = (xs, 0, 0, 0, 0, 0, 1, 0, 1)
+    slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, y_s, split = group
     grouping = (slots, slot_bytes, mat_bytes, x_m, y_m)
-    sx, sy = xs.stride(0), ys.stride(0)
+    sx, sy = xs.stride(0), ys.stride(-2)
     if p["words"]:
         r_tiles = min(tiles or p["tiles"], _CHUNK_T // tt)  # R * T <= 4 accumulators
         bw = max(1, bk * p["pa"] // 32)
-        args = (xs, ys, *tensors, *grouping, n, p["row_words_a"], p["row_words_b"], p["groups_per_row"],
+        wps = -(-p["row_words_a"] // (split * bw)) * bw  # words per K split, whole blocks
+        args = (xs, ys, *tensors, *grouping, wps, y_s, n, p["row_words_a"], p["row_words_b"], p["groups_per_row"],
                 p["s_mod"], p["z_mod"], sx, sy, tt, r_tiles, p["pa"], p["pb"], spec.group_size, spec.quant_scale,
                 spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw)
-        _gemv_words[(triton.cdiv(n, bn * r_tiles), m)](*args, num_warps=nw)
+        _gemv_words[(triton.cdiv(n, bn * r_tiles), m, split)](*args, num_warps=nw)
     else:
         args = (xs, ys, *tensors, *grouping, n, k, p["ms"], p["mz"], sx, sy, tt, p["pa"], p["pb"], spec.group_size,
                 spec.axis, spec.quant_scale, spec.quant_zero, mps, bn, bk)
@@ -350,7 +361,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_words(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
-                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, N, ROW_WA, ROW_WB, GPR, S_MOD, Z_MOD, stride_x, stride_y,
+                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_WA, ROW_WB, GPR, S_MOD, Z_MOD,
+                    stride_x, stride_y,
                     T: tl.constexpr, R: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
                     SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr, Z_MODE: tl.constexpr,
                     MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -397,16 +409,20 @@ if HAVE_TRITON:
         acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         # codes are loaded one block ahead, so their latency overlaps the previous block's math
-        offs_w = tl.arange(0, BLOCK_W)
+        # split-K: program_id(2) owns words [w_lo, w_hi) of every row and writes its own partial sums
+        w_lo = tl.program_id(2) * WPS
+        w_hi = tl.minimum(w_lo + WPS, ROW_WA)
+        y_ptr += tl.program_id(2) * Y_S
+        offs_w = w_lo + tl.arange(0, BLOCK_W)
         a0, b0 = _load_words(qa_w, qb_w, rows0, offs_w, N, ROW_WA, ROW_WB, PB)
         if R > 1:
             a1, b1 = _load_words(qa_w, qb_w, rows1, offs_w, N, ROW_WA, ROW_WB, PB)
         if R > 2:
             a2, b2 = _load_words(qa_w, qb_w, rows2, offs_w, N, ROW_WA, ROW_WB, PB)
             a3, b3 = _load_words(qa_w, qb_w, rows3, offs_w, N, ROW_WA, ROW_WB, PB)
-        for w0 in range(0, ROW_WA, BLOCK_W):
+        for w0 in range(w_lo, w_hi, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
-            mw = offs_w < ROW_WA
+            mw = offs_w < w_hi
             next_w = offs_w + BLOCK_W
             lo0, hi0 = _halves(a0)
             c0 = b0

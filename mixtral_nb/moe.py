@@ -47,7 +47,8 @@ class OffloadedExperts(nn.Module):
         self.num_experts = cache.E
         self.top_k = top_k
         self.act_fn = act_fn
-        self.prefetch = min(prefetch, cache.slots)
+        self.prefetch = min(prefetch, cache.slots) if cache.slots < cache.E else 0  # all resident: nothing to fetch
+        self._paused_calls = 0
         self._cache = (cache,)  # a tuple so nn.Module does not treat the shared cache as a child
         self._next_gate: tuple[Tensor, ...] = ()  # weight [E, H] of the next layer's router
         self.predicted: set[int] | None = None  # guess made by the previous layer, scored here
@@ -81,7 +82,7 @@ class OffloadedExperts(nn.Module):
     def static(self) -> bool:
         """Whether a decode step through this layer makes no host sync (every expert resident,
         nothing to prefetch): the layer can then be captured in a CUDA graph."""
-        return self.cache.slots == self.num_experts and not (self.prefetch and self._next_gate)
+        return self.cache.slots == self.num_experts
 
     def run_group(self, x: Tensor, bufs: Tensor, weights: Tensor) -> Tensor:
         """``sum_i weights[i] * expert_i(x)`` for one token x [1, H], experts at GPU buffers ``bufs``
@@ -91,8 +92,10 @@ class OffloadedExperts(nn.Module):
         n = bufs.numel()
         y13 = kernels.qgemv_grouped(x, v[0], s1, bufs, cache.blob_bytes, 2, cache.w3_offset).view(n, 2, -1)
         h = self.act_fn(y13[:, 0]) * y13[:, 1]
-        y = kernels.qgemv_grouped(h, v[2], s2, bufs, cache.blob_bytes)
-        return (y.float() * weights.view(n, 1).float()).sum(0, keepdim=True).to(x.dtype)
+        # w2 is short and wide ([H, I]): split K so enough programs run; fp32 partial sums [split, n, H]
+        split = 4 if 2 * s2.out_features <= s2.in_features else 1
+        y = kernels.qgemv_grouped(h, v[2], s2, bufs, cache.blob_bytes, split=split).view(-1, n, s2.out_features)
+        return (y.float() * weights.view(1, n, 1).float()).sum((0, 1)).view(1, -1).to(x.dtype)
 
     def _decode_static(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         cache = self.cache
@@ -157,6 +160,10 @@ class OffloadedExperts(nn.Module):
         # decode sends the k expert ids themselves; prefill sends per-expert token counts
         parts = [flat if decode else torch.bincount(flat, minlength=E)]
         guess = self.prefetch > 0 and bool(self._next_gate)
+        if guess and not self._next_module[0].cache.prefetch_useful():
+            # paused: still guess one call in 8, so the score that would resume prefetching stays current
+            self._paused_calls += 1
+            guess = self._paused_calls % 8 == 0
         if guess:
             logits = F.linear(hidden_states, self._next_gate[0].to(hidden_states.dtype))
             if decode:

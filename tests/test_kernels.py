@@ -195,13 +195,14 @@ def test_qlinear_cuda(nbits, axis, shape, rows):
 # grouped launches: several experts' matrices at slot offsets of one buffer (the expert cache)
 
 
-def expert_buffer(nbits: int, group: int, axis: int, slots: int, gen: torch.Generator, device: str = "cpu"):
+def expert_buffer(nbits: int, group: int, axis: int, slots: int, gen: torch.Generator, device: str = "cpu",
+                  hidden: int = 128, intermediate: int = 192):
     """A buffer of ``slots`` random expert blobs, its ExpertFormat, and the w3 - w1 byte distance."""
     from mixtral_nb.expert import ExpertFormat
 
     params = dict(nbits=nbits, group_size=group, axis=axis, quant_scale=True, scale_group=128, quant_zero=True,
                   zero_group=None)
-    fmt = ExpertFormat.make(128, 192, params, torch.float16)
+    fmt = ExpertFormat.make(hidden, intermediate, params, torch.float16)
     buf = torch.stack([fmt.layout.pack({f"{n}.{k}": v for n, spec in zip(("w1", "w3", "w2"), fmt.specs)
                                         for k, v in random_tensors(spec, gen).items()}) for _ in range(slots)])
     views = fmt.views(buf[0])
@@ -230,6 +231,23 @@ def test_grouped_interpreted(interp, nbits, group, axis):
     for m in range(2):
         w = fmt.dense(buf[slots[m]])[2].double()
         assert rel_err(y2[m], h[m].double() @ w.T) < 2e-3, m
+
+
+@needs_interpreter
+@pytest.mark.parametrize("nbits", [2, 3])
+def test_grouped_split_k_interpreted(interp, nbits):
+    """w2-shaped (short, wide) matrices with K split over programs: fp32 partial sums add up."""
+    gen = torch.Generator().manual_seed(20 + nbits)
+    buf, fmt, _ = expert_buffer(nbits, 16 if nbits == 2 else 32, 1, 3, gen, hidden=32, intermediate=4096)
+    s2 = fmt.specs[2]
+    slots = torch.tensor([2, 0], dtype=torch.int32)
+    h = torch.randn(2, 4096, generator=gen).half()
+    for split in (2, 3, 5):  # 5: some programs get no words and must write zeros
+        out = torch.full((split, 2, 32), float("nan"), dtype=torch.float32)
+        y = interp.qgemv_grouped(h, fmt.views(buf[0])[2], s2, slots, buf.stride(0), out=out, split=split)
+        for m in range(2):
+            w = fmt.dense(buf[slots[m]])[2].double()
+            assert rel_err(y.sum(0)[m], h[m].double() @ w.T) < 1e-4, (split, m)
 
 
 @pytest.mark.gpu
