@@ -6,10 +6,10 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 step() { echo; echo "=== $1 ($(date +%T))"; }
 { step kernels
-  timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "cuda" 2>&1 | tail -n 5
+  timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "${KTESTS:-cuda}" 2>&1 | tail -n 5
   step "decoder quantized"
   timeout 100 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json $OUT/decoder_q.json 2>&1 | grep -v -i warn | tail -n 3
-  timeout 100 $PY scripts/gpu_engine_check.py decoder --json $OUT/decoder_fp16.json 2>&1 | grep -v -i warn | tail -n 3
+  [ -n "${FP16CHECK:-}" ] && timeout 100 $PY scripts/gpu_engine_check.py decoder --json $OUT/decoder_fp16.json 2>&1 | grep -v -i warn | tail -n 3
 } 2>&1 | tee "$OUT/checks.txt"
 step "bench --resident" | tee "$OUT/bench_resident.txt"
 timeout 150 $PY -m mixtral_nb.bench --resident --repeat 2 ${PROFILE:+--profile $OUT/profile_resident.txt} 2>&1 | grep -v -i warn | tee -a "$OUT/bench_resident.txt"
