@@ -368,6 +368,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         mirror = L * E * blob_bytes <= args.pinned_gib * GIB
         # swap mode: spend the rest of the pinned budget on host copies of GPU-resident experts
         extra = 0 if mirror else max(0, int(args.pinned_gib * GIB // blob_bytes) - (L * opl + 4))
+        if args.extra_host_slots >= 0:
+            extra = args.extra_host_slots
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=4, offload_per_layer=opl,
                             prefetch=args.prefetch, host_mirror=mirror, extra_host_slots=min(extra, L * (E - opl)))
     else:
@@ -500,6 +502,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--vram-gib", type=float, default=15.0)
     p.add_argument("--pinned-gib", type=float, default=11.0)
+    p.add_argument("--extra-host-slots", type=int, default=-1,
+                   help="swap mode: host blobs beyond the minimum (default: whatever --pinned-gib allows)")
     p.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --tiny)")
     p.add_argument("--repeat", type=int, default=1, help="decode runs; the median is reported")

@@ -7,9 +7,9 @@
 - Host blobs are pinned (on CUDA), allocated per layer.
 - Host-mirror mode keeps every expert on the host: an eviction just drops the GPU copy (no
   device-to-host traffic). Otherwise (Colab: host RAM too small for all experts) the host holds the
-  offloaded experts plus spare buffers, and a swap copies in and out on two different streams. An
-  expert copied to the GPU keeps its host copy while spare host blobs last (reclaimed from the most
-  recently loaded experts, which are the last to be evicted), so most evictions need no write-back.
+  offloaded experts plus spare buffers, and a swap copies in and out on two different streams. With
+  more host blobs than that (``extra_host_slots``), an expert copied to the GPU keeps its host copy
+  while more than ``buffer_size`` blobs are free, and evicting it later needs no write-back.
 - A miss queues its host-to-GPU copy before the evicted expert's write-back, so the copy the
   compute waits for starts first.
 - Copies run on their own CUDA streams; the compute stream waits on per-buffer events only when a
@@ -116,7 +116,6 @@ class ExpertCache:
         self.graph_pool = GraphPool()  # for the CUDA graphs of this cache's expert groups
         self.gpu_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(b, n_gpu))
         self.host_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(h, len(self.host)))
-        self.kept: list[tuple[int, int]] = []  # (layer, expert) on the GPU that still own a host blob, oldest first
         self.reset_stats()
 
     # ------------------------------------------------------------------ counters
@@ -227,25 +226,14 @@ class ExpertCache:
         h = self.host_of[layer][expert]
         assert h is not None, f"expert ({layer}, {expert}) is neither on the GPU nor on the host"
         self._copy_in(h, buf, ready)
-        if not self.mirror:  # swap mode: the host blob stays this expert's until a write-back needs it
-            self.kept.append((layer, expert))
+        if not self.mirror and len(self.host_free) < self.config.buffer_size + 1:
+            # swap mode, few free host blobs: give this one up (the expert now lives on the GPU only)
+            self.host_free.append((h, self.host_read[h]))
+            self.host_of[layer][expert] = None
         lru[expert] = buf
         if victim is not None:  # queued after the copy in, so the copy the compute needs starts first
             self._evict(layer, victim)
         return buf
-
-    def _host_blob_for_write_back(self) -> tuple[int, torch.cuda.Event | None]:
-        """A host blob to receive an evicted expert: a free one, else the blob kept by the most
-        recently loaded expert still on the GPU (it will be the last of its layer to be evicted)."""
-        if self.host_free:
-            return self.host_free.popleft()
-        while self.kept:
-            layer, e = self.kept.pop()
-            h = self.host_of[layer][e]
-            if h is not None and e in self.lru[layer]:
-                self.host_of[layer][e] = None
-                return h, self.host_read[h]  # a copy from it may still be in flight
-        raise RuntimeError("no host blob left for a write-back (host slots fewer than offloaded experts)")
 
     def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None) -> None:
         self.bytes_h2d += self.blob_bytes
@@ -273,7 +261,7 @@ class ExpertCache:
         if self.mirror or self.host_of[layer][expert] is not None:  # the host still has it: no write-back
             self.gpu_free.append((buf, self.last_use[buf]))
             return
-        h, ready = self._host_blob_for_write_back()
+        h, ready = self.host_free.popleft()  # the oldest freed blob: its last reader is long done
         self.bytes_d2h += self.blob_bytes
         if not self.s.cuda:
             t0 = time.perf_counter()

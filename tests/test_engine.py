@@ -124,8 +124,7 @@ def test_lru_eviction_order(mirror):
     # the blob in each slot is the expert the LRU says it is
     for e, buf in cache.lru[0].items():
         assert cache.gpu_views[buf][0][0, 0].item() == float(e)
-    # swap mode: 1 (loaded at build, no host copy) is written back; 2 kept its host blob, so no write-back
-    assert st["bytes_d2h"] == (0 if mirror else cache.blob_bytes)
+    assert st["bytes_d2h"] == (0 if mirror else 2 * cache.blob_bytes)
 
 
 @pytest.mark.parametrize("extra", [0, 1, 5])
@@ -148,9 +147,10 @@ def test_swap_mode_round_trips_experts(extra):
                     assert h is not None and cache.host[h][:4].view(torch.float32)[0].item() == float(ex + 100 * lay)
     writes = cache.stats()["bytes_d2h"] / cache.blob_bytes
     misses = cache.stats()["misses"] + cache.stats()["prefetch_issued"]
-    assert writes < misses
-    if extra == 5:  # enough spare blobs for every GPU-resident expert: nothing is ever written back twice
-        assert writes <= 6
+    if extra == 0:  # the article's swap: every miss evicts, every eviction writes back
+        assert writes == misses
+    else:
+        assert writes < misses
 
 
 def test_real_mixtral_byte_counts():
