@@ -367,7 +367,7 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     if mode == "ours":
         mirror = L * E * blob_bytes <= args.pinned_gib * GIB
         # swap mode: spend the rest of the pinned budget on host copies of GPU-resident experts
-        extra = 0 if mirror else max(0, int(args.pinned_gib * GIB // blob_bytes) - (L * opl + 4))
+        extra = 0 if mirror or opl == 0 else max(0, int(args.pinned_gib * GIB // blob_bytes) - (L * opl + 4))
         if args.extra_host_slots >= 0:
             extra = args.extra_host_slots
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=4, offload_per_layer=opl,
