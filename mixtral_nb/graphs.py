@@ -44,6 +44,8 @@ class CapturedGraph:
         self.inputs = inputs
         dev = inputs[0].device
         with torch.cuda.device(dev):
+            # a capture stream of this device: torch.cuda.graph's shared default stream belongs to
+            # whichever device first captured, and a graph captured there would replay on that GPU
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
@@ -51,7 +53,7 @@ class CapturedGraph:
                     fn(*inputs)
             torch.cuda.current_stream(dev).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool.handle(dev)):
+            with torch.cuda.graph(self.graph, pool=pool.handle(dev), stream=side):
                 self.out = fn(*inputs)
 
     def __call__(self, *args: Tensor) -> Any:
