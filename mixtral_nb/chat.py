@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .decoder import Decoder, DecoderConfig
+
 __all__ = ["ChatSession", "SessionBusy", "encode_conversation", "is_mixtral_tokenizer", "mixtral_tokenizer"]
 
 MIXTRAL_VOCAB_SIZE = 32000
@@ -226,11 +228,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _crop_cache(cache: Any, keep: int) -> None:
-    """Cut every layer of a DynamicCache back to ``keep`` tokens.
+    """Cut every layer of a DynamicCache (or a :class:`~mixtral_nb.decoder.Decoder`) back to ``keep`` tokens.
 
     Layer by layer, because an interrupt inside a forward can leave early layers one step ahead.
     Negative crop arguments mean "remove n tokens" in every transformers 5 release.
     """
+    if isinstance(cache, Decoder):  # its position only advances once a forward completes
+        cache.truncate(min(keep, cache.pos))
+        return
     layers = getattr(cache, "layers", None)
     if layers is None:
         extra = cache.get_seq_length() - keep
@@ -260,6 +265,11 @@ class ChatSession:
     part after their common prefix is run through the model, so editing ``history`` or
     ``system_prompt`` by hand is safe. ``stop()`` and Ctrl-C keep the partial reply, and the cache
     is then brought back in line with the encoded history.
+
+    ``engine``: "decoder" runs the model through :class:`~mixtral_nb.decoder.Decoder` (static KV
+    cache of ``context_budget`` positions, CUDA graphs: several times faster on a GPU),
+    "transformers" through the model's own forward with a DynamicCache; "auto" picks the Decoder
+    for a ``build_model`` model on a GPU. With the Decoder, ``context_budget`` defaults to 4096.
     """
 
     prefill_chunk = 512  # prompt tokens per forward: bounds activation memory on long prompts
@@ -274,6 +284,7 @@ class ChatSession:
         top_p: float = 1.0,
         context_budget: int | None = None,
         seed: int | None = None,
+        engine: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -282,7 +293,14 @@ class ChatSession:
         self.temperature = temperature
         self.top_p = top_p
         config = getattr(model, "config", None)
-        self.context_budget = int(context_budget or getattr(config, "max_position_embeddings", 0) or 4096)
+        if engine not in ("auto", "decoder", "transformers"):
+            raise ValueError(f"engine={engine!r}: use 'auto', 'decoder' or 'transformers'")
+        if engine == "auto":
+            on_gpu = self._input_device_of(model).type == "cuda"
+            engine = "decoder" if on_gpu and getattr(model, "expert_cache", None) is not None else "transformers"
+        self.engine = engine
+        default_budget = 4096 if engine == "decoder" else getattr(config, "max_position_embeddings", 0) or 4096
+        self.context_budget = int(context_budget or default_budget)
         self.history: list[dict] = []
         self.stats: list[dict] = []
         self.last_stats: dict | None = None
@@ -292,6 +310,7 @@ class ChatSession:
         if seed is not None:
             self.generator.manual_seed(seed)
         self._cache: Any = None
+        self._decoder: Decoder | None = None
         self._cache_ids: list[int] = []
         self._stop = threading.Event()
         self._state_lock = threading.Lock()
@@ -312,7 +331,7 @@ class ChatSession:
 
     @property
     def cache(self) -> Any:
-        """The transformers DynamicCache in use (None before the first turn)."""
+        """The transformers DynamicCache or the Decoder in use (None before the first turn)."""
         return self._cache
 
     @property
@@ -480,12 +499,23 @@ class ChatSession:
             self.trimmed_messages += start
         return ids
 
-    def _input_device(self) -> torch.device:
-        emb = self.model.get_input_embeddings()
+    @staticmethod
+    def _input_device_of(model: Any) -> torch.device:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         return emb.weight.device if emb is not None else torch.device("cpu")
+
+    def _input_device(self) -> torch.device:
+        return self._input_device_of(self.model)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
+
+        if self.engine == "decoder":  # one Decoder per session: its graphs and KV memory are reused
+            if self._decoder is None or self._decoder.config.max_len < self.context_budget:
+                self._decoder = None  # free the old one's KV memory before allocating the new
+                self._decoder = Decoder(self.model, DecoderConfig(max_len=self.context_budget))
+            self._decoder.reset()
+            return self._decoder
 
         try:
             return DynamicCache(config=self.model.config)
@@ -493,7 +523,8 @@ class ChatSession:
             return DynamicCache()
 
     def _truncate(self, keep: int) -> None:
-        if keep <= 0 or self._cache is None or not getattr(self._cache, "is_croppable", True):
+        if keep <= 0 or self._cache is None or not getattr(self._cache, "is_croppable", True) and not isinstance(
+                self._cache, Decoder):
             self._cache = self._new_cache()
             self._cache_ids = []
             return
@@ -509,6 +540,10 @@ class ChatSession:
             kwargs: dict[str, Any] = {self._cache_kwarg: self._cache, "use_cache": True}
             if self._has_logits_to_keep:
                 kwargs["logits_to_keep"] = 1
+            if isinstance(self._cache, Decoder):
+                logits = self._cache.forward(torch.tensor([chunk], device=device))[0]
+                self._cache_ids.extend(chunk)
+                continue
             with torch.no_grad():
                 out = self.model(input_ids=torch.tensor([chunk], device=device), **kwargs)
             self._cache_ids.extend(chunk)  # only after the forward finished: an interrupt leaves it exact

@@ -96,6 +96,10 @@ class Decoder:
             raise ValueError(f"truncate({n}): the sequence has {self.pos} positions")
         self.pos = n
 
+    def get_seq_length(self) -> int:
+        """Positions held (the name of transformers' cache method, so callers can treat both alike)."""
+        return self.pos
+
     def _bucket(self, length: int) -> int:
         b = self.config.bucket
         return min(self.config.max_len, -(-length // b) * b)

@@ -8,6 +8,8 @@ import threading
 
 import pytest
 import torch
+
+from mixtral_nb.decoder import Decoder
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from mixtral_nb.chat import ChatSession, SessionBusy, encode_conversation, is_mixtral_tokenizer, mixtral_tokenizer
@@ -54,11 +56,20 @@ def reference_ids(mistral, messages: list[dict]) -> list[int]:
     return mistral[messages[-1]["role"]].encode_chat_completion(request).tokens
 
 
+@pytest.fixture(params=["transformers", "decoder"])
+def engine(request):
+    """ChatSession runs the model through transformers' forward or through mixtral_nb's Decoder."""
+    return request.param
+
+
 def assert_cache_consistent(session: ChatSession) -> None:
     target = session.encoded_history()
     assert session.cache_ids == target
     assert session.cache.get_seq_length() == len(target)
-    assert all(layer.get_seq_length() == len(target) for layer in session.cache.layers)
+    if isinstance(session.cache, Decoder):
+        assert session.cache.pos == len(target)
+    else:
+        assert all(layer.get_seq_length() == len(target) for layer in session.cache.layers)
 
 
 def U(text):
@@ -161,8 +172,8 @@ def test_other_tokenizers_use_their_chat_template(chatml_tok, model):
 # --------------------------------------------------------------------------- ChatSession
 
 
-def test_cached_turns_equal_from_scratch(tok, model):
-    session = ChatSession(model, tok, system_prompt="You are a test.", max_new_tokens=8)
+def test_cached_turns_equal_from_scratch(tok, model, engine):
+    session = ChatSession(model, tok, system_prompt="You are a test.", max_new_tokens=8, engine=engine)
     turns = ["Hello there", "Ça va? 日本語", "Third question, please."]
     for i, text in enumerate(turns):
         before = [dict(m) for m in session.history]
@@ -180,7 +191,7 @@ def test_cached_turns_equal_from_scratch(tok, model):
         else:
             assert stats["cached_tokens"] > 0
             assert stats["prefill_tokens"] < stats["prompt_tokens"] / 2  # only the new turn was run
-            fresh = ChatSession(model, tok, system_prompt="You are a test.", max_new_tokens=8)
+            fresh = ChatSession(model, tok, system_prompt="You are a test.", max_new_tokens=8, engine=engine)
             fresh.history = before
             assert fresh.send(text) == reply
             assert fresh.last_stats["cached_tokens"] == 0
@@ -193,8 +204,8 @@ def test_stream_yields_the_reply_in_pieces(tok, model):
     assert_cache_consistent(session)
 
 
-def test_stop_mid_reply_keeps_history_and_cache_consistent(tok, model):
-    session = ChatSession(model, tok, max_new_tokens=30)
+def test_stop_mid_reply_keeps_history_and_cache_consistent(tok, model, engine):
+    session = ChatSession(model, tok, max_new_tokens=30, engine=engine)
     seen: list[str] = []
 
     def on_text(piece: str) -> None:
@@ -211,13 +222,13 @@ def test_stop_mid_reply_keeps_history_and_cache_consistent(tok, model):
     # the conversation carries on exactly as if it had been encoded from scratch
     before = [dict(m) for m in session.history]
     follow = session.send("Go on")
-    fresh = ChatSession(model, tok, max_new_tokens=30)
+    fresh = ChatSession(model, tok, max_new_tokens=30, engine=engine)
     fresh.history = before
     assert fresh.send("Go on") == follow
 
 
-def test_keyboard_interrupt_inside_the_model(tok, model):
-    session = ChatSession(model, tok, max_new_tokens=30)
+def test_keyboard_interrupt_inside_the_model(tok, model, engine):
+    session = ChatSession(model, tok, max_new_tokens=30, engine=engine)
     session.send("warm up")
     calls = {"n": 0}
 
@@ -226,7 +237,7 @@ def test_keyboard_interrupt_inside_the_model(tok, model):
         if calls["n"] == 5:  # layer 1 of a decode step: layer 0 has already grown its cache
             raise KeyboardInterrupt
 
-    handle = model.model.layers[1].register_forward_hook(hook)
+    handle = model.model.layers[1].input_layernorm.register_forward_hook(hook)  # called by both engines
     try:
         reply = session.send("interrupt me")
     finally:
@@ -237,8 +248,8 @@ def test_keyboard_interrupt_inside_the_model(tok, model):
     assert_cache_consistent(session)
 
 
-def test_abandoned_stream_is_finalised(tok, model):
-    session = ChatSession(model, tok, max_new_tokens=30)
+def test_abandoned_stream_is_finalised(tok, model, engine):
+    session = ChatSession(model, tok, max_new_tokens=30, engine=engine)
     gen = session.stream("Hello")
     next(gen)
     next(gen)
@@ -261,8 +272,8 @@ def test_second_generation_from_another_thread_is_refused(tok, model):
     session.send("now it works")
 
 
-def test_history_is_trimmed_oldest_pair_first(tok, model):
-    session = ChatSession(model, tok, system_prompt="Keep me.", max_new_tokens=8, context_budget=70)
+def test_history_is_trimmed_oldest_pair_first(tok, model, engine):
+    session = ChatSession(model, tok, system_prompt="Keep me.", max_new_tokens=8, context_budget=70, engine=engine)
     for i in range(6):
         session.send(f"Message number {i}")
         prompt = encode_conversation(tok, session.messages[:-1])
@@ -279,8 +290,8 @@ def test_history_is_trimmed_oldest_pair_first(tok, model):
     assert session.history == before
 
 
-def test_regenerate_reset_export(tok, model):
-    session = ChatSession(model, tok, system_prompt="sys", max_new_tokens=6)
+def test_regenerate_reset_export(tok, model, engine):
+    session = ChatSession(model, tok, system_prompt="sys", max_new_tokens=6, engine=engine)
     first = session.send("Hello")
     assert session.regenerate() == first  # greedy: same again
     assert len(session.history) == 2
@@ -314,7 +325,7 @@ def test_seeded_sampling_is_reproducible(tok, model):
     assert replies[0] == replies[1]
 
 
-def test_offloaded_engine_model(tok, tmp_path):
+def test_offloaded_engine_model(tok, tmp_path, engine):
     """The engine's MixtralForCausalLM (experts in an ExpertCache) behind a ChatSession and a ResourceMonitor."""
     from mixtral_nb import OffloadConfig, QuantConfig, build_model
     from mixtral_nb.monitor import ResourceMonitor
@@ -322,15 +333,15 @@ def test_offloaded_engine_model(tok, tmp_path):
 
     folder = write_tiny(tmp_path / "tiny", seed=0, layers=2, vocab=32000)
     offload = OffloadConfig(main_size=2 * 3, offload_size=2 * 5, buffer_size=2, offload_per_layer=5, prefetch=1)
-    engine = build_model("cpu", QuantConfig(None, None), offload, folder)
-    monitor = ResourceMonitor(engine, device="cpu")
-    session = ChatSession(engine, tok, system_prompt="sys", max_new_tokens=6)
+    built = build_model("cpu", QuantConfig(None, None), offload, folder)
+    monitor = ResourceMonitor(built, device="cpu")
+    session = ChatSession(built, tok, system_prompt="sys", max_new_tokens=6, engine=engine)
     with monitor:
         session.send("Hello")
         before = [dict(m) for m in session.history]
         second = session.send("Again")
     assert_cache_consistent(session)
-    fresh = ChatSession(engine, tok, system_prompt="sys", max_new_tokens=6)
+    fresh = ChatSession(built, tok, system_prompt="sys", max_new_tokens=6, engine=engine)
     fresh.history = before
     assert fresh.send("Again") == second
     last = monitor.samples[-1]
