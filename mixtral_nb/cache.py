@@ -74,7 +74,8 @@ class ExpertCache:
 
         n_gpu = self.L * self.slots + config.buffer_size
         self.gpu = torch.empty(n_gpu, self.blob_bytes, dtype=torch.uint8, device=self.device)
-        self.gpu_views = [fmt.views(self.gpu[b]) for b in range(n_gpu)]
+        self.gpu_rows = list(self.gpu.unbind(0))  # one view per buffer, made once (indexing costs a dispatch)
+        self.gpu_views = [fmt.views(row) for row in self.gpu_rows]
         self.loaded = [self.s.event() for _ in range(n_gpu)]  # after the H2D copy into the buffer
         self.last_use = [self.s.event() for _ in range(n_gpu)]  # after the last kernel reading it
         self.written_back = [self.s.event() for _ in range(n_gpu)]  # after its D2H copy
@@ -240,7 +241,7 @@ class ExpertCache:
         self._dense.pop(buf, None)
         if not self.s.cuda:
             t0 = time.perf_counter()
-            self.gpu[buf].copy_(self.host[h])
+            self.gpu_rows[buf].copy_(self.host[h])
             self._time("h2d", t0, time.perf_counter())
             return
         with torch.cuda.stream(self.s.h2d):
@@ -248,7 +249,7 @@ class ExpertCache:
                 self.s.h2d.wait_event(ready)
             start, end = self.s.event(True), self.s.event(True)
             start.record()
-            self.gpu[buf].copy_(self.host[h], non_blocking=True)
+            self.gpu_rows[buf].copy_(self.host[h], non_blocking=True)
             end.record()
             self.loaded[buf].record()
             self.host_read[h].record()
@@ -265,7 +266,7 @@ class ExpertCache:
         self.bytes_d2h += self.blob_bytes
         if not self.s.cuda:
             t0 = time.perf_counter()
-            self.host[h].copy_(self.gpu[buf])
+            self.host[h].copy_(self.gpu_rows[buf])
             self._time("d2h", t0, time.perf_counter())
             self.gpu_free.append((buf, None))
         else:
@@ -276,7 +277,7 @@ class ExpertCache:
                     self.s.d2h.wait_event(ready)
                 start, end = self.s.event(True), self.s.event(True)
                 start.record()
-                self.host[h].copy_(self.gpu[buf], non_blocking=True)
+                self.host[h].copy_(self.gpu_rows[buf], non_blocking=True)
                 end.record()
                 self.written_back[buf].record()
             self._time("d2h", start, end)
@@ -291,7 +292,7 @@ class ExpertCache:
         if self.keep_dense:
             dense = self._dense.get(buf)
             if dense is None:
-                dense = self._dense[buf] = self.fmt.dense(self.gpu[buf], dtype)
+                dense = self._dense[buf] = self.fmt.dense(self.gpu_rows[buf], dtype)
             return dense, None
         if buf in self.pending:
             self.pending.discard(buf)

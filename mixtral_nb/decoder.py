@@ -19,6 +19,7 @@ forward (tests/test_decoder.py).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,24 +166,31 @@ class Decoder:
             raise ValueError(f"the sequence would reach {self.pos + T} positions, over DecoderConfig.max_len="
                              f"{self.config.max_len}: build the Decoder with a larger max_len or start a new sequence")
         length = self._bucket(self.pos + T)
-        if T == 1 and self.use_graphs:
-            logits = self._step_graphed(ids, length)
-        else:
-            x = self.model.model.embed_tokens(ids.to(self.devs[0]))
-            for i, dev in enumerate(self.devs):
-                x = x.to(dev)
-                positions = self.arange[dev][self.pos:self.pos + T]
-                x = self.layer(i, x, positions, length)
-            logits = self.head(x)
+        logits = self._step_graphed(ids, length) if T == 1 and self.use_graphs else self._eager(ids, length)
         self.pos += T
         return logits
+
+    def _eager(self, ids: Tensor, length: int) -> Tensor:
+        T = ids.numel()
+        x = self.model.model.embed_tokens(ids.to(self.devs[0]))
+        for i, dev in enumerate(self.devs):
+            x = x.to(dev)
+            positions = self.arange[dev][self.pos:self.pos + T]
+            x = self.layer(i, x, positions, length)
+        return self.head(x)
 
     def _step_graphed(self, ids: Tensor, length: int) -> Tensor:
         for d, t in self.pos_t.items():
             t.fill_(self.pos)
         stages = self._graphs.get(length)
         if stages is None:
-            stages = self._graphs[length] = self._capture(length)
+            try:
+                stages = self._graphs[length] = self._capture(length)
+            except RuntimeError as e:  # a driver or library that cannot capture: same math, launched one by one
+                warnings.warn(f"CUDA graph capture failed ({e}); the Decoder runs without graphs", RuntimeWarning,
+                              stacklevel=3)
+                self.use_graphs = self.static = False
+                return self._eager(ids, length)
         x = self.model.model.embed_tokens(ids.to(self.devs[0]))
         for kind, first, last, g in stages:
             x = x.to(self.devs[first])

@@ -15,6 +15,7 @@ be captured in a CUDA graph (see ``decoder.py``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -146,7 +147,12 @@ class OffloadedExperts(nn.Module):
                 return self.run_group(x, row[:n], w.index_select(0, row[k:k + n]))
             g = fn
             if self.graphs:
-                g = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)], self.cache.graph_pool)
+                try:
+                    g = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)], self.cache.graph_pool)
+                except RuntimeError as e:  # cannot capture here: launch the same kernels one by one
+                    warnings.warn(f"CUDA graph capture failed ({e}); expert groups run without graphs",
+                                  RuntimeWarning, stacklevel=2)
+                    self.graphs = False
             self._graphs[key] = g
         return g
 
@@ -170,13 +176,12 @@ class OffloadedExperts(nn.Module):
                 parts.append(torch.topk(logits, min(self.prefetch, E), dim=-1).indices.reshape(-1))
             else:
                 parts.append(torch.bincount(torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1), minlength=E))
-        host = torch.cat(parts).tolist()  # the one host sync of this layer
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync of this layer
         cache.host_syncs += 1
         n = self.top_k if decode else E
         if decode:
             slot_of = {e: j for j, e in enumerate(host[:n])}
             needed = sorted(slot_of)
-            counts = [1 if e in slot_of else 0 for e in range(E)]
         else:
             counts = host[:E]
             needed = [e for e in range(E) if counts[e] > 0]
