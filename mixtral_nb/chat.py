@@ -553,8 +553,8 @@ class ChatSession:
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
         """Reuse the cached common prefix of ``ids`` and run the rest; return (logits, reused)."""
-        if self._cache is None:
-            self._cache = self._new_cache()
+        if self._cache is None or isinstance(self._cache, Decoder) and self._cache.config.max_len < self.context_budget:
+            self._cache = self._new_cache()  # first turn, or context_budget raised past the Decoder's KV cache
             self._cache_ids = []
         _crop_cache(self._cache, len(self._cache_ids))  # undo a half-finished forward, if any
         keep = min(_common_prefix(self._cache_ids, ids), len(ids) - 1)  # the last token yields the logits

@@ -317,6 +317,21 @@ def test_regenerate_reset_export(tok, model, engine):
     assert session.send("Hello again")
 
 
+def test_decoder_grows_with_the_context_budget(tok, model):
+    """Raising context_budget mid-conversation re-creates the Decoder's KV cache and replays the prompt."""
+    session = ChatSession(model, tok, max_new_tokens=6, context_budget=64, engine="decoder")
+    session.send("Hello")
+    assert session.cache.config.max_len == 64
+    session.context_budget = 200
+    before = [dict(m) for m in session.history]
+    reply = session.send("And now a longer conversation")
+    assert session.cache.config.max_len == 200 and session.last_stats["cached_tokens"] == 0
+    assert_cache_consistent(session)
+    fresh = ChatSession(model, tok, max_new_tokens=6, context_budget=200, engine="decoder")
+    fresh.history = before
+    assert fresh.send("And now a longer conversation") == reply
+
+
 def test_seeded_sampling_is_reproducible(tok, model):
     replies = []
     for _ in range(2):
