@@ -58,18 +58,27 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                 "z_ptr": z_ty, "zms_ptr": "*fp16", "zmz_ptr": "*fp16"}
         common = dict(PA=p["pa"], PB=p["pb"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero)
         n, k = spec.out_features, spec.in_features
-        for t in (1, 2, 3, 4):
-            sig = {"x_ptr": "*fp16", "y_ptr": "*fp16", **ptrs}
+        blob = 66404864  # an expert blob's bytes (the grouped launches' slot stride)
+        # plain launches T = 1..4 (MPS 0), and the grouped one-token launches: w1+w3 of each expert
+        # (MPS 2), w2 of each expert (MPS 1, fp32 split-K partial sums on the word kernel)
+        launches = [(f"T{t}", t, 0, 1) for t in (1, 2, 3, 4)] + [("grouped13", 1, 2, 1), ("grouped2_splitk", 1, 1, 4)]
+        for tag, t, mps, split in launches:
+            y_ty = "*fp32" if split > 1 else "*fp16"
+            sig = {"x_ptr": "*fp16", "y_ptr": y_ty, **ptrs, "slot_ptr": "*i32" if mps else "*fp16"}
+            group = dict(SLOT_BYTES=blob if mps else 0, MAT_BYTES=blob // 3 if mps == 2 else 0,
+                         X_M=k if mps == 1 else 0, Y_M=n if mps else 0)
             if p["words"]:
-                ints = dict(N=n, ROW_WA=p["row_words_a"], ROW_WB=p["row_words_b"], GPR=p["groups_per_row"],
-                            S_MOD=p["s_mod"], Z_MOD=p["z_mod"], stride_x=k, stride_y=n)
-                cx = dict(common, T=t, R=min(tl_, 4 // t), S_MODE=p["s_mode"], Z_MODE=p["z_mode"], BLOCK_N=bn,
-                          BLOCK_W=max(1, bk * p["pa"] // 32))
-                out.append((f"{name}_gemv_words_T{t}", kernels._gemv_words, sig, cx, ints, nw))
-            else:
-                ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
-                cx = dict(common, T=t, AXIS=spec.axis, BLOCK_N=bn, BLOCK_K=bk)
-                out.append((f"{name}_gemv_generic_T{t}", kernels._gemv_generic, sig, cx, ints, nw))
+                wps = p["row_words_a"] if split == 1 else -(-p["row_words_a"] // split)
+                ints = dict(group, WPS=wps, Y_S=2 * n if split > 1 else 0, N=n, ROW_WA=p["row_words_a"],
+                            ROW_WB=p["row_words_b"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"],
+                            stride_x=k, stride_y=n)
+                cx = dict(common, T=t, R=min(tl_, 4 // t), S_MODE=p["s_mode"], Z_MODE=p["z_mode"], MPS=mps,
+                          BLOCK_N=bn, BLOCK_W=max(1, bk * p["pa"] // 32))
+                out.append((f"{name}_gemv_words_{tag}", kernels._gemv_words, sig, cx, ints, nw))
+            elif split == 1:
+                ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
+                cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
+                out.append((f"{name}_gemv_generic_{tag}", kernels._gemv_generic, sig, cx, ints, nw))
         ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"])
         cx = dict(common, AXIS=spec.axis, BLOCK_N=kernels._DEQ_BLOCK[0], BLOCK_K=kernels._DEQ_BLOCK[1])
         out.append((f"{name}_dequant", kernels._dequant, {"w_ptr": "*fp16", **ptrs}, cx, ints, 4))
