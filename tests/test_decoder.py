@@ -56,3 +56,27 @@ def test_too_long_is_refused_before_work(tiny_dir):
     with pytest.raises(ValueError, match="max_len=16"):
         dec.forward(PROMPT[:, 10:17])
     assert dec.pos == 10
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    """A config with sliding_window: keys more than `window` positions back are masked, as transformers does."""
+    import json
+
+    from transformers import MixtralForCausalLM
+
+    from mixtral_nb.tiny import write_tiny
+
+    folder = write_tiny(tmp_path / "sw", seed=3, layers=2)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sliding_window"] = 8
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ref = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(PROMPT[:, :30]).logits[0]
+        full = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, sliding_window=None).eval()
+        unwindowed = full(PROMPT[:, :30]).logits[0]
+    assert (want[-1] - unwindowed[-1]).abs().max() > 1e-4  # the window matters at position 29
+    model = build_model("cpu", QuantConfig(None, None), offload(8, layers=2), folder)
+    dec = Decoder(model, DecoderConfig(max_len=32, bucket=16))
+    got = [dec.forward(PROMPT[:, :20])] + [dec.forward(PROMPT[:, t:t + 1]) for t in range(20, 30)]
+    assert (torch.cat(got) - want[19:30]).abs().max().item() <= 1e-5
