@@ -53,7 +53,9 @@ class CapturedGraph:
                     fn(*inputs)
             torch.cuda.current_stream(dev).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool.handle(dev), stream=side):
+            # thread_local: the chat UI's ResourceMonitor thread may query events or memory while
+            # a capture runs here; "global" would make those calls (and the capture) fail
+            with torch.cuda.graph(self.graph, pool=pool.handle(dev), stream=side, capture_error_mode="thread_local"):
                 self.out = fn(*inputs)
 
     def __call__(self, *args: Tensor) -> Any:
