@@ -39,12 +39,6 @@ class DecoderConfig:
     cuda_graphs: bool = True  # replay captured graphs for one-token steps (CUDA only)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) on the last dimension: the rotation of rotary embeddings."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Decoder:
     """Runs a ``build_model`` Mixtral token by token; see the module docstring.
 
@@ -72,8 +66,11 @@ class Decoder:
         self.rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.arange: dict[torch.device, Tensor] = {}
         self.pos_t: dict[torch.device, Tensor] = {}  # the decode position, a graph input
+        half = self.hd // 2
+        sign = torch.cat([-torch.ones(half), torch.ones(self.hd - half)]).to(first, sin.dtype)
         for d in dict.fromkeys(self.devs):
-            self.rope[d] = (cos[0].to(d, self.dtype), sin[0].to(d, self.dtype))
+            # sin carries rotate_half's signs: rotate_half(q) * sin == roll(q, hd/2) * (sign * sin), exactly
+            self.rope[d] = (cos[0].to(d, self.dtype), (sin[0] * sign).to(d, self.dtype))
             self.arange[d] = torch.arange(n, device=d)
             self.pos_t[d] = torch.zeros(1, dtype=torch.long, device=d)
         self.pos = 0
@@ -107,8 +104,20 @@ class Decoder:
 
     # ------------------------------------------------------------------ the math
 
-    def attention(self, i: int, x: Tensor, positions: Tensor, length: int) -> Tensor:
-        """Layer i's attention block on x [T, H] at ``positions`` [T]: returns x + attn(norm(x))."""
+    def step_inputs(self, dev: torch.device, positions: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What every layer on ``dev`` shares in one forward: positions, their rotary cos and (signed)
+        sin [T, hd], and the attention mask [g*T, length] (True = may attend), computed once."""
+        cos_t, sin_t = self.rope[dev]
+        keys = self.arange[dev][:length]
+        allowed = keys[None, :] <= positions[:, None]  # [T, length]: causal, and nothing past the sequence
+        if self.window:
+            allowed = allowed & (keys[None, :] > positions[:, None] - self.window)
+        g = self.nh // self.nkv
+        return positions, cos_t.index_select(0, positions), sin_t.index_select(0, positions), allowed.repeat(g, 1)
+
+    def attention(self, i: int, x: Tensor, step: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        """Layer i's attention block on x [T, H] (``step`` from ``step_inputs``): returns x + attn(norm(x))."""
+        positions, cos, sin, mask = step
         layer = self.layers[i]
         a = layer.self_attn
         T = x.shape[0]
@@ -116,23 +125,19 @@ class Decoder:
         q = a.q_proj(h).view(T, self.nh, self.hd).transpose(0, 1)  # [heads, T, hd]
         k = a.k_proj(h).view(T, self.nkv, self.hd).transpose(0, 1)
         v = a.v_proj(h).view(T, self.nkv, self.hd).transpose(0, 1)
-        cos_t, sin_t = self.rope[x.device]
-        cos, sin = cos_t.index_select(0, positions), sin_t.index_select(0, positions)  # [T, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        half = self.hd // 2
+        q = q * cos + torch.roll(q, half, -1) * sin
+        k = k * cos + torch.roll(k, half, -1) * sin
         K, V = self.k[i], self.v[i]
         K.index_copy_(1, positions, k)
         V.index_copy_(1, positions, v)
+        length = mask.shape[-1]
         K, V = K[:, :length], V[:, :length]
-        keys = self.arange[x.device][:length]
-        allowed = keys[None, :] <= positions[:, None]  # [T, length]: causal, and nothing past the sequence
-        if self.window:
-            allowed = allowed & (keys[None, :] > positions[:, None] - self.window)
         # query heads j*g .. j*g+g-1 share K/V head j: fold them into the query axis of head j, so
         # one plain SDPA call (fp32 softmax inside; memory-efficient kernel on GPUs) serves any T
         g = self.nh // self.nkv
         o = F.scaled_dot_product_attention(q.reshape(self.nkv, g * T, self.hd)[None], K[None], V[None],
-                                           attn_mask=allowed.repeat(g, 1), scale=self.hd ** -0.5)[0]
+                                           attn_mask=mask, scale=self.hd ** -0.5)[0]
         o = o.view(self.nh, T, self.hd).transpose(0, 1).reshape(T, self.nh * self.hd)
         return x + a.o_proj(o)
 
@@ -143,9 +148,9 @@ class Decoder:
         _, weights, idx = layer.mlp.gate(h)
         return h, weights, idx
 
-    def layer(self, i: int, x: Tensor, positions: Tensor, length: int) -> Tensor:
+    def layer(self, i: int, x: Tensor, step: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
         """One decoder layer on x [T, H]."""
-        x = self.attention(i, x, positions, length)
+        x = self.attention(i, x, step)
         h, weights, idx = self.route(i, x)
         return x + self.layers[i].mlp.experts(h, idx, weights)
 
@@ -173,10 +178,12 @@ class Decoder:
     def _eager(self, ids: Tensor, length: int) -> Tensor:
         T = ids.numel()
         x = self.model.model.embed_tokens(ids.to(self.devs[0]))
+        steps: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for i, dev in enumerate(self.devs):
             x = x.to(dev)
-            positions = self.arange[dev][self.pos:self.pos + T]
-            x = self.layer(i, x, positions, length)
+            if dev not in steps:
+                steps[dev] = self.step_inputs(dev, self.arange[dev][self.pos:self.pos + T], length)
+            x = self.layer(i, x, steps[dev])
         return self.head(x)
 
     def _step_graphed(self, ids: Tensor, length: int) -> Tensor:
@@ -219,16 +226,17 @@ class Decoder:
                 while j < len(self.layers) and self.devs[j] == dev:
                     j += 1
 
-                def run(x: Tensor, first: int = i, last: int = j, pos: Tensor = pos) -> Tensor:
+                def run(x: Tensor, first: int = i, last: int = j, dev: torch.device = dev, pos: Tensor = pos) -> Tensor:
+                    step = self.step_inputs(dev, pos, length)
                     for k in range(first, last):
-                        x = self.layer(k, x, pos, length)
+                        x = self.layer(k, x, step)
                     return x
                 stages.append(("layers", i, j, CapturedGraph(run, [x], self._pool)))
             else:
                 j = i + 1
 
-                def attn_route(x: Tensor, k: int = i, pos: Tensor = pos) -> tuple[Tensor, ...]:
-                    x = self.attention(k, x, pos, length)
+                def attn_route(x: Tensor, k: int = i, dev: torch.device = dev, pos: Tensor = pos) -> tuple[Tensor, ...]:
+                    x = self.attention(k, x, self.step_inputs(dev, pos, length))
                     return (x, *self.route(k, x))
                 stages.append(("attention", i, j, CapturedGraph(attn_route, [x], self._pool)))
             i = j
