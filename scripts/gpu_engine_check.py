@@ -5,6 +5,7 @@ and the multi-GPU layer split.
     python scripts/gpu_engine_check.py overlap                        # one GPU
     python scripts/gpu_engine_check.py split                          # two GPUs
     python scripts/gpu_engine_check.py decoder [--quantized DIR]      # Decoder + CUDA graphs (two GPUs if present)
+    python scripts/gpu_engine_check.py chat [--quantized DIR] [--device D]  # ChatSession on both engines
 
 ``DIR`` is a project checkpoint made on a machine with hqq (the GPU machine has none):
 ``python -c "from mixtral_nb.tiny import write_tiny; ..."`` then ``mixtral_nb.quantize``.
@@ -182,14 +183,57 @@ def decoder(quantized: str | None) -> dict:
     return {"rows": res}
 
 
+def _byte_tokenizer():
+    """A byte-level tokenizer (260 ids) with a ChatML template, built offline: the GPU machine has no
+    mistral-common, and the tiny test model has a 512-token vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # one printable character per byte
+    vocab = {"<unk>": 0, "<s>": 1, "<|im_end|>": 2, "<|im_start|>": 3, **{ch: i + 4 for i, ch in enumerate(alphabet)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                                                  pre_tokenizers.Split("", behavior="isolated")])
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    return tok
+
+
+def chat(quantized: str | None, device: str) -> dict:
+    """ChatSession through the Decoder vs through transformers' forward: same replies, consistent caches."""
+    from mixtral_nb.chat import ChatSession
+
+    d = quantized
+    if d is None:
+        d = tempfile.mkdtemp()
+        write_tiny(d, seed=0)
+    tok = _byte_tokenizer()
+    model = build_model(device, None if quantized else QuantConfig(None, None), offload(3, 2, 4), d)
+    replies = {}
+    for engine in ("transformers", "decoder"):
+        s = ChatSession(model, tok, system_prompt="sys", max_new_tokens=12, engine=engine)
+        out = [s.send("Hello there"), s.send("And again"), s.regenerate()]
+        consistent = s.cache_ids == s.encoded_history() and s.cache.get_seq_length() == len(s.cache_ids)
+        replies[engine] = {"replies": out, "cache_consistent": consistent, "tok_s": s.last_stats["tok_s"],
+                           "engine": s.engine}
+        print(engine, replies[engine])
+    same = replies["transformers"]["replies"] == replies["decoder"]["replies"]
+    print(f"chat on {device}: replies identical on both engines: {same}")
+    return {"same": same, **replies}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("equivalence", "overlap", "split", "decoder"))
+    p.add_argument("what", choices=("equivalence", "overlap", "split", "decoder", "chat"))
+    p.add_argument("--device", default="cuda:0")
     p.add_argument("--quantized", default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     res = {"equivalence": lambda: equivalence(a.quantized), "overlap": overlap, "split": split,
-           "decoder": lambda: decoder(a.quantized)}[a.what]()
+           "decoder": lambda: decoder(a.quantized), "chat": lambda: chat(a.quantized, a.device)}[a.what]()
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
