@@ -98,11 +98,12 @@ def _dtype(nbytes: int):
     return {1: torch.uint8, 2: torch.float16, 4: torch.float32}.get(nbytes, torch.float16)
 
 
-def cache_bytes(sizes: ModelSizes, offload_per_layer: int, buffer_size: int, host_mirror: bool) -> tuple[int, int]:
+def cache_bytes(sizes: ModelSizes, offload_per_layer: int, buffer_size: int, host_mirror: bool,
+                extra_host_slots: int = 0) -> tuple[int, int]:
     """(GPU-slot bytes, host-buffer bytes) the ExpertCache allocates for these settings."""
     L, E, b = sizes.num_layers, sizes.num_experts, sizes.expert_bytes
     gpu = (L * (E - offload_per_layer) + buffer_size) * b
-    host = L * E * b if host_mirror else (L * offload_per_layer + buffer_size) * b
+    host = L * E * b if host_mirror else (L * offload_per_layer + buffer_size + extra_host_slots) * b
     return gpu, host
 
 
@@ -174,9 +175,9 @@ def _g(n: int | float | None) -> str:
 
 
 def _needs(sizes: ModelSizes, opl: int, buffers: int, mirror: bool, cuda: bool, context: int,
-           loaded: bool = False) -> tuple[int, int, int]:
+           loaded: bool = False, extra_host: int = 0) -> tuple[int, int, int]:
     """(GPU bytes, host-buffer bytes, host total) for a setting; ``loaded``: the trunk is already in memory."""
-    gpu_slots, host_buf = cache_bytes(sizes, opl, buffers, mirror)
+    gpu_slots, host_buf = cache_bytes(sizes, opl, buffers, mirror, extra_host)
     base = 0 if loaded else sizes.trunk_bytes + (CUDA_CONTEXT if cuda else 0)
     runtime = sizes.runtime_bytes(context)
     if cuda:
@@ -333,18 +334,19 @@ def check_fits(what: Plan | OffloadConfig, vram_bytes: int | None, ram_bytes: in
     ``loaded=True`` counts only the expert cache and runtime (the trunk is already in memory, as in
     build_model just before the cache is created).
     """
+    extra = 0
     if isinstance(what, Plan):
         sizes, opl, buffers, context = per_gpu(what.sizes, what.num_gpus), what.offload_per_layer, what.buffer_size, \
             what.context
         mirror = what.host_mirror if host_mirror is None else host_mirror
     else:
         sizes = sizes or ModelSizes.of()
-        opl, buffers = what.offload_per_layer, what.buffer_size
+        opl, buffers, extra = what.offload_per_layer, what.buffer_size, what.extra_host_slots
         mirror = what.host_mirror if host_mirror is None else host_mirror
         mirror = True if mirror is None else mirror
     cuda = vram_bytes is not None
     E = sizes.num_experts
-    gpu, pinned, host = _needs(sizes, opl, buffers, mirror, cuda, context, loaded)
+    gpu, pinned, host = _needs(sizes, opl, buffers, mirror, cuda, context, loaded, extra)
     if cuda and gpu > vram_bytes:
         fix = next((o for o in range(opl + 1, E) if _needs(sizes, o, buffers, mirror, cuda, context, loaded)[0]
                     <= vram_bytes), None)
@@ -354,6 +356,8 @@ def check_fits(what: Plan | OffloadConfig, vram_bytes: int | None, ram_bytes: in
     if host > ram_bytes:
         if mirror and opl > 0 and _needs(sizes, opl, buffers, False, cuda, context, loaded)[2] <= ram_bytes:
             hint = "set host_mirror=False (swap mode keeps only the offloaded experts in RAM)"
+        elif extra and _needs(sizes, opl, buffers, mirror, cuda, context, loaded)[2] <= ram_bytes:
+            hint = f"lower extra_host_slots (now {extra}): each spare host blob takes {_g(sizes.expert_bytes)}"
         elif cuda:
             fix = next((o for o in range(opl - 1, -1, -1)
                         if _needs(sizes, o, buffers, False, cuda, context, loaded)[2] <= ram_bytes

@@ -51,6 +51,12 @@ def test_check_fits_names_the_numbers_and_the_fix():
     with pytest.raises(MemoryPlanError, match=r"needs \d+\.\d GiB of host RAM .* 11\.8 GiB available: set host_mirror=False"):
         check_fits(mirror, 15095 * 1024**2, int(12.7e9))
     check_fits(OffloadConfig(32 * 4, 128, 4, 4, host_mirror=False), 15095 * 1024**2, int(12.7e9))
+    # spare host blobs count too: 60 more on Colab's RAM do not fit, and the message says which knob
+    spare = OffloadConfig(32 * 4, 128, 4, 4, host_mirror=False, extra_host_slots=60)
+    with pytest.raises(MemoryPlanError, match=r"lower extra_host_slots \(now 60\)"):
+        check_fits(spare, 15095 * 1024**2, int(12.7e9))
+    with pytest.raises(ValueError, match="extra_host_slots must be >= 0"):
+        OffloadConfig(32 * 4, 128, 4, 4, extra_host_slots=-1)
     assert issubclass(MemoryPlanError, ValueError)
     # CPU: no VRAM check, but the slots then live in RAM
     check_fits(OffloadConfig(32 * 8, 0, 1, 0, host_mirror=False), None, 40 * GiB)
