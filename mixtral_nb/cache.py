@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections import OrderedDict, deque
@@ -171,13 +170,6 @@ class ExpertCache:
         }
 
     # ------------------------------------------------------------------ cache operations
-
-    @functools.cached_property
-    def w3_offset(self) -> int:
-        """Bytes from w1's tensors to w3's in a blob (grouped kernels run both in one launch)."""
-        from .moe import mat_stride
-
-        return mat_stride(self.fmt, self.gpu[0])
 
     def slot_table(self) -> Tensor:
         """[layers, experts] int32 on the device: the GPU buffer of every expert, when all are resident.

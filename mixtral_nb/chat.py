@@ -523,8 +523,7 @@ class ChatSession:
             return DynamicCache()
 
     def _truncate(self, keep: int) -> None:
-        if keep <= 0 or self._cache is None or not getattr(self._cache, "is_croppable", True) and not isinstance(
-                self._cache, Decoder):
+        if keep <= 0 or self._cache is None or not getattr(self._cache, "is_croppable", True):
             self._cache = self._new_cache()
             self._cache_ids = []
             return

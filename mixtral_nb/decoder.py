@@ -47,6 +47,8 @@ class Decoder:
     starts a new sequence.
     """
 
+    is_croppable = True  # like transformers' DynamicCache: ChatSession rewinds it with truncate()
+
     def __init__(self, model: Any, config: DecoderConfig | None = None) -> None:
         self.config = config = config or DecoderConfig()
         self.model = model
@@ -204,7 +206,7 @@ class Decoder:
             if kind == "layers":  # every expert resident: the whole range is one graph
                 x = g(x)
                 for i in range(first, last):
-                    self.layers[i].mlp.experts.cache.hits += self.layers[i].mlp.experts.top_k
+                    self.layers[i].mlp.experts.count_static_step()
             else:  # attention + router replayed, experts eager (they decide which copies to start)
                 x_mid, h, weights, idx = g(x)
                 x = x_mid + self.layers[first].mlp.experts(h, idx, weights)

@@ -50,6 +50,16 @@ class ExpertFormat:
             return Layout.of((n, self.dtype, s) for n, s in zip(NAMES, self.shapes))
         return Layout.concat((n + ".", spec.layout()) for n, spec in zip(NAMES, self.specs))
 
+    @functools.cached_property
+    def w3_offset(self) -> int:
+        """Bytes from each tensor of w1 to the same tensor of w3 in a blob: one number, so a grouped
+        kernel launch can run w1 and w3 of an expert together (see ``kernels.qgemv_grouped``)."""
+        at = {s.name: s.offset for s in self.layout.segments}
+        gaps = {at["w3." + n[3:]] - at[n] for n in at if n.startswith("w1.")}
+        if len(gaps) != 1:
+            raise ValueError(f"w1 and w3 are not laid out alike in the expert blob: distances {sorted(gaps)}")
+        return gaps.pop()
+
     def encode(self, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
         """Full-precision matrices -> one CPU blob (quantized when the format says so).
 

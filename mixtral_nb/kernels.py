@@ -271,11 +271,15 @@ if HAVE_TRITON:
         return (ptr.to(tl.pointer_type(tl.uint8)) + nbytes).to(ptr.dtype)
 
     @triton.jit
-    def _group_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS: tl.constexpr):
-        """Byte offset of matrix ``program_id(1)`` from slot 0 (see ``qgemv_grouped``)."""
+    def _grouped_pointers(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                          slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS: tl.constexpr):
+        """The pointers of matrix ``program_id(1)`` of a grouped launch (see ``qgemv_grouped``): the
+        weight tensors moved from slot 0 to its slot (and to w3 for odd m when MPS is 2), x and y to its row."""
         m = tl.program_id(1)
-        slot = tl.load(slot_ptr + m // MPS).to(tl.int64)
-        return slot * SLOT_BYTES + (m % MPS).to(tl.int64) * MAT_BYTES
+        off = tl.load(slot_ptr + m // MPS).to(tl.int64) * SLOT_BYTES + (m % MPS).to(tl.int64) * MAT_BYTES
+        return (x_ptr + m * X_M, y_ptr + m * Y_M, _shift(qa_ptr, off), _shift(qb_ptr, off), _shift(s_ptr, off),
+                _shift(sms_ptr, off), _shift(smz_ptr, off), _shift(z_ptr, off), _shift(zms_ptr, off),
+                _shift(zmz_ptr, off))
 
     @triton.jit
     def _small_int(bits, SHIFT: tl.constexpr):
@@ -376,12 +380,9 @@ if HAVE_TRITON:
         MPS > 0: grouped launch (``qgemv_grouped``), program_id(1) picks the matrix.
         """
         if MPS > 0:
-            off = _group_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS)
-            qa_ptr, qb_ptr = _shift(qa_ptr, off), _shift(qb_ptr, off)
-            s_ptr, sms_ptr, smz_ptr = _shift(s_ptr, off), _shift(sms_ptr, off), _shift(smz_ptr, off)
-            z_ptr, zms_ptr, zmz_ptr = _shift(z_ptr, off), _shift(zms_ptr, off), _shift(zmz_ptr, off)
-            x_ptr += tl.program_id(1) * X_M
-            y_ptr += tl.program_id(1) * Y_M
+            x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
+                x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS)
         VW: tl.constexpr = 32 // PA  # weights per word of plane A
         WPG: tl.constexpr = G // VW  # words per group
         J: tl.constexpr = T * R
@@ -545,12 +546,9 @@ if HAVE_TRITON:
                       BLOCK_K: tl.constexpr):
         """Any axis and group size: dequantize a [BLOCK_N, BLOCK_K] tile element-wise, then dot."""
         if MPS > 0:
-            off = _group_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS)
-            qa_ptr, qb_ptr = _shift(qa_ptr, off), _shift(qb_ptr, off)
-            s_ptr, sms_ptr, smz_ptr = _shift(s_ptr, off), _shift(sms_ptr, off), _shift(smz_ptr, off)
-            z_ptr, zms_ptr, zmz_ptr = _shift(z_ptr, off), _shift(zms_ptr, off), _shift(zmz_ptr, off)
-            x_ptr += tl.program_id(1) * X_M
-            y_ptr += tl.program_id(1) * Y_M
+            x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
+                x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS)
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n2 = offs_n[:, None]

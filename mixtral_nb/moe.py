@@ -24,17 +24,8 @@ from torch import Tensor, nn
 
 from . import kernels
 from .cache import ExpertCache
-from .expert import ExpertFormat, expert_forward
+from .expert import expert_forward
 from .graphs import CapturedGraph
-
-
-def mat_stride(fmt: ExpertFormat, blob: Tensor) -> int:
-    """Bytes from each tensor of w1 to the same tensor of w3 in a blob (one grouped launch runs both)."""
-    v = fmt.views(blob)
-    gaps = {v[1][n].data_ptr() - v[0][n].data_ptr() for n in v[0]}
-    if len(gaps) != 1:
-        raise ValueError(f"w1 and w3 are not laid out alike in the expert blob: distances {sorted(gaps)}")
-    return gaps.pop()
 
 
 class OffloadedExperts(nn.Module):
@@ -91,17 +82,21 @@ class OffloadedExperts(nn.Module):
         cache = self.cache
         v, (s1, _, s2) = cache.gpu_views[0], cache.fmt.specs
         n = bufs.numel()
-        y13 = kernels.qgemv_grouped(x, v[0], s1, bufs, cache.blob_bytes, 2, cache.w3_offset).view(n, 2, -1)
+        y13 = kernels.qgemv_grouped(x, v[0], s1, bufs, cache.blob_bytes, 2, cache.fmt.w3_offset).view(n, 2, -1)
         h = self.act_fn(y13[:, 0]) * y13[:, 1]
         # w2 is short and wide ([H, I]): split K so enough programs run; fp32 partial sums [split, n, H]
         split = 4 if 2 * s2.out_features <= s2.in_features else 1
         y = kernels.qgemv_grouped(h, v[2], s2, bufs, cache.blob_bytes, split=split).view(-1, n, s2.out_features)
         return (y.float() * weights.view(1, n, 1).float()).sum((0, 1)).view(1, -1).to(x.dtype)
 
+    def count_static_step(self) -> None:
+        """Count one token's expert uses on the all-resident path (every use is a hit). The Decoder
+        calls it per graph replay, since a replay runs the kernels but not this Python."""
+        self.cache.hits += self.top_k
+
     def _decode_static(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        cache = self.cache
-        bufs = cache.slot_table()[self.cache_layer].index_select(0, top_k_index.view(-1))
-        cache.hits += self.top_k
+        bufs = self.cache.slot_table()[self.cache_layer].index_select(0, top_k_index.view(-1))
+        self.count_static_step()
         return self.run_group(x, bufs, top_k_weights.view(-1))
 
     def _run_groups(self, x: Tensor, order: list[int], bufs: dict[int, int], col: dict[int, int],

@@ -230,8 +230,6 @@ def expert_buffer(nbits: int, group: int, axis: int, slots: int, gen: torch.Gene
 @needs_interpreter
 @pytest.mark.parametrize("nbits,group,axis", [(2, 16, 1), (3, 32, 1), (4, 64, 1), (2, 16, 0)])
 def test_grouped_interpreted(interp, nbits, group, axis):
-    from mixtral_nb.moe import mat_stride
-
     gen = torch.Generator().manual_seed(nbits + group)
     buf, fmt, _ = expert_buffer(nbits, group, axis, 4, gen)
     views = fmt.views(buf[0])
@@ -239,7 +237,7 @@ def test_grouped_interpreted(interp, nbits, group, axis):
     slots = torch.tensor([3, 1], dtype=torch.int32)
     x = torch.randn(1, 128, generator=gen).half()
     out = torch.full((4, 192), float("nan"), dtype=torch.float16)
-    y = interp.qgemv_grouped(x, views[0], s1, slots, buf.stride(0), 2, mat_stride(fmt, buf[0]), out=out)
+    y = interp.qgemv_grouped(x, views[0], s1, slots, buf.stride(0), 2, fmt.w3_offset, out=out)
     for m in range(4):
         w = fmt.dense(buf[slots[m // 2]])[m % 2].double()
         assert rel_err(y[m], x[0].double() @ w.T) < 2e-3, m
@@ -271,15 +269,13 @@ def test_grouped_split_k_interpreted(interp, nbits):
 @pytest.mark.gpu
 @pytest.mark.parametrize("nbits,group,axis", [(2, 16, 1), (3, 32, 1), (4, 64, 1), (2, 16, 0)])
 def test_grouped_cuda(nbits, group, axis):
-    from mixtral_nb.moe import mat_stride
-
     gen = torch.Generator().manual_seed(nbits)
     buf, fmt, _ = expert_buffer(nbits, group, axis, 5, gen, "cuda")
     views = fmt.views(buf[0])
     s1, _, s2 = fmt.specs
     slots = torch.tensor([4, 2], dtype=torch.int32, device="cuda")
     x = torch.randn(1, 128, generator=gen).half().cuda()
-    y = kernels.qgemv_grouped(x, views[0], s1, slots, buf.stride(0), 2, mat_stride(fmt, buf[0]))
+    y = kernels.qgemv_grouped(x, views[0], s1, slots, buf.stride(0), 2, fmt.w3_offset)
     h = torch.randn(2, 192, generator=gen).half().cuda()
     y2 = kernels.qgemv_grouped(h, views[2], s2, slots, buf.stride(0))
     for m in range(4):
