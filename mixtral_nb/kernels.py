@@ -4,10 +4,13 @@
 
 - decode (a few rows, T <= ``GEMV_MAX_T``): one fused kernel reads the packed codes, the uint8
   scale/zero codes and their fp16 meta tables straight from the blob, dequantizes in registers and
-  accumulates in fp32; the weight is never written out. 2/3/4-bit axis-1 weights whose groups are
-  whole 32-bit words take the word kernel (``sum_w s_w * (sum_i q_i x_i - z_w * sum_i x_i)``: per
-  weight one AND/OR, one add, one multiply-add); anything else (axis 0, odd group sizes) the
-  element-wise kernel;
+  accumulates in fp32; the weight is never written out. One token of 2/4-bit axis-1 weights takes
+  the dp4a kernel: the activations are first cut into two int8 bytes per value (``quantize_x``,
+  ~15 bits kept), then each 32-bit word of codes is masked into 4-code bytes that one dp4a
+  instruction multiplies and adds (integer dot products, ~1 instruction per weight); other
+  word-aligned weights (3-bit, or T > 1) take the word kernel (``sum_w s_w * (sum_i q_i x_i - z_w *
+  sum_i x_i)`` in fp32: per weight one AND/OR, one add, one multiply-add); anything else (axis 0,
+  odd group sizes) the element-wise kernel;
 - prefill (more rows): a Triton kernel dequantizes the weight to fp16, then cuBLAS multiplies;
 - no CUDA, no Triton, or an unsupported dtype: the pure-torch fallback (``quant.dequantize`` +
   ``F.linear``), which is the reference the kernels are tested against.
@@ -44,6 +47,10 @@ _CHUNK_T = 4  # rows one GEMV launch handles
 _DEQ_BLOCK = (16, 128)  # dequantize kernel tile (rows, columns)
 _FUSED_DTYPES = (torch.float16, torch.float32)
 _DISABLE = os.environ.get("MIXTRAL_NB_NO_TRITON", "") not in ("", "0")
+# one-token GEMV of 2/4-bit weights: "dp4a" (8-bit activations, integer dot products; the default)
+# or "words" (fp16 activations, float math per weight); an A/B switch for benchmarks
+GEMV_METHOD = os.environ.get("MIXTRAL_NB_GEMV", "dp4a")
+_QX_WORDS = 64  # words of x one quantize program handles
 
 
 def available() -> dict[str, Any]:
@@ -120,7 +127,13 @@ def _plan(spec: QSpec) -> dict[str, Any]:
         block_k = (64 if k * pa // 32 >= 768 else 32) * per_word  # 32 or 64 words per row per step
     else:
         block_n, block_k, warps, tiles = 16, 128, 4, 1
+    # one-token decode of single-plane 2/4-bit words: integer dot products (dp4a) on 8-bit activations
+    dp4a = words and pb == 0 and pa in (2, 4)
+    # rows, words per step (H200 sweep, graph-timed: attention-sized 4096x4096 12.6 us at (4, 128) vs
+    # 14.4 us at (8, 64); expert-sized matrices best at (8, 64))
+    dp4a_block = (4, 128) if n <= 4096 and k <= 4096 else (8, 64)
     return {"qa": f"q{pa}", "qb": f"q{pb}" if pb else f"q{pa}", "pa": pa, "pb": pb, "words": words,
+            "dp4a": dp4a, "dp4a_block": dp4a_block,
             "block_n": block_n, "block_k": block_k, "warps": warps, "tiles": tiles, "ms": ms, "mz": mz,
             "row_words_a": k * pa // 32, "row_words_b": k * (pb or pa) // 32, "groups_per_row": groups_per_row,
             "s_mode": s_mode, "s_mod": s_mod, "z_mode": z_mode, "z_mod": z_mod}
@@ -134,13 +147,15 @@ def _meta_args(t: dict[str, Tensor], spec: QSpec) -> tuple[Tensor, ...]:
 
 
 def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = None, block_n: int | None = None,
-          block_k: int | None = None, num_warps: int | None = None, tiles: int | None = None) -> Tensor:
+          block_k: int | None = None, num_warps: int | None = None, tiles: int | None = None,
+          method: str | None = None) -> Tensor:
     """Fused dequantize + GEMV for x [T, K] (any T; launched in chunks of 4 rows) -> [T, N].
 
     Runs wherever Triton runs: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     ``out`` (contiguous [T, N]) lets tests pass a poisoned buffer; the block arguments override
     the tuned defaults (micro-benchmarks; ``block_k`` counts weights, ``tiles`` is the word
-    kernel's R: row tiles per program sharing each x load, 1, 2 or 4).
+    kernel's R: row tiles per program sharing each x load, 1, 2 or 4); ``method`` picks the
+    one-row kernel ("dp4a" or "words", default ``GEMV_METHOD``).
     """
     n = spec.out_features
     if x.stride(-1) != 1:
@@ -150,12 +165,19 @@ def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = Non
     for r in range(0, rows, _CHUNK_T):
         tt = min(_CHUNK_T, rows - r)
         xs, ys = (x, y) if rows <= _CHUNK_T else (x[r:r + tt], y[r:r + tt])
-        _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles)
+        _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles, method)
     return y
 
 
+def grouped_split(spec: QSpec) -> int:
+    """K splits for a grouped one-token launch of ``spec``: short wide matrices (w2, [4096, 14336])
+    need 4 to fill a GPU (H200, 2 experts, graph-timed: dp4a 27.9 us split 4 vs 33.8 us unsplit)."""
+    return 4 if _plan(spec)["words"] and 2 * spec.out_features <= spec.in_features else 1
+
+
 def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, slot_bytes: int,
-                  mats_per_slot: int = 1, mat_bytes: int = 0, out: Tensor | None = None, split: int = 1) -> Tensor:
+                  mats_per_slot: int = 1, mat_bytes: int = 0, out: Tensor | None = None, split: int = 1,
+                  **blocks: Any) -> Tensor:
     """One launch for several matrices of one token: ``y[m] = x_m @ W_m.T`` -> [M, N].
 
     W_m is the matrix whose tensors sit at ``t``'s addresses plus ``slots[m // mats_per_slot] *
@@ -166,6 +188,7 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
     ``split`` > 1 (word kernel only) splits K over that many programs per row tile, for short wide
     matrices like w2 ([4096, 14336]: too few row tiles to fill a GPU): the result is then the fp32
     partial sums [split, M, N], to be summed by the caller (who usually sums over experts too).
+    ``blocks``: ``qgemv``'s block_n / block_k / num_warps / method overrides (micro-benchmarks).
     """
     m = slots.numel() * mats_per_slot
     if x.stride(-1) != 1:
@@ -179,16 +202,16 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
     group = (slots, slot_bytes, mat_bytes, x.stride(0) if x.shape[0] > 1 else 0, y.stride(-2), mats_per_slot, m,
              y.stride(0) if split > 1 else 0, split)
     if not x.is_cuda or x.device.index == torch.cuda.current_device():
-        _launch_gemv(x, y, 1, t, spec, group)
+        _launch_gemv(x, y, 1, t, spec, group, **blocks)
     else:
         with torch.cuda.device(x.device):
-            _launch_gemv(x, y, 1, t, spec, group)
+            _launch_gemv(x, y, 1, t, spec, group, **blocks)
     return y
 
 
 def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, group: tuple | None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                 tiles: int | None = None) -> None:
+                 tiles: int | None = None, method: str | None = None) -> None:
     """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices)."""
     p = _plan(spec)
     n, k = spec.out_features, spec.in_features
@@ -199,6 +222,15 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, y_s, split = group
     grouping = (slots, slot_bytes, mat_bytes, x_m, y_m)
     sx, sy = xs.stride(0), ys.stride(-2)
+    if tt == 1 and p["dp4a"] and (method or GEMV_METHOD) == "dp4a":
+        bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
+        xh, xl, xd, xsum = quantize_x(xs, 32 // p["pa"])
+        args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
+                1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
+                p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
+                spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda)
+        _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
+        return
     if p["words"]:
         r_tiles = min(tiles or p["tiles"], _CHUNK_T // tt)  # R * T <= 4 accumulators
         bw = max(1, bk * p["pa"] // 32)
@@ -211,6 +243,25 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
         args = (xs, ys, *tensors, *grouping, n, k, p["ms"], p["mz"], sx, sy, tt, p["pa"], p["pb"], spec.group_size,
                 spec.axis, spec.quant_scale, spec.quant_zero, mps, bn, bk)
         _gemv_generic[(triton.cdiv(n, bn), m)](*args, num_warps=nw)
+
+
+def quantize_x(x: Tensor, vw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Activations [T, K] as the dp4a kernel reads them: x ~ d * (h + l / 256), h and l int8.
+
+    Per row and word of ``vw`` weights (a 32-bit word of codes): ``h`` and ``l`` packed four to an
+    int32, in the order the kernel's byte masks pick codes ([T, vw/4, K/vw]: int32 j of word w holds
+    x[w*vw + b*vw/4 + j] in byte b); the step ``d`` (max |x| / 127 over 32 values) and the exact
+    fp32 sum of the word's x values (for the zero points). h + l/256 is within max/32512 of each value.
+    """
+    rows, k = x.shape
+    words = k // vw
+    xh = torch.empty(rows, vw // 4, words, dtype=torch.int32, device=x.device)
+    xl = torch.empty_like(xh)
+    xd = torch.empty(rows, words, dtype=torch.float32, device=x.device)
+    xsum = torch.empty_like(xd)
+    _quantize_x[(triton.cdiv(words, _QX_WORDS), rows)](x, xh, xl, xd, xsum, words, x.stride(0), VW=vw, CW=_QX_WORDS,
+                                                        num_warps=4)
+    return xh, xl, xd, xsum
 
 
 def dequantize_fused(t: dict[str, Tensor], spec: QSpec, dtype: torch.dtype = torch.float16,
@@ -271,12 +322,18 @@ if HAVE_TRITON:
         return (ptr.to(tl.pointer_type(tl.uint8)) + nbytes).to(ptr.dtype)
 
     @triton.jit
+    def _slot_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS: tl.constexpr):
+        """Bytes from slot 0's matrix to matrix ``program_id(1)`` of a grouped launch."""
+        m = tl.program_id(1)
+        return tl.load(slot_ptr + m // MPS).to(tl.int64) * SLOT_BYTES + (m % MPS).to(tl.int64) * MAT_BYTES
+
+    @triton.jit
     def _grouped_pointers(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                           slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS: tl.constexpr):
         """The pointers of matrix ``program_id(1)`` of a grouped launch (see ``qgemv_grouped``): the
         weight tensors moved from slot 0 to its slot (and to w3 for odd m when MPS is 2), x and y to its row."""
         m = tl.program_id(1)
-        off = tl.load(slot_ptr + m // MPS).to(tl.int64) * SLOT_BYTES + (m % MPS).to(tl.int64) * MAT_BYTES
+        off = _slot_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS)
         return (x_ptr + m * X_M, y_ptr + m * Y_M, _shift(qa_ptr, off), _shift(qb_ptr, off), _shift(s_ptr, off),
                 _shift(sms_ptr, off), _shift(smz_ptr, off), _shift(z_ptr, off), _shift(zms_ptr, off),
                 _shift(zmz_ptr, off))
@@ -308,6 +365,17 @@ if HAVE_TRITON:
                 return _meta_dequant(v, ms_ptr, mz_ptr, mi, mask)
         else:
             return tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _single_meta(ms_ptr, mz_ptr, QUANT: tl.constexpr, MODE: tl.constexpr):
+        """The one (step, zero) meta pair of a weight whose scales or zeros share it (mode 0), else zeros."""
+        ms = 0.0
+        mz = 0.0
+        if QUANT:
+            if MODE == 0:
+                ms = tl.load(ms_ptr).to(tl.float32)
+                mz = tl.load(mz_ptr).to(tl.float32)
+        return ms, mz
 
     @triton.jit
     def _pick(v0, v1, v2, v3, IDX: tl.constexpr):
@@ -393,18 +461,8 @@ if HAVE_TRITON:
         rows3 = rows0 + 3 * BLOCK_N
         qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
         qb_w = qb_ptr.to(tl.pointer_type(tl.int32))
-        ms0 = 0.0
-        mz0 = 0.0
-        if SQ:
-            if S_MODE == 0:
-                ms0 = tl.load(sms_ptr).to(tl.float32)
-                mz0 = tl.load(smz_ptr).to(tl.float32)
-        zms0 = 0.0
-        zmz0 = 0.0
-        if ZQ:
-            if Z_MODE == 0:
-                zms0 = tl.load(zms_ptr).to(tl.float32)
-                zmz0 = tl.load(zmz_ptr).to(tl.float32)
+        ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
+        zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
         acc0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
@@ -517,6 +575,112 @@ if HAVE_TRITON:
         if J > 3:
             rows = _pick(rows0, rows1, rows2, rows3, 3 % R)
             tl.store(y_ptr + (3 // R) * stride_y + rows, tl.sum(acc3, axis=1).to(out_ty), mask=rows < N)
+
+    @triton.jit
+    def _quantize_x(x_ptr, xh_ptr, xl_ptr, xd_ptr, xs_ptr, ROW_W, stride_x, VW: tl.constexpr, CW: tl.constexpr):
+        """``quantize_x`` for words [program_id(0) * CW, + CW) of row program_id(1)."""
+        J: tl.constexpr = VW // 4
+        WB: tl.constexpr = 32 // VW  # words per step (32 values)
+        row = tl.program_id(1)
+        w = tl.program_id(0) * CW + tl.arange(0, CW)
+        jj = tl.arange(0, J)
+        bb = tl.arange(0, 4)
+        k = w[:, None, None] * VW + bb[None, None, :] * J + jj[None, :, None]  # [CW, J, 4]
+        mask = k < ROW_W * VW
+        x = tl.load(x_ptr + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        amax = tl.max(tl.reshape(amax, [CW // WB, WB]), axis=1)
+        amax = tl.reshape(tl.broadcast_to(amax[:, None], [CW // WB, WB]), [CW])
+        d = tl.where(amax > 0, amax / 127.0, 1.0)
+        v = x / d[:, None, None]
+        h = tl.floor(v + 0.5)
+        lo = tl.minimum(tl.maximum(tl.floor((v - h) * 256.0 + 0.5), -128.0), 127.0)
+        sh = (bb * 8)[None, None, :]
+        ph = tl.sum((h.to(tl.int32) & 0xFF) << sh, axis=2)  # disjoint bytes: the sum is an OR
+        pl = tl.sum((lo.to(tl.int32) & 0xFF) << sh, axis=2)
+        mw = w < ROW_W
+        out = row * (J * ROW_W) + jj[None, :] * ROW_W + w[:, None]
+        m2 = mw[:, None] & (jj[None, :] < J)
+        tl.store(xh_ptr + out, ph, mask=m2)
+        tl.store(xl_ptr + out, pl, mask=m2)
+        tl.store(xd_ptr + row * ROW_W + w, d, mask=mw)
+        tl.store(xs_ptr + row * ROW_W + w, tl.sum(tl.sum(x, axis=2), axis=1), mask=mw)
+
+    @triton.jit
+    def _dp4a(a, b, c, ASM: tl.constexpr):
+        """``c`` + the dot product of the 4 unsigned bytes of ``a`` and the 4 signed bytes of ``b``:
+        one instruction on sm_61+ (T4 included); spelled out where inline PTX cannot run (interpreter)."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            for i in tl.static_range(4):
+                c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+            return c
+
+    @triton.jit
+    def _exact_float(v):
+        """int32 ``v`` (|v| < 2^22) as float32, by adding it to the bits of 1.5 * 2^23 (no I2F unit)."""
+        return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+    @triton.jit
+    def _gemv_dp4a(xh_ptr, xl_ptr, xd_ptr, xs_ptr, y_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                   slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD,
+                   PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
+                   Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                   ASM: tl.constexpr):
+        """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (h_i + l_i / 256) - z_w * sum_i x_i).
+
+        The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
+        the matching activation bytes by dp4a: per 4 weights one shift/AND and two dp4a (high and
+        low activation bytes), against ~3 float ops per weight in ``_gemv_words``. X_M = 1: matrix m
+        of a grouped launch has its own activation row m (else all share row 0).
+        """
+        VW: tl.constexpr = 32 // PA
+        J: tl.constexpr = VW // 4
+        WPG: tl.constexpr = G // VW
+        MASK: tl.constexpr = ((1 << PA) - 1) * 0x01010101
+        if MPS > 0:
+            off = _slot_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS)
+            qa_ptr, s_ptr, sms_ptr, smz_ptr = _shift(qa_ptr, off), _shift(s_ptr, off), _shift(sms_ptr, off), _shift(smz_ptr, off)
+            z_ptr, zms_ptr, zmz_ptr = _shift(z_ptr, off), _shift(zms_ptr, off), _shift(zmz_ptr, off)
+            m = tl.program_id(1)
+            y_ptr += m * Y_M
+            xr = m * X_M
+            xh_ptr += xr * (J * ROW_W)
+            xl_ptr += xr * (J * ROW_W)
+            xd_ptr += xr * ROW_W
+            xs_ptr += xr * ROW_W
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
+        ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
+        zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
+        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        w_lo = tl.program_id(2) * WPS
+        w_hi = tl.minimum(w_lo + WPS, ROW_W)
+        y_ptr += tl.program_id(2) * Y_S
+        a, _ = _load_words(qa_w, qa_w, rows, w_lo + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0)
+        for w0 in range(w_lo, w_hi, BLOCK_W):
+            offs_w = w0 + tl.arange(0, BLOCK_W)
+            mw = offs_w < w_hi
+            cur = a
+            a, _ = _load_words(qa_w, qa_w, rows, offs_w + BLOCK_W, N, ROW_W, ROW_W, 0)  # next block's codes
+            ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+            il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+            for j in tl.static_range(J):
+                c = (cur >> (PA * j)) & MASK
+                xh = tl.load(xh_ptr + j * ROW_W + offs_w, mask=mw, other=0)
+                xl = tl.load(xl_ptr + j * ROW_W + offs_w, mask=mw, other=0)
+                ih = _dp4a(c, tl.broadcast_to(xh[None, :], [BLOCK_N, BLOCK_W]), ih, ASM)
+                il = _dp4a(c, tl.broadcast_to(xl[None, :], [BLOCK_N, BLOCK_W]), il, ASM)
+            xd = tl.load(xd_ptr + offs_w, mask=mw, other=0.0)
+            xs = tl.load(xs_ptr + offs_w, mask=mw, other=0.0)
+            d = _exact_float(ih * 256 + il) * (xd * (1.0 / 256.0))[None, :]
+            kg = offs_w // WPG
+            s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+            z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+            acc += s * (d - z * xs[None, :])
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
     def _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2, mask, N, K, MS, MZ,

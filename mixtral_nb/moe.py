@@ -84,8 +84,8 @@ class OffloadedExperts(nn.Module):
         n = bufs.numel()
         y13 = kernels.qgemv_grouped(x, v[0], s1, bufs, cache.blob_bytes, 2, cache.fmt.w3_offset).view(n, 2, -1)
         h = self.act_fn(y13[:, 0]) * y13[:, 1]
-        # w2 is short and wide ([H, I]): split K so enough programs run; fp32 partial sums [split, n, H]
-        split = 4 if 2 * s2.out_features <= s2.in_features else 1
+        # w2 is short and wide ([H, I]): K may be split so enough programs run (fp32 partial sums [split, n, H])
+        split = kernels.grouped_split(s2)
         y = kernels.qgemv_grouped(h, v[2], s2, bufs, cache.blob_bytes, split=split).view(-1, n, s2.out_features)
         return (y.float() * weights.view(1, n, 1).float()).sum((0, 1)).view(1, -1).to(x.dtype)
 

@@ -75,10 +75,24 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                 cx = dict(common, T=t, R=min(tl_, 4 // t), S_MODE=p["s_mode"], Z_MODE=p["z_mode"], MPS=mps,
                           BLOCK_N=bn, BLOCK_W=max(1, bk * p["pa"] // 32))
                 out.append((f"{name}_gemv_words_{tag}", kernels._gemv_words, sig, cx, ints, nw))
-            elif split == 1:
+            if p["dp4a"] and t == 1:
+                bn_d, bw_d = p["dp4a_block"]
+                wps = p["row_words_a"] if split == 1 else -(-p["row_words_a"] // split)
+                sig_d = {"xh_ptr": "*i32", "xl_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": y_ty,
+                         **{a: v for a, v in ptrs.items() if a != "qb_ptr"}, "slot_ptr": sig["slot_ptr"]}
+                ints_d = dict(group, X_M=1 if mps == 1 else 0, WPS=wps, Y_S=2 * n if split > 1 else 0, N=n,
+                              ROW_W=p["row_words_a"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"])
+                cx_d = dict(PA=p["pa"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero, S_MODE=p["s_mode"],
+                            Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True)
+                out.append((f"{name}_gemv_dp4a_{tag}", kernels._gemv_dp4a, sig_d, cx_d, ints_d, nw))
+            if not p["words"] and split == 1:
                 ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
                 cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
                 out.append((f"{name}_gemv_generic_{tag}", kernels._gemv_generic, sig, cx, ints, nw))
+        if p["dp4a"]:
+            sig_q = {"x_ptr": "*fp16", "xh_ptr": "*i32", "xl_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32"}
+            out.append((f"{name}_quantize_x", kernels._quantize_x, sig_q, dict(VW=32 // p["pa"], CW=kernels._QX_WORDS),
+                        dict(ROW_W=p["row_words_a"], stride_x=k), 4))
         ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"])
         cx = dict(common, AXIS=spec.axis, BLOCK_N=kernels._DEQ_BLOCK[0], BLOCK_K=kernels._DEQ_BLOCK[1])
         out.append((f"{name}_dequant", kernels._dequant, {"w_ptr": "*fp16", **ptrs}, cx, ints, 4))
@@ -162,6 +176,21 @@ def time_fn(fn, n_sets: int) -> float:
         state["i"] += 1
 
     return triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def time_graphed(fn, n_sets: int, calls: int = 64) -> float:
+    """Seconds per ``fn(i)`` with ``calls`` calls (cycling i over weight sets) captured in one CUDA
+    graph: the GPU's time alone, as decode pays it inside its graphs (no Python launch overhead)."""
+    import triton.testing
+
+    for i in range(n_sets):  # compile and warm up outside the capture
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i % n_sets)
+    return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") / 1e3 / calls
 
 
 def copy_bw() -> float:
@@ -260,6 +289,78 @@ def bench(sweep: bool, only: list[str] | None = None) -> None:
         print(f"{name:24s} {t:2d} {var:26s} {sec * 1e6:8.1f} {gbs:7.0f} {frac:10.2f} {err:9.1e}")
 
 
+DP4A_SWEEP = [  # (block_n, block_w words, warps) for the dp4a kernel
+    (8, 64, 4), (16, 64, 4), (8, 32, 2), (8, 64, 2), (4, 64, 2), (16, 32, 4), (8, 128, 4), (4, 128, 4), (32, 32, 4),
+    (16, 128, 8),
+]
+
+
+def bench_methods(sweep: bool) -> None:
+    """The one-token GEMVs as decode launches them: dp4a vs words, plain and grouped (2 experts)."""
+    from mixtral_nb.expert import ExpertFormat
+
+    bw = copy_bw()
+    print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; HBM fraction below = bytes read / time / that")
+    cases = [("w1 2-bit 14336x4096", spec_of((14336, 4096), EXPERT)), ("w2 2-bit 4096x14336", spec_of((4096, 14336), EXPERT)),
+             ("q/o 4-bit 4096x4096", spec_of((4096, 4096), ATTN)), ("k/v 4-bit 1024x4096", spec_of((1024, 4096), ATTN))]
+    for name, spec in cases:
+        nbytes = weight_bytes(spec)
+        copies = max(2, -(-256 * 2**20 // nbytes))
+        sets = random_weights(spec, copies)
+        x = torch.randn(1, spec.in_features, device="cuda", dtype=torch.float16)
+        ref = kernels.qlinear_reference(x.float(), sets[0], spec)
+        for method in ("words", "dp4a"):
+            y = kernels.qgemv(x, sets[0], spec, method=method).float()
+            err = ((y - ref).norm() / ref.norm()).item()
+            sec = time_graphed(lambda i: kernels.qgemv(x, sets[i], spec, method=method), copies)
+            print(f"{name:22s} {method:5s} {sec * 1e6:7.1f} us {nbytes / sec / 1e9:6.0f} GB/s {nbytes / sec / bw:5.2f} "
+                  f"rel err {err:.1e}")
+        if sweep:
+            for bn, bwd, nw in DP4A_SWEEP:
+                sec = time_graphed(lambda i: kernels.qgemv(x, sets[i], spec, method="dp4a", block_n=bn,
+                                                      block_k=bwd * 32 // kernels._plan(spec)["pa"], num_warps=nw), copies)
+                print(f"  sweep {name} dp4a bn={bn:2d} bw={bwd:3d} warps={nw}: {sec * 1e6:7.1f} us "
+                      f"{nbytes / sec / bw:5.2f}")
+        sets.clear()
+        torch.cuda.empty_cache()
+    # grouped, as the Decoder runs an MoE layer: w1+w3 of 2 experts in one launch, then w2 of both
+    params = dict(EXPERT)
+    fmt = ExpertFormat.make(4096, 14336, params, torch.float16)
+    n_slots = 8
+    buf = torch.empty(n_slots, fmt.layout.total_bytes, dtype=torch.uint8, device="cuda")
+    from mixtral_nb.bench import fill_quantized
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for i in range(n_slots):
+        views = fmt.views(buf[i])
+        for v, spec in zip(views, fmt.specs):
+            fill_quantized(v, spec, gen)
+    views = fmt.views(buf[0])
+    s1, _, s2 = fmt.specs
+    pairs = [torch.tensor([i, (i + 3) % n_slots], dtype=torch.int32, device="cuda") for i in range(n_slots)]
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    h = torch.randn(2, 14336, device="cuda", dtype=torch.float16)
+    b13 = 2 * (weight_bytes(s1) * 2)
+    b2 = 2 * weight_bytes(s2)
+    for method in ("words", "dp4a"):
+        sec = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], buf.stride(0), 2, fmt.w3_offset,
+                                                      method=method), n_slots)
+        print(f"grouped w1+w3 x2 experts {method:5s} {sec * 1e6:7.1f} us {b13 / sec / bw:5.2f}")
+        for split in (1, 2, 4, 8):
+            sec = time_graphed(lambda i: kernels.qgemv_grouped(h, views[2], s2, pairs[i], buf.stride(0), split=split,
+                                                          method=method), n_slots)
+            print(f"grouped w2 x2 experts {method:5s} split={split} {sec * 1e6:7.1f} us {b2 / sec / bw:5.2f}")
+    if sweep:
+        for bn, bwd, nw in DP4A_SWEEP:
+            kw = dict(method="dp4a", block_n=bn, block_k=bwd * 16, num_warps=nw)
+            t13 = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], buf.stride(0), 2, fmt.w3_offset,
+                                                          **kw), n_slots)
+            t2 = time_graphed(lambda i: kernels.qgemv_grouped(h, views[2], s2, pairs[i], buf.stride(0), split=4, **kw),
+                         n_slots)
+            print(f"  sweep grouped dp4a bn={bn:2d} bw={bwd:3d} warps={nw}: w13 {t13 * 1e6:6.1f} us "
+                  f"{b13 / t13 / bw:5.2f}  w2(split4) {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -274,10 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench")
     b.add_argument("--sweep", action="store_true")
     b.add_argument("--cases", default=None, help="comma-separated substrings of case names to run")
+    b.add_argument("--methods", action="store_true", help="dp4a vs words, plain and grouped (decode's launches)")
     a = p.parse_args(argv)
     if a.cmd == "compile":
         return 0 if compile_all(a.arch or [75], a.out, a.sass, block_n=a.block_n, block_k=a.block_k,
                                 warps=a.warps, tiles=a.tiles) else 1
+    if a.methods:
+        bench_methods(a.sweep)
+        return 0
     bench(a.sweep, a.cases.split(",") if a.cases else None)
     return 0
 

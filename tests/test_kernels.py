@@ -101,6 +101,7 @@ def test_every_kernel_variant_compiles_for_a_t4(tmp_path):
     assert all(": OK" in ln and "SUSPECT" not in ln for ln in lines), "\n".join(ln for ln in lines if ": OK" not in ln
                                                                              or "SUSPECT" in ln)
     assert any("grouped2_splitk" in ln for ln in lines) and any("gemv_generic" in ln for ln in lines)
+    assert any("gemv_dp4a" in ln for ln in lines) and any("quantize_x" in ln for ln in lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +183,46 @@ def test_block_overrides_interpreted(interp):
         out = torch.full((1, 56), float("nan"), dtype=torch.float16)
         y = interp.qgemv(ref, t, spec, out=out, block_n=bn, block_k=bk, num_warps=2, tiles=tiles)
         assert rel_err(y, ref.double() @ w.T) < 2e-3, (bn, bk, tiles)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("vw", [16, 8])
+def test_quantize_x_interpreted(interp, vw):
+    """The dp4a kernel's activations: bytes in the order its masks pick codes, ~15 bits of each value."""
+    gen = torch.Generator().manual_seed(vw)
+    k = 64 * vw + 3 * 32  # a partial last program
+    x = torch.randn(2, k, generator=gen).half()
+    x[0, 7] = 300.0  # an outlier costs precision only within its 32 values
+    x[1, 40:72] = 0.0  # an all-zero block
+    xh, xl, xd, xs = interp.quantize_x(x, vw)
+    words = k // vw
+
+    def unpack(p):  # [T, vw/4, words] int32 -> [T, K] signed bytes at the weights they multiply
+        b = torch.stack([(p >> (8 * i)) & 0xFF for i in range(4)], -1)  # [T, J, W, 4]: byte b of int j
+        b = torch.where(b > 127, b - 256, b).permute(0, 2, 3, 1)  # [T, W, 4 (b), J]: k = w*vw + b*J + j
+        return b.reshape(2, k).double()
+
+    d = xd.double().repeat_interleave(vw, 1)
+    rebuilt = d * (unpack(xh) + unpack(xl) / 256)
+    block_max = x.double().abs().view(2, -1, 32).amax(-1).repeat_interleave(32, 1)
+    assert ((rebuilt - x.double()).abs() <= block_max / (127 * 256)).all()  # 1/512 of a step, 1/256 when l clamps
+    assert torch.allclose(xs.double(), x.double().view(2, words, vw).sum(-1), rtol=1e-6, atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("nbits,group", [(2, 16), (4, 64), (4, 32)])
+def test_dp4a_matches_words_interpreted(interp, nbits, group):
+    """Both one-token kernels agree with the reference, also on activations with outlier channels."""
+    gen = torch.Generator().manual_seed(nbits * group)
+    spec = make_spec((72, 512), nbits, group, 1)
+    assert kernels._plan(spec)["dp4a"]
+    t = random_tensors(spec, gen)
+    w = dequantize(t, spec).double()
+    x = torch.randn(1, 512, generator=gen).half()
+    x[0, ::97] *= 60
+    for method in ("dp4a", "words"):
+        out = torch.full((1, 72), float("nan"), dtype=torch.float16)
+        assert rel_err(interp.qgemv(x, t, spec, out=out, method=method), x.double() @ w.T) < 1e-3, method
 
 
 # ---------------------------------------------------------------------------------------------
