@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused import rms_norm, rope_and_cache
 from .graphs import CapturedGraph, GraphPool
 
 
@@ -123,18 +124,12 @@ class Decoder:
         layer = self.layers[i]
         a = layer.self_attn
         T = x.shape[0]
-        h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(T, self.nh, self.hd).transpose(0, 1)  # [heads, T, hd]
-        k = a.k_proj(h).view(T, self.nkv, self.hd).transpose(0, 1)
-        v = a.v_proj(h).view(T, self.nkv, self.hd).transpose(0, 1)
-        half = self.hd // 2
-        q = q * cos + torch.roll(q, half, -1) * sin
-        k = k * cos + torch.roll(k, half, -1) * sin
-        K, V = self.k[i], self.v[i]
-        K.index_copy_(1, positions, k)
-        V.index_copy_(1, positions, v)
+        norm = layer.input_layernorm
+        h = rms_norm(x, norm.weight, norm.variance_epsilon)
+        # q rotated to [heads, T, hd]; k rotated and v written into the cache at `positions`
+        q = rope_and_cache(a.q_proj(h), a.k_proj(h), a.v_proj(h), cos, sin, self.k[i], self.v[i], positions)
         length = mask.shape[-1]
-        K, V = K[:, :length], V[:, :length]
+        K, V = self.k[i][:, :length], self.v[i][:, :length]
         # query heads j*g .. j*g+g-1 share K/V head j: fold them into the query axis of head j, so
         # one plain SDPA call (fp32 softmax inside; memory-efficient kernel on GPUs) serves any T
         g = self.nh // self.nkv
@@ -146,7 +141,8 @@ class Decoder:
     def route(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer i's post-attention norm and router: (normed x, top-k weights, top-k expert ids)."""
         layer = self.layers[i]
-        h = layer.post_attention_layernorm(x)
+        norm = layer.post_attention_layernorm
+        h = rms_norm(x, norm.weight, norm.variance_epsilon)
         _, weights, idx = layer.mlp.gate(h)
         return h, weights, idx
 
@@ -159,7 +155,8 @@ class Decoder:
     def head(self, x: Tensor) -> Tensor:
         """Final norm and lm_head on the last row: logits [1, vocab]."""
         m = self.model
-        x = m.model.norm(x[-1:].to(m.model.norm.weight.device))
+        norm = m.model.norm
+        x = rms_norm(x[-1:].to(norm.weight.device), norm.weight, norm.variance_epsilon)
         return m.lm_head(x.to(m.lm_head.weight.device))
 
     # ------------------------------------------------------------------ running

@@ -96,6 +96,13 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
         ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"])
         cx = dict(common, AXIS=spec.axis, BLOCK_N=kernels._DEQ_BLOCK[0], BLOCK_K=kernels._DEQ_BLOCK[1])
         out.append((f"{name}_dequant", kernels._dequant, {"w_ptr": "*fp16", **ptrs}, cx, ints, 4))
+    from mixtral_nb import fused  # the Decoder's RMSNorm and rotary + cache-write kernels, Mixtral's sizes
+
+    out.append(("rms_norm", fused._rms_norm, {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "eps": "fp32"},
+                dict(BLOCK=4096), dict(H=4096, stride=4096), 4))
+    sig = {n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "out_ptr", "K_ptr", "V_ptr")}
+    out.append(("rope_cache", fused._rope_cache, dict(sig, pos_ptr="*i64"), dict(HD=128),
+                dict(T=1, NH=32, MAX_LEN=4096, stride_q=4096, stride_k=1024, stride_v=1024, stride_c=128), 1))
     return out
 
 

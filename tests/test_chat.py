@@ -237,7 +237,7 @@ def test_keyboard_interrupt_inside_the_model(tok, model, engine):
         if calls["n"] == 5:  # layer 1 of a decode step: layer 0 has already grown its cache
             raise KeyboardInterrupt
 
-    handle = model.model.layers[1].input_layernorm.register_forward_hook(hook)  # called by both engines
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(hook)  # called by both engines
     try:
         reply = session.send("interrupt me")
     finally:

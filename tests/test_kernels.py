@@ -325,3 +325,61 @@ def test_grouped_cuda(nbits, group, axis):
     for m in range(2):
         w = fmt.dense(buf[int(slots[m])].cpu())[2].double()
         assert rel_err(y2[m].cpu(), h[m].cpu().double() @ w.T) < 2e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# the Decoder's small fused kernels (fused.py) against their PyTorch spelling
+
+
+def _fused_cases(device: str):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 320, generator=gen) * 3).half().to(device)
+    w = (torch.rand(320, generator=gen) + 0.5).half().to(device)
+    T, nh, nkv, hd, max_len = 2, 4, 2, 16, 12
+    q, k, v = (torch.randn(T, n * hd, generator=gen).half().to(device) for n in (nh, nkv, nkv))
+    ang = torch.rand(T, hd // 2, generator=gen) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).half().to(device)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).half().to(device)
+    pos = torch.tensor([5, 9], device=device)
+    return x, w, (q, k, v, cos, sin, pos, nkv, max_len, hd)
+
+
+def _check_fused(fused, device: str):
+    x, w, (q, k, v, cos, sin, pos, nkv, max_len, hd) = _fused_cases(device)
+    h = x.float()
+    ref = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).half()
+    assert (fused.rms_norm(x, w, 1e-5).float() - ref.float()).abs().max() <= 2e-3 * ref.float().abs().max()
+    caches = [torch.full((nkv, max_len, hd), float("nan"), dtype=torch.float16, device=device) for _ in range(4)]
+    out = fused.rope_and_cache(q, k, v, cos, sin, caches[0], caches[1], pos)
+    T = q.shape[0]
+    qh, kh = q.view(T, -1, hd).transpose(0, 1).float(), k.view(T, nkv, hd).transpose(0, 1).float()
+    rot = lambda t: t * cos.float() + torch.roll(t, hd // 2, -1) * sin.float()  # noqa: E731
+    assert torch.allclose(out.float(), rot(qh), atol=2e-2, rtol=1e-2)
+    assert torch.allclose(caches[0][:, pos].float(), rot(kh), atol=2e-2, rtol=1e-2)
+    assert torch.equal(caches[1][:, pos], v.view(T, nkv, hd).transpose(0, 1))
+    untouched = torch.ones(max_len, dtype=torch.bool)
+    untouched[pos.cpu()] = False
+    assert caches[0][:, untouched.to(device)].isnan().all(), "positions other than `positions` were written"
+
+
+@needs_interpreter
+def test_fused_interpreted():
+    from mixtral_nb import fused
+
+    assert fused._use_triton(torch.zeros(1))
+    _check_fused(fused, "cpu")
+
+
+def test_fused_fallback():
+    from mixtral_nb import fused
+
+    if not INTERPRETING:
+        assert not fused._use_triton(torch.zeros(1))
+    _check_fused(fused, "cpu")
+
+
+@pytest.mark.gpu
+def test_fused_cuda():
+    from mixtral_nb import fused
+
+    _check_fused(fused, "cuda")

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Session 3 record run (2 GPUs): checks of this session's kernels, then issue 7 (one GPU at the T4
+# budget, and resident) and issue 8 (two GPUs, every expert resident) numbers.
+set -u
+OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+KEYS="decode_tok_s|prefill_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|t4_projected|peak_vram|pinned_host|h2d_gbps|wait_s|overhead_s|host_syncs|h2d_bytes|d2h_bytes|h2d_busy|outputs_finite|devices"
+step() { echo; echo "=== $1 ($(date +%T))"; }
+{ step env; $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())"
+  step "kernel + fused tests on CUDA"
+  timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "fused_cuda or grouped_cuda" 2>&1 | tail -n 2
+  step "decoder check (quantized, 1 and 2 GPUs)"
+  timeout 100 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json "$OUT/decoder_q.json" 2>&1 | grep -v -i warn | tail -n 1
+} 2>&1 | tee "$OUT/checks.txt"
+step "one GPU, 15 GiB cap: --compare --routing iid" | tee "$OUT/bench_compare_iid.txt"
+timeout 200 $PY -m mixtral_nb.bench --compare --routing iid --repeat 3 --new-tokens 64 --json "$OUT/compare_iid.json" 2>&1 \
+  | grep -v -i warn | tee -a "$OUT/bench_compare_iid.txt" | grep -E "$KEYS"
+step "two GPUs, 15 GiB cap each, every expert resident" | tee "$OUT/bench_two_gpus.txt"
+timeout 100 $PY -m mixtral_nb.bench --devices cuda:0,cuda:1 --offload-per-layer 0 --routing iid --repeat 3 --new-tokens 64 \
+  --json "$OUT/two_gpus.json" 2>&1 | grep -v -i warn | tee -a "$OUT/bench_two_gpus.txt" | grep -E "$KEYS"
+step "one GPU, no cap: --resident" | tee "$OUT/bench_resident.txt"
+timeout 80 $PY -m mixtral_nb.bench --resident --repeat 3 --new-tokens 64 --json "$OUT/resident.json" 2>&1 \
+  | grep -v -i warn | tee -a "$OUT/bench_resident.txt" | grep -E "$KEYS"
