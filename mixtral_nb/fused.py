@@ -35,8 +35,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x2 = x2.contiguous()
     y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     H = x2.shape[1]
-    _rms_norm[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), eps, BLOCK=triton.next_power_of_2(H),
-                              num_warps=4 if H <= 4096 else 8)
+    with kernels.on_device(x):
+        _rms_norm[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), eps, BLOCK=triton.next_power_of_2(H),
+                                  num_warps=4 if H <= 4096 else 8)
     return y.view(*x.shape[:-1], H)
 
 
@@ -59,8 +60,9 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, K:
         return qh
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     out = torch.empty(nh, T, hd, dtype=q.dtype, device=q.device)
-    _rope_cache[(T, nh + nkv)](q, k, v, cos, sin, positions, out, K, V, T, nh, max_len, q.stride(0), k.stride(0),
-                               v.stride(0), cos.stride(0), HD=hd, num_warps=1)
+    with kernels.on_device(q):
+        _rope_cache[(T, nh + nkv)](q, k, v, cos, sin, positions, out, K, V, T, nh, max_len, q.stride(0),
+                                   k.stride(0), v.stride(0), cos.stride(0), HD=hd, num_warps=1)
     return out
 
 

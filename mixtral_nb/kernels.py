@@ -22,6 +22,7 @@ power of two): full-rate integer and float ops instead of the quarter-rate int-t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any
@@ -65,18 +66,21 @@ def can_fuse(x: Tensor, spec: QSpec) -> bool:
     return HAVE_TRITON and not _DISABLE and x.is_cuda and x.dtype in _FUSED_DTYPES and spec.nbits in PLANES
 
 
+def on_device(x: Tensor) -> Any:
+    """Context that makes x's GPU the current device: Triton launches on the current device (and its
+    stream, the one being captured), while layers split over GPUs live on cuda:1 and on. The
+    context manager costs ~10 us of Python, so it is only entered when the devices differ."""
+    if not x.is_cuda or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
+
+
 def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
     """``x @ W.T`` where W is stored quantized in ``t`` (see ``quant`` for the format)."""
     if can_fuse(x, spec):
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, spec.in_features)
-        # Triton launches on the current device: make it x's (layers split over GPUs live on cuda:1..);
-        # the context manager costs ~10 us of Python, so only when the devices differ
-        if x.device.index == torch.cuda.current_device():
-            y = _fused(x2, t, spec)
-        else:
-            with torch.cuda.device(x.device):
-                y = _fused(x2, t, spec)
+        with on_device(x):
+            y = _fused(x.reshape(-1, spec.in_features), t, spec)
         return y.view(*lead, spec.out_features)
     return qlinear_reference(x, t, spec)
 
@@ -201,11 +205,8 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
         y = torch.empty(m, spec.out_features, dtype=x.dtype, device=x.device) if out is None else out
     group = (slots, slot_bytes, mat_bytes, x.stride(0) if x.shape[0] > 1 else 0, y.stride(-2), mats_per_slot, m,
              y.stride(0) if split > 1 else 0, split)
-    if not x.is_cuda or x.device.index == torch.cuda.current_device():
+    with on_device(x):
         _launch_gemv(x, y, 1, t, spec, group, **blocks)
-    else:
-        with torch.cuda.device(x.device):
-            _launch_gemv(x, y, 1, t, spec, group, **blocks)
     return y
 
 

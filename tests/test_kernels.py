@@ -380,6 +380,8 @@ def test_fused_fallback():
 
 @pytest.mark.gpu
 def test_fused_cuda():
+    """On every GPU, while cuda:0 is the current device (layers split over GPUs run like this)."""
     from mixtral_nb import fused
 
-    _check_fused(fused, "cuda")
+    for i in range(torch.cuda.device_count()):
+        _check_fused(fused, f"cuda:{i}")
