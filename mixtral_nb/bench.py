@@ -371,7 +371,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         if args.extra_host_slots >= 0:
             extra = args.extra_host_slots
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=4, offload_per_layer=opl,
-                            prefetch=args.prefetch, host_mirror=mirror, extra_host_slots=min(extra, L * (E - opl)))
+                            prefetch=args.prefetch, host_mirror=mirror, extra_host_slots=min(extra, L * (E - opl)),
+                            clean_window=args.clean_window)
     else:
         mirror = False
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=1, offload_per_layer=opl,
@@ -504,6 +505,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pinned-gib", type=float, default=11.0)
     p.add_argument("--extra-host-slots", type=int, default=-1,
                    help="swap mode: host blobs beyond the minimum (default: whatever --pinned-gib allows)")
+    p.add_argument("--clean-window", type=int, default=OffloadConfig.__dataclass_fields__["clean_window"].default,
+                   help="eviction may skip this many - 1 LRU experts for one with a host copy (1 = strict LRU)")
     p.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --tiny)")
     p.add_argument("--repeat", type=int, default=1, help="decode runs; the median is reported")

@@ -204,7 +204,7 @@ class ExpertCache:
             return lru[expert]
         victim = None
         if len(lru) >= self.slots:
-            victim = next((e for e in lru if e not in protect), None)
+            victim = self._victim(layer, protect)
             if victim is None:
                 return None
             if not self.gpu_free:  # no spare buffer: the victim's buffer must be freed first
@@ -227,6 +227,24 @@ class ExpertCache:
         if victim is not None:  # queued after the copy in, so the copy the compute needs starts first
             self._evict(layer, victim)
         return buf
+
+    def _victim(self, layer: int, protect: set[int] | frozenset[int]) -> int | None:
+        """The expert to evict: the least recently used one not in ``protect``, except that among the
+        ``clean_window`` least recent a clean one (its host copy still exists) goes first, since
+        evicting it needs no write-back (swap mode). None when every resident expert is protected."""
+        window = self.config.clean_window if not self.mirror else 1
+        first = None
+        for e in self.lru[layer]:  # least recent first
+            if e in protect:
+                continue
+            if first is None:
+                first = e
+            if self.host_of[layer][e] is not None:
+                return e
+            window -= 1
+            if window <= 0:
+                break
+        return first
 
     def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None) -> None:
         self.bytes_h2d += self.blob_bytes

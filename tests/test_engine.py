@@ -100,12 +100,13 @@ def test_quantized_equals_transformers_with_dequantized_weights(tiny_dir, tmp_pa
     assert (a - c).abs().max().item() > 1e-3
 
 
-def _blob_cache(experts: int = 4, slots: int = 2, mirror: bool = True, extra: int = 0, layers: int = 1) -> ExpertCache:
+def _blob_cache(experts: int = 4, slots: int = 2, mirror: bool = True, extra: int = 0, layers: int = 1,
+                window: int = 1) -> ExpertCache:
     fmt = ExpertFormat.make(8, 16, None, torch.float32)
     blobs = {(layer, e): fmt.encode(torch.full((16, 8), float(e + 100 * layer)), torch.zeros(16, 8),
                                     torch.zeros(8, 16)) for e in range(experts) for layer in range(layers)}
     cfg = OffloadConfig(main_size=slots * layers, offload_size=(experts - slots) * layers, buffer_size=1,
-                        offload_per_layer=experts - slots, prefetch=0, extra_host_slots=extra)
+                        offload_per_layer=experts - slots, prefetch=0, extra_host_slots=extra, clean_window=window)
     return ExpertCache(fmt, layers, experts, cfg, "cpu", lambda layer, e: blobs[(layer, e)], host_mirror=mirror)
 
 
@@ -127,11 +128,31 @@ def test_lru_eviction_order(mirror):
     assert st["bytes_d2h"] == (0 if mirror else 2 * cache.blob_bytes)
 
 
+@pytest.mark.parametrize("window", [1, 2])
+def test_clean_first_eviction(window):
+    """Swap mode with spare host blobs: a loaded expert keeps its host copy, and eviction prefers such
+    a clean expert within ``clean_window`` of the LRU end (no write-back); window 1 is strict LRU."""
+    cache = _blob_cache(mirror=False, extra=2, window=window)
+    cache.fetch(0, 2)  # evicts 0 (resident from the start: no host copy, written back); 2 keeps its copy
+    assert list(cache.lru[0]) == [1, 2] and cache.host_of[0][2] is not None
+    d2h = cache.stats()["bytes_d2h"]
+    assert d2h == cache.blob_bytes
+    cache.fetch(0, 3)
+    assert list(cache.lru[0]) == ([2, 3] if window == 1 else [1, 3])
+    assert cache.stats()["bytes_d2h"] == d2h + (cache.blob_bytes if window == 1 else 0)
+    for e, buf in cache.lru[0].items():
+        assert cache.gpu_views[buf][0][0, 0].item() == float(e)
+    for e in range(4):  # every expert is on the GPU or on the host, with its own values
+        if e not in cache.lru[0]:
+            assert cache.host[cache.host_of[0][e]][:4].view(torch.float32)[0].item() == float(e)
+
+
+@pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("extra", [0, 1, 5])
-def test_swap_mode_round_trips_experts(extra):
+def test_swap_mode_round_trips_experts(extra, window):
     """Random fetches over 3 layers: every slot always holds the expert the LRU names, and spare host
     blobs (extra_host_slots) only remove write-backs."""
-    cache = _blob_cache(experts=6, slots=2, mirror=False, extra=extra, layers=3)
+    cache = _blob_cache(experts=6, slots=2, mirror=False, extra=extra, layers=3, window=window)
     gen = torch.Generator().manual_seed(extra)
     for _ in range(300):
         layer, e = (int(v) for v in torch.randint(0, 6, (2,), generator=gen))
