@@ -58,14 +58,19 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                 "z_ptr": z_ty, "zms_ptr": "*fp16", "zmz_ptr": "*fp16"}
         common = dict(PA=p["pa"], PB=p["pb"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero)
         n, k = spec.out_features, spec.in_features
-        blob = 66404864  # an expert blob's bytes (the grouped launches' slot stride)
+        # an expert's blob bytes (the grouped launches' slot stride) and w3's offset in it: the real
+        # values, since the launcher specializes them (multiples of 16 let the kernels use 16-byte loads)
+        from mixtral_nb.expert import ExpertFormat
+
+        real = ExpertFormat.make(4096, 14336, EXPERT, torch.float16)
+        blob, w3_off = real.layout.total_bytes, real.w3_offset
         # plain launches T = 1..4 (MPS 0), and the grouped one-token launches: w1+w3 of each expert
         # (MPS 2), w2 of each expert (MPS 1, fp32 split-K partial sums on the word kernel)
         launches = [(f"T{t}", t, 0, 1) for t in (1, 2, 3, 4)] + [("grouped13", 1, 2, 1), ("grouped2_splitk", 1, 1, 4)]
         for tag, t, mps, split in launches:
             y_ty = "*fp32" if split > 1 else "*fp16"
             sig = {"x_ptr": "*fp16", "y_ptr": y_ty, **ptrs, "slot_ptr": "*i32" if mps else "*fp16"}
-            group = dict(SLOT_BYTES=blob if mps else 0, MAT_BYTES=blob // 3 if mps == 2 else 0,
+            group = dict(SLOT_BYTES=blob if mps else 0, MAT_BYTES=w3_off if mps == 2 else 0,
                          X_M=k if mps == 1 else 0, Y_M=n if mps else 0)
             if p["words"]:
                 wps = p["row_words_a"] if split == 1 else -(-p["row_words_a"] // split)
