@@ -10,6 +10,7 @@ PyTorch, which is also what the kernels are tested against.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -18,27 +19,40 @@ from . import kernels
 from .kernels import HAVE_TRITON, tl, triton
 
 
+_FAILED: list[str] = []  # a kernel that failed to build or launch here: the PyTorch spelling takes over
+
+
 def _use_triton(x: Tensor) -> bool:
     """CUDA tensors take the kernels (unless Triton is off); CPU ones too under Triton's interpreter (tests)."""
-    return HAVE_TRITON and not kernels._DISABLE and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return (HAVE_TRITON and not kernels._DISABLE and not _FAILED
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def _give_up(e: Exception) -> None:
+    _FAILED.append(f"{type(e).__name__}: {str(e)[:200]}")
+    warnings.warn(f"a fused Decoder kernel failed ({_FAILED[-1]}); using PyTorch ops for RMSNorm and rotary",
+                  RuntimeWarning, stacklevel=3)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last axis, as transformers' Mixtral RMSNorm
     computes it: statistics in fp32, the normalised row rounded to x's dtype, then scaled."""
-    if not _use_triton(x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    H = x2.shape[1]
-    with kernels.on_device(x):
-        _rms_norm[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), eps, BLOCK=triton.next_power_of_2(H),
-                                  num_warps=4 if H <= 4096 else 8)
-    return y.view(*x.shape[:-1], H)
+    if _use_triton(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        H = x2.shape[1]
+        try:
+            with kernels.on_device(x):
+                _rms_norm[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), eps, BLOCK=triton.next_power_of_2(H),
+                                          num_warps=4 if H <= 4096 else 8)
+            return y.view(*x.shape[:-1], H)
+        except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
+            _give_up(e)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, K: Tensor, V: Tensor,
@@ -49,21 +63,24 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, K:
     T = q.shape[0]
     nkv, max_len, hd = K.shape
     nh = q.shape[1] // hd
-    if not _use_triton(q):
-        qh = q.view(T, nh, hd).transpose(0, 1)
-        kh = k.view(T, nkv, hd).transpose(0, 1)
-        half = hd // 2
-        qh = qh * cos + torch.roll(qh, half, -1) * sin
-        kh = kh * cos + torch.roll(kh, half, -1) * sin
-        K.index_copy_(1, positions, kh)
-        V.index_copy_(1, positions, v.view(T, nkv, hd).transpose(0, 1))
-        return qh
-    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
-    out = torch.empty(nh, T, hd, dtype=q.dtype, device=q.device)
-    with kernels.on_device(q):
-        _rope_cache[(T, nh + nkv)](q, k, v, cos, sin, positions, out, K, V, T, nh, max_len, q.stride(0),
-                                   k.stride(0), v.stride(0), cos.stride(0), HD=hd, num_warps=1)
-    return out
+    if _use_triton(q):
+        q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
+        out = torch.empty(nh, T, hd, dtype=q.dtype, device=q.device)
+        try:
+            with kernels.on_device(q):
+                _rope_cache[(T, nh + nkv)](q, k, v, cos, sin, positions, out, K, V, T, nh, max_len, q.stride(0),
+                                           k.stride(0), v.stride(0), cos.stride(0), HD=hd, num_warps=1)
+            return out
+        except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
+            _give_up(e)
+    qh = q.view(T, nh, hd).transpose(0, 1)
+    kh = k.view(T, nkv, hd).transpose(0, 1)
+    half = hd // 2
+    qh = qh * cos + torch.roll(qh, half, -1) * sin
+    kh = kh * cos + torch.roll(kh, half, -1) * sin
+    K.index_copy_(1, positions, kh)
+    V.index_copy_(1, positions, v.view(T, nkv, hd).transpose(0, 1))
+    return qh
 
 
 if HAVE_TRITON:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -225,13 +226,18 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     sx, sy = xs.stride(0), ys.stride(-2)
     if tt == 1 and p["dp4a"] and (method or GEMV_METHOD) == "dp4a":
         bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
-        xh, xl, xd, xsum = quantize_x(xs, 32 // p["pa"])
-        args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
-                1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
-                p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
-                spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda)
-        _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
-        return
+        try:
+            xh, xl, xd, xsum = quantize_x(xs, 32 // p["pa"])
+            args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
+                    1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
+                    p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
+                    spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda)
+            _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
+            return
+        except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
+            if method == "dp4a":
+                raise
+            _give_up_dp4a(e)
     if p["words"]:
         r_tiles = min(tiles or p["tiles"], _CHUNK_T // tt)  # R * T <= 4 accumulators
         bw = max(1, bk * p["pa"] // 32)
@@ -244,6 +250,14 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
         args = (xs, ys, *tensors, *grouping, n, k, p["ms"], p["mz"], sx, sy, tt, p["pa"], p["pb"], spec.group_size,
                 spec.axis, spec.quant_scale, spec.quant_zero, mps, bn, bk)
         _gemv_generic[(triton.cdiv(n, bn), m)](*args, num_warps=nw)
+
+
+def _give_up_dp4a(e: Exception) -> None:
+    """Switch this process to the word kernel after the dp4a kernel failed to build or launch."""
+    global GEMV_METHOD
+    GEMV_METHOD = "words"
+    warnings.warn(f"the dp4a GEMV kernel failed ({type(e).__name__}: {str(e)[:200]}); using the fp32 word kernel "
+                  "(slower; set MIXTRAL_NB_GEMV=words to skip the attempt)", RuntimeWarning, stacklevel=4)
 
 
 def quantize_x(x: Tensor, vw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -385,3 +385,42 @@ def test_fused_cuda():
 
     for i in range(torch.cuda.device_count()):
         _check_fused(fused, f"cuda:{i}")
+
+
+class _Broken:
+    """Stands in for a Triton kernel that fails to build on this machine."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("inline PTX is not supported here")
+        return launch
+
+
+@needs_interpreter
+def test_dp4a_failure_falls_back_to_words_interpreted(interp, monkeypatch):
+    """A GPU stack that cannot build the dp4a kernel decodes on with the fp32 word kernel (one warning)."""
+    spec = make_spec((40, 256), 2, 16, 1)
+    t = random_tensors(spec, torch.Generator().manual_seed(1))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2)).half()
+    monkeypatch.setattr(interp, "_gemv_dp4a", _Broken())
+    monkeypatch.setattr(interp, "GEMV_METHOD", "dp4a")
+    with pytest.warns(RuntimeWarning, match="dp4a GEMV kernel failed"):
+        y = interp.qgemv(x, t, spec)
+    assert interp.GEMV_METHOD == "words"
+    assert rel_err(y, x.double() @ dequantize(t, spec).double().T) < 2e-3
+    with pytest.raises(RuntimeError, match="inline PTX"):  # asked for by name: the error is the caller's
+        interp.qgemv(x, t, spec, method="dp4a")
+
+
+@needs_interpreter
+def test_fused_failure_falls_back_to_torch_interpreted(monkeypatch):
+    from mixtral_nb import fused
+
+    monkeypatch.setattr(fused, "_rms_norm", _Broken())
+    monkeypatch.setattr(fused, "_FAILED", [])
+    x, w, _ = _fused_cases("cpu")
+    with pytest.warns(RuntimeWarning, match="fused Decoder kernel failed"):
+        y = fused.rms_norm(x, w, 1e-5)
+    assert not fused._use_triton(x)  # the rest of the process uses PyTorch ops
+    h = x.float()
+    assert torch.equal(y, w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).half())
