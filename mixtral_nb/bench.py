@@ -372,7 +372,7 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
             extra = args.extra_host_slots
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=4, offload_per_layer=opl,
                             prefetch=args.prefetch, host_mirror=mirror, extra_host_slots=min(extra, L * (E - opl)),
-                            clean_window=args.clean_window)
+                            clean_window=args.clean_window, split_copies=args.split_copies)
     else:
         mirror = False
         off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=1, offload_per_layer=opl,
@@ -507,6 +507,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="swap mode: host blobs beyond the minimum (default: whatever --pinned-gib allows)")
     p.add_argument("--clean-window", type=int, default=OffloadConfig.__dataclass_fields__["clean_window"].default,
                    help="eviction may skip this many - 1 LRU experts for one with a host copy (1 = strict LRU)")
+    p.add_argument("--split-copies", action="store_true",
+                   help="copy a missed expert as w1+w3, then w2, so its first products overlap the w2 copy")
     p.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --tiny)")
     p.add_argument("--repeat", type=int, default=1, help="decode runs; the median is reported")

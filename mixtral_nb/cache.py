@@ -76,6 +76,9 @@ class ExpertCache:
         self.gpu_rows = list(self.gpu.unbind(0))  # one view per buffer, made once (indexing costs a dispatch)
         self.gpu_views = [fmt.views(row) for row in self.gpu_rows]
         self.loaded = [self.s.event() for _ in range(n_gpu)]  # after the H2D copy into the buffer
+        # split copies: w1+w3 first (event loaded_up), then w2, so the first products need not wait for w2
+        self.split_at = fmt.w2_start if config.split_copies and fmt.specs is not None else 0
+        self.loaded_up = [self.s.event() for _ in range(n_gpu)] if self.split_at else []
         self.last_use = [self.s.event() for _ in range(n_gpu)]  # after the last kernel reading it
         self.written_back = [self.s.event() for _ in range(n_gpu)]  # after its D2H copy
         self.pending: set[int] = set()  # buffers whose H2D copy the compute stream has not waited on
@@ -249,9 +252,14 @@ class ExpertCache:
     def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None) -> None:
         self.bytes_h2d += self.blob_bytes
         self._dense.pop(buf, None)
+        cut = self.split_at
         if not self.s.cuda:
             t0 = time.perf_counter()
-            self.gpu_rows[buf].copy_(self.host[h])
+            if cut:
+                self.gpu_rows[buf][:cut].copy_(self.host[h][:cut])
+                self.gpu_rows[buf][cut:].copy_(self.host[h][cut:])
+            else:
+                self.gpu_rows[buf].copy_(self.host[h])
             self._time("h2d", t0, time.perf_counter())
             return
         with torch.cuda.stream(self.s.h2d):
@@ -259,7 +267,12 @@ class ExpertCache:
                 self.s.h2d.wait_event(ready)
             start, end = self.s.event(True), self.s.event(True)
             start.record()
-            self.gpu_rows[buf].copy_(self.host[h], non_blocking=True)
+            if cut:
+                self.gpu_rows[buf][:cut].copy_(self.host[h][:cut], non_blocking=True)
+                self.loaded_up[buf].record()
+                self.gpu_rows[buf][cut:].copy_(self.host[h][cut:], non_blocking=True)
+            else:
+                self.gpu_rows[buf].copy_(self.host[h], non_blocking=True)
             end.record()
             self.loaded[buf].record()
             self.host_read[h].record()
@@ -293,6 +306,14 @@ class ExpertCache:
             self._time("d2h", start, end)
             self.gpu_free.append((buf, self.written_back[buf]))
         self.host_of[layer][expert] = h
+
+    def use_up(self, buf: int) -> None:
+        """With split copies: make the compute stream wait for w1 and w3 of ``buf`` only (w2 may still
+        be arriving); ``use`` later waits for the rest."""
+        if buf in self.pending and self.split_at and self.s.cuda:
+            ev = self.loaded_up[buf]
+            if not ev.query():
+                self.s.compute().wait_event(ev)
 
     def use(self, buf: int, dtype: torch.dtype = torch.float32) -> tuple[tuple, tuple | None]:
         """(weights, specs) of a resident buffer for compute; the compute stream waits for its copy.

@@ -51,6 +51,12 @@ class ExpertFormat:
         return Layout.concat((n + ".", spec.layout()) for n, spec in zip(NAMES, self.specs))
 
     @functools.cached_property
+    def w2_start(self) -> int:
+        """Byte at which w2's tensors begin in a blob (w1 and w3 come first): a copy split there lets
+        an expert's w1/w3 products run while its w2 still arrives."""
+        return min(s.offset for s in self.layout.segments if s.name.startswith("w2"))
+
+    @functools.cached_property
     def w3_offset(self) -> int:
         """Bytes from each tensor of w1 to the same tensor of w3 in a blob: one number, so a grouped
         kernel launch can run w1 and w3 of an expert together (see ``kernels.qgemv_grouped``)."""

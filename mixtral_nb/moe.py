@@ -79,15 +79,26 @@ class OffloadedExperts(nn.Module):
     def run_group(self, x: Tensor, bufs: Tensor, weights: Tensor) -> Tensor:
         """``sum_i weights[i] * expert_i(x)`` for one token x [1, H], experts at GPU buffers ``bufs``
         (int32 [n], on the device): w1 and w3 of all n in one launch, w2 of all n in another."""
+        return self.run_down(self.run_up(x, bufs), bufs, weights)
+
+    def run_up(self, x: Tensor, bufs: Tensor) -> Tensor:
+        """``act(x @ w1.T) * (x @ w3.T)`` of the n experts at ``bufs``: [n, intermediate]."""
         cache = self.cache
-        v, (s1, _, s2) = cache.gpu_views[0], cache.fmt.specs
         n = bufs.numel()
-        y13 = kernels.qgemv_grouped(x, v[0], s1, bufs, cache.blob_bytes, 2, cache.fmt.w3_offset).view(n, 2, -1)
-        h = self.act_fn(y13[:, 0]) * y13[:, 1]
+        y13 = kernels.qgemv_grouped(x, cache.gpu_views[0][0], cache.fmt.specs[0], bufs, cache.blob_bytes, 2,
+                                    cache.fmt.w3_offset).view(n, 2, -1)
+        return self.act_fn(y13[:, 0]) * y13[:, 1]
+
+    def run_down(self, h: Tensor, bufs: Tensor, weights: Tensor) -> Tensor:
+        """``sum_i weights[i] * h[i] @ w2_i.T`` over the experts at ``bufs``: [1, H] in h's dtype."""
+        cache = self.cache
+        s2 = cache.fmt.specs[2]
+        n = bufs.numel()
         # w2 is short and wide ([H, I]): K may be split so enough programs run (fp32 partial sums [split, n, H])
         split = kernels.grouped_split(s2)
-        y = kernels.qgemv_grouped(h, v[2], s2, bufs, cache.blob_bytes, split=split).view(-1, n, s2.out_features)
-        return (y.float() * weights.view(1, n, 1).float()).sum((0, 1)).view(1, -1).to(x.dtype)
+        y = kernels.qgemv_grouped(h, cache.gpu_views[0][2], s2, bufs, cache.blob_bytes,
+                                  split=split).view(-1, n, s2.out_features)
+        return (y.float() * weights.view(1, n, 1).float()).sum((0, 1)).view(1, -1).to(h.dtype)
 
     def count_static_step(self) -> None:
         """Count one token's expert uses on the all-resident path (every use is a hit). The Decoder
@@ -121,18 +132,29 @@ class OffloadedExperts(nn.Module):
             host_np[self.cache_layer, gi, k:k + n] = [col[e] for e in group]
             # read by the GPU before this layer's next sync, one token later: safe to overwrite then
             dev[self.cache_layer, gi].copy_(self._staging[0][self.cache_layer, gi], non_blocking=True)
-            for e in group:
-                cache.use(bufs[e], x.dtype)
-            y = self._group_graph(gi, n, x, w)(x, w)
+            if cache.split_at and any(bufs[e] in cache.pending for e in group):
+                # split copies: w1/w3 of the arriving experts run while their w2 still copies
+                for e in group:
+                    cache.use_up(bufs[e])
+                up, down = self._group_graph(gi, n, x, w, split=True)
+                h = up(x)
+                for e in group:
+                    cache.use(bufs[e], x.dtype)
+                y = down(h, w)
+            else:
+                for e in group:
+                    cache.use(bufs[e], x.dtype)
+                y = self._group_graph(gi, n, x, w)(x, w)
             for e in group:
                 cache.release(bufs[e])
             out = y if out is None else out + y
         assert out is not None
         return out
 
-    def _group_graph(self, gi: int, n: int, x: Tensor, w: Tensor) -> Any:
-        """The captured ``run_group`` for group ``gi`` of size ``n`` (eager when graphs are off)."""
-        key = (gi, n, x.dtype, w.dtype)
+    def _group_graph(self, gi: int, n: int, x: Tensor, w: Tensor, split: bool = False) -> Any:
+        """The captured ``run_group`` for group ``gi`` of size ``n`` (eager when graphs are off); with
+        ``split``, two: ``run_up`` (x -> h) and ``run_down`` (h, w -> y), replayed around a copy wait."""
+        key = (gi, n, x.dtype, w.dtype, split)
         g = self._graphs.get(key)
         if g is None:
             row = self._staging[1][self.cache_layer, gi]
@@ -140,10 +162,21 @@ class OffloadedExperts(nn.Module):
 
             def fn(x: Tensor, w: Tensor) -> Tensor:
                 return self.run_group(x, row[:n], w.index_select(0, row[k:k + n]))
-            g = fn
+
+            def up(x: Tensor) -> Tensor:
+                return self.run_up(x, row[:n])
+
+            def down(h: Tensor, w: Tensor) -> Tensor:
+                return self.run_down(h, row[:n], w.index_select(0, row[k:k + n]))
+            g = (up, down) if split else fn
             if self.graphs:
                 try:
-                    g = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)], self.cache.graph_pool)
+                    pool = self.cache.graph_pool
+                    if split:
+                        gu = CapturedGraph(up, [torch.zeros_like(x)], pool)
+                        g = (gu, CapturedGraph(down, [gu.out, torch.zeros_like(w)], pool))
+                    else:
+                        g = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)], pool)
                 except RuntimeError as e:  # cannot capture here: launch the same kernels one by one
                     warnings.warn(f"CUDA graph capture failed ({e}); expert groups run without graphs",
                                   RuntimeWarning, stacklevel=2)

@@ -236,3 +236,27 @@ def test_layers_split_over_two_devices_equal_one(tiny_dir, ref_out, prefetch):
     assert st["misses"] > 0 and (st["prefetch_issued"] > 0) == (prefetch > 0)
     if prefetch:  # prefetches land in the second device's cache too
         assert model.expert_cache.caches[1].prefetch_issued > 0
+
+
+def test_split_copies_move_whole_experts():
+    """split_copies copies a blob in two parts (w1+w3, then w2): every resident buffer still holds its
+    expert's exact bytes, through loads, evictions and write-backs (swap mode)."""
+    q = article_quant_config()
+    fmt = ExpertFormat.make(32, 64, q.ffn)
+    assert 0 < fmt.w2_start < fmt.layout.total_bytes
+    gen = torch.Generator().manual_seed(0)
+    blobs = {(layer, e): torch.randint(0, 256, (fmt.layout.total_bytes,), dtype=torch.uint8, generator=gen)
+             for layer in range(2) for e in range(6)}
+    cfg = OffloadConfig(main_size=4, offload_size=8, buffer_size=1, offload_per_layer=4, prefetch=0,
+                        extra_host_slots=1, split_copies=True)
+    cache = ExpertCache(fmt, 2, 6, cfg, "cpu", lambda layer, e: blobs[(layer, e)].clone(), host_mirror=False)
+    assert cache.split_at == fmt.w2_start
+    for _ in range(60):
+        layer, e = (int(v) for v in torch.randint(0, 6, (2,), generator=gen))
+        layer %= 2
+        buf = cache.fetch(layer, e)
+        cache.use_up(buf)  # no-op on CPU; the GPU path waits for w1+w3 here
+        assert torch.equal(cache.gpu_rows[buf], blobs[(layer, e)])
+    for layer in range(2):
+        for e, b in cache.lru[layer].items():
+            assert torch.equal(cache.gpu_rows[b], blobs[(layer, e)])
