@@ -49,8 +49,9 @@ _CHUNK_T = 4  # rows one GEMV launch handles
 _DEQ_BLOCK = (16, 128)  # dequantize kernel tile (rows, columns)
 _FUSED_DTYPES = (torch.float16, torch.float32)
 _DISABLE = os.environ.get("MIXTRAL_NB_NO_TRITON", "") not in ("", "0")
-# one-token GEMV of 2/4-bit weights: "dp4a" (8-bit activations, integer dot products; the default)
-# or "words" (fp16 activations, float math per weight); an A/B switch for benchmarks
+# one-token GEMV of 2/4-bit weights: "dp4a" (8-bit activations, integer dot products; the default),
+# "dp4a_ahead" (the same, scale/zero codes loaded a step ahead; not yet measured) or "words" (fp16
+# activations, float math per weight); an A/B switch for benchmarks
 GEMV_METHOD = os.environ.get("MIXTRAL_NB_GEMV", "dp4a")
 _QX_WORDS = 64  # words of x one quantize program handles
 
@@ -224,18 +225,19 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, y_s, split = group
     grouping = (slots, slot_bytes, mat_bytes, x_m, y_m)
     sx, sy = xs.stride(0), ys.stride(-2)
-    if tt == 1 and p["dp4a"] and (method or GEMV_METHOD) == "dp4a":
+    meth = method or GEMV_METHOD
+    if tt == 1 and p["dp4a"] and meth.startswith("dp4a"):
         bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
         try:
             xh, xl, xd, xsum = quantize_x(xs, 32 // p["pa"])
             args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
                     1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
-                    spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda)
+                    spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead")
             _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
-            if method == "dp4a":
+            if method:
                 raise
             _give_up_dp4a(e)
     if p["words"]:
@@ -363,23 +365,43 @@ if HAVE_TRITON:
         return (bits | ((150 - SHIFT) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
 
     @triton.jit
-    def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
-                       QUANT: tl.constexpr, MODE: tl.constexpr):
-        """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``)."""
+    def _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, QUANT: tl.constexpr, MODE: tl.constexpr):
+        """The raw loads behind ``_scale_or_zero`` (8-bit codes or fp16 values, and the gathered meta
+        entries), unconverted, so a loop can issue them a step before they are used."""
         c = rows[:, None] * GPR + kg[None, :]
         mask = (rows[:, None] < N) & mw[None, :]
         if QUANT:
-            v = _small_int(tl.load(ptr + c, mask=mask, other=0).to(tl.int32), 0)
+            raw = tl.load(ptr + c, mask=mask, other=0)
             if MODE == 0:
-                return (v - mz0) * ms0
+                return raw, raw, raw
             else:
                 if MODE == 1:
                     mi = (rows % MOD)[:, None] * GPR + kg[None, :]
                 else:
                     mi = c % MOD
-                return _meta_dequant(v, ms_ptr, mz_ptr, mi, mask)
+                return raw, tl.load(ms_ptr + mi, mask=mask, other=0.0), tl.load(mz_ptr + mi, mask=mask, other=0.0)
         else:
-            return tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
+            raw = tl.load(ptr + c, mask=mask, other=0.0)
+            return raw, raw, raw
+
+    @triton.jit
+    def _sz_value(raw, ms, mz, ms0, mz0, QUANT: tl.constexpr, MODE: tl.constexpr):
+        """Step sizes or zero points from ``_sz_load``'s values: (code - meta zero) * meta step, or fp16 as is."""
+        if QUANT:
+            v = _small_int(raw.to(tl.int32), 0)
+            if MODE == 0:
+                return (v - mz0) * ms0
+            else:
+                return (v - mz.to(tl.float32)) * ms.to(tl.float32)
+        else:
+            return raw.to(tl.float32)
+
+    @triton.jit
+    def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
+                       QUANT: tl.constexpr, MODE: tl.constexpr):
+        """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``)."""
+        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, QUANT, MODE)
+        return _sz_value(raw, ms, mz, ms0, mz0, QUANT, MODE)
 
     @triton.jit
     def _single_meta(ms_ptr, mz_ptr, QUANT: tl.constexpr, MODE: tl.constexpr):
@@ -643,13 +665,15 @@ if HAVE_TRITON:
                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD,
                    PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
                    Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                   ASM: tl.constexpr):
+                   ASM: tl.constexpr, AHEAD: tl.constexpr):
         """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (h_i + l_i / 256) - z_w * sum_i x_i).
 
         The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
         the matching activation bytes by dp4a: per 4 weights one shift/AND and two dp4a (high and
         low activation bytes), against ~3 float ops per weight in ``_gemv_words``. X_M = 1: matrix m
-        of a grouped launch has its own activation row m (else all share row 0).
+        of a grouped launch has its own activation row m (else all share row 0). AHEAD: the weight
+        codes are loaded two steps ahead (one otherwise) and the scale and zero codes (and their meta
+        entries) one step ahead instead of in the step that uses them.
         """
         VW: tl.constexpr = 32 // PA
         J: tl.constexpr = VW // 4
@@ -675,11 +699,26 @@ if HAVE_TRITON:
         w_hi = tl.minimum(w_lo + WPS, ROW_W)
         y_ptr += tl.program_id(2) * Y_S
         a, _ = _load_words(qa_w, qa_w, rows, w_lo + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0)
+        if AHEAD:  # codes two steps ahead (the compiler issues a prefetch late in the step), scales one
+            a2, _ = _load_words(qa_w, qa_w, rows, w_lo + BLOCK_W + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0)
+            first = w_lo + tl.arange(0, BLOCK_W)
+            sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, first // WPG, first < w_hi, N, S_MOD, GPR, SQ, S_MODE)
+            zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, first // WPG, first < w_hi, N, Z_MOD, GPR, ZQ, Z_MODE)
         for w0 in range(w_lo, w_hi, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
             mw = offs_w < w_hi
             cur = a
-            a, _ = _load_words(qa_w, qa_w, rows, offs_w + BLOCK_W, N, ROW_W, ROW_W, 0)  # next block's codes
+            if AHEAD:
+                a = a2
+                a2, _ = _load_words(qa_w, qa_w, rows, offs_w + 2 * BLOCK_W, N, ROW_W, ROW_W, 0)
+            else:
+                a, _ = _load_words(qa_w, qa_w, rows, offs_w + BLOCK_W, N, ROW_W, ROW_W, 0)  # next block's codes
+            if AHEAD:
+                s = _sz_value(sr, sms, smz, ms0, mz0, SQ, S_MODE)
+                z = _sz_value(zr, zms, zmz, zms0, zmz0, ZQ, Z_MODE)
+                nxt = offs_w + BLOCK_W
+                sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, nxt // WPG, nxt < w_hi, N, S_MOD, GPR, SQ, S_MODE)
+                zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, nxt // WPG, nxt < w_hi, N, Z_MOD, GPR, ZQ, Z_MODE)
             ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             for j in tl.static_range(J):
@@ -691,9 +730,10 @@ if HAVE_TRITON:
             xd = tl.load(xd_ptr + offs_w, mask=mw, other=0.0)
             xs = tl.load(xs_ptr + offs_w, mask=mw, other=0.0)
             d = _exact_float(ih * 256 + il) * (xd * (1.0 / 256.0))[None, :]
-            kg = offs_w // WPG
-            s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
-            z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+            if not AHEAD:
+                kg = offs_w // WPG
+                s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+                z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
             acc += s * (d - z * xs[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 

@@ -220,9 +220,11 @@ def test_dp4a_matches_words_interpreted(interp, nbits, group):
     w = dequantize(t, spec).double()
     x = torch.randn(1, 512, generator=gen).half()
     x[0, ::97] *= 60
-    for method in ("dp4a", "words"):
-        out = torch.full((1, 72), float("nan"), dtype=torch.float16)
-        assert rel_err(interp.qgemv(x, t, spec, out=out, method=method), x.double() @ w.T) < 1e-3, method
+    for method in ("dp4a", "dp4a_ahead", "words"):
+        for bn, bk in ((None, None), (4, 8 * 32 // nbits)):  # default blocks; 8 words a step: 4+ steps a row
+            out = torch.full((1, 72), float("nan"), dtype=torch.float16)
+            y = interp.qgemv(x, t, spec, out=out, method=method, block_n=bn, block_k=bk)
+            assert rel_err(y, x.double() @ w.T) < 1e-3, (method, bn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,9 +301,10 @@ def test_grouped_split_k_interpreted(interp, nbits):
     s2 = fmt.specs[2]
     slots = torch.tensor([2, 0], dtype=torch.int32)
     h = torch.randn(2, 4096, generator=gen).half()
-    for split in (2, 3, 5):  # 5: some programs get no words and must write zeros
+    for split, method in ((2, None), (3, None), (5, None), (3, "dp4a_ahead")):  # 5: programs with no words
         out = torch.full((split, 2, 32), float("nan"), dtype=torch.float32)
-        y = interp.qgemv_grouped(h, fmt.views(buf[0])[2], s2, slots, buf.stride(0), out=out, split=split)
+        kw = {"method": method} if method and nbits == 2 else {}
+        y = interp.qgemv_grouped(h, fmt.views(buf[0])[2], s2, slots, buf.stride(0), out=out, split=split, **kw)
         for m in range(2):
             w = fmt.dense(buf[slots[m]])[2].double()
             assert rel_err(y.sum(0)[m], h[m].double() @ w.T) < 1e-4, (split, m)
