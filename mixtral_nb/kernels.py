@@ -379,7 +379,8 @@ if HAVE_TRITON:
                     mi = (rows % MOD)[:, None] * GPR + kg[None, :]
                 else:
                     mi = c % MOD
-                return raw, tl.load(ms_ptr + mi, mask=mask, other=0.0), tl.load(mz_ptr + mi, mask=mask, other=0.0)
+                mz = tl.load(mz_ptr + mi, mask=mask, other=0.0)
+                return raw, tl.load(ms_ptr + mi, mask=mask, other=0.0), mz
         else:
             raw = tl.load(ptr + c, mask=mask, other=0.0)
             return raw, raw, raw
