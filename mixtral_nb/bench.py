@@ -407,11 +407,13 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
 
         decoder = Decoder(model, DecoderConfig(max_len=args.prompt_len + args.new_tokens + 1))
     with torch.inference_mode():
-        # warm-up (allocator, launchers; the decoder captures its graphs for the lengths measured)
-        _generate(model, prompt, 4, device, decoder=decoder)
-        _generate(model, prompt[:, : min(8, args.prompt_len)], 4, device, decoder=decoder)
+        # warm-up (allocator, launchers); the decoder's is the measured run itself, so it captures the
+        # graphs of every cache length that run reaches
         if decoder is not None:
             _generate(model, prompt, args.new_tokens, device, decoder=decoder)
+        else:
+            _generate(model, prompt, 4, device)
+            _generate(model, prompt[:, : min(8, args.prompt_len)], 4, device)
         if args.profile:
             _profile_decode(model, prompt, device, args.profile, decoder=decoder)
         prefill_times, decode_times = [], []

@@ -507,11 +507,15 @@ class ChatSession:
     def _input_device(self) -> torch.device:
         return self._input_device_of(self.model)
 
+    def _fits(self, decoder: Decoder | None) -> bool:
+        """Whether ``decoder`` exists and its KV cache holds ``context_budget`` positions."""
+        return decoder is not None and decoder.config.max_len >= self.context_budget
+
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
         if self.engine == "decoder":  # one Decoder per session: its graphs and KV memory are reused
-            if self._decoder is None or self._decoder.config.max_len < self.context_budget:
+            if not self._fits(self._decoder):
                 self._decoder = None  # free the old one's KV memory before allocating the new
                 self._decoder = Decoder(self.model, DecoderConfig(max_len=self.context_budget))
             self._decoder.reset()
@@ -552,7 +556,7 @@ class ChatSession:
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
         """Reuse the cached common prefix of ``ids`` and run the rest; return (logits, reused)."""
-        if self._cache is None or isinstance(self._cache, Decoder) and self._cache.config.max_len < self.context_budget:
+        if self._cache is None or isinstance(self._cache, Decoder) and not self._fits(self._cache):
             self._cache = self._new_cache()  # first turn, or context_budget raised past the Decoder's KV cache
             self._cache_ids = []
         _crop_cache(self._cache, len(self._cache_ids))  # undo a half-finished forward, if any

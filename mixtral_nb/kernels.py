@@ -680,14 +680,11 @@ if HAVE_TRITON:
         J: tl.constexpr = VW // 4
         WPG: tl.constexpr = G // VW
         MASK: tl.constexpr = ((1 << PA) - 1) * 0x01010101
-        if MPS > 0:
-            off = _slot_offset(slot_ptr, SLOT_BYTES, MAT_BYTES, MPS)
-            qa_ptr, s_ptr, sms_ptr, smz_ptr = _shift(qa_ptr, off), _shift(s_ptr, off), _shift(sms_ptr, off), _shift(smz_ptr, off)
-            z_ptr, zms_ptr, zmz_ptr = _shift(z_ptr, off), _shift(zms_ptr, off), _shift(zmz_ptr, off)
-            m = tl.program_id(1)
-            y_ptr += m * Y_M
-            xr = m * X_M
-            xh_ptr += xr * (J * ROW_W)
+        if MPS > 0:  # the weights at matrix m's slot; its activation row m when X_M is 1
+            xh_ptr, y_ptr, qa_ptr, _, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
+                xh_ptr, y_ptr, qa_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                slot_ptr, SLOT_BYTES, MAT_BYTES, X_M * (J * ROW_W), Y_M, MPS)
+            xr = tl.program_id(1) * X_M
             xl_ptr += xr * (J * ROW_W)
             xd_ptr += xr * ROW_W
             xs_ptr += xr * ROW_W

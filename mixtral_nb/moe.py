@@ -122,17 +122,17 @@ class OffloadedExperts(nn.Module):
             host = torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, pin_memory=True)
             self._staging = (host, torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, device=x.device), host.numpy())
         _, dev, host_np = self._staging
-        ready = [e for e in order if bufs[e] not in cache.pending]
-        groups = [g for g in (ready, [e for e in order if bufs[e] in cache.pending]) if g]
+        arriving = [e for e in order if bufs[e] in cache.pending]
+        groups = [(g, g is arriving) for g in ([e for e in order if bufs[e] not in cache.pending], arriving) if g]
         out: Tensor | None = None
         w = top_k_weights.view(-1)
-        for gi, group in enumerate(groups):
+        for gi, (group, copying) in enumerate(groups):
             n = len(group)
             host_np[self.cache_layer, gi, :n] = [bufs[e] for e in group]
             host_np[self.cache_layer, gi, k:k + n] = [col[e] for e in group]
             # read by the GPU before this layer's next sync, one token later: safe to overwrite then
             dev[self.cache_layer, gi].copy_(self._staging[0][self.cache_layer, gi], non_blocking=True)
-            if cache.split_at and any(bufs[e] in cache.pending for e in group):
+            if cache.split_at and copying:
                 # split copies: w1/w3 of the arriving experts run while their w2 still copies
                 for e in group:
                     cache.use_up(bufs[e])
@@ -160,14 +160,14 @@ class OffloadedExperts(nn.Module):
             row = self._staging[1][self.cache_layer, gi]
             k = self.top_k
 
-            def fn(x: Tensor, w: Tensor) -> Tensor:
-                return self.run_group(x, row[:n], w.index_select(0, row[k:k + n]))
-
             def up(x: Tensor) -> Tensor:
                 return self.run_up(x, row[:n])
 
             def down(h: Tensor, w: Tensor) -> Tensor:
                 return self.run_down(h, row[:n], w.index_select(0, row[k:k + n]))
+
+            def fn(x: Tensor, w: Tensor) -> Tensor:
+                return down(up(x), w)
             g = (up, down) if split else fn
             if self.graphs:
                 try:

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# Session 2 record run, on a 2-GPU machine: checks, then issue 7 (one GPU) and issue 8 (two GPUs) numbers.
-set -u
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-KEYS="decode_tok_s|prefill_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|t4_projected|peak_vram|pinned_host|h2d_gbps|wait_s|overhead_s|host_syncs|h2d_bytes|d2h_bytes|h2d_busy|outputs_finite|devices"
-step() { echo; echo "=== $1 ($(date +%T))"; }
+# The record run, on a 2-GPU machine: checks, then issue 7 (one GPU) and issue 8 (two GPUs) numbers
+# (sessions 2 and 3; the CUDA kernel-test step was added in session 3).
+source "$(dirname "$0")/gpu_common.sh"
 { step env; $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())"
+  step "kernel + fused tests on CUDA"
+  timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "fused_cuda or grouped_cuda" 2>&1 | tail -n 2
   step "split check (transformers forward, 2 GPUs vs 1)"
   timeout 60 $PY scripts/gpu_engine_check.py split --json "$OUT/split.json" 2>&1 | grep -v -i warn | tail -n 1
   step "decoder check (quantized, 1 and 2 GPUs)"

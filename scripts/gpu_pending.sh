@@ -2,12 +2,8 @@
 # One GPU pass for what landed without a GPU at the end of session 3: correctness first, then A/B
 # timings of the two default-off options (split_copies, dp4a_ahead). Run with kind nvidia-h200-x2 so the
 # decoder check covers two GPUs; every bench runs on cuda:0 at the T4 budget.
-set -u
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-PY=${PY:-python3}
+source "$(dirname "$0")/gpu_common.sh"
 KEYS="decode_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|d2h_bytes|h2d_busy|wait_s|overhead_s"
-step() { echo; echo "=== $1 ($(date +%T))"; }
 { step "kernel tests on CUDA"; timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 | tail -n 2
   step "decoder check (run_up/run_down, split_copies config, 1 and 2 GPUs)"
   timeout 150 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json "$OUT/decoder_q.json" 2>&1 | grep -v -i warn | tail -n 1

@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
 # One GPU pass for the Decoder work: kernel tests, Decoder equivalence, then the two benchmark targets.
-set -u
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-step() { echo; echo "=== $1 ($(date +%T))"; }
+source "$(dirname "$0")/gpu_common.sh"
 { step kernels
   timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "${KTESTS:-cuda}" 2>&1 | tail -n 5
   step "decoder quantized"

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Session 3, first GPU pass: re-check session 2's unverified commits, probe SM copies of pinned memory,
 # and profile where a decode step's GPU time goes (resident and offloaded) and how the GEMV configs compare.
-set -u
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-step() { echo; echo "=== $1 ($(date +%T))"; }
+source "$(dirname "$0")/gpu_common.sh"
 { step kernels
   timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 | tail -n 5
   step "decoder quantized"

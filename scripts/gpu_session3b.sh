@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
 # Session 3, second GPU pass: the dp4a GEMV (correctness, micro-benchmarks, block sweep), then the model.
-set -u
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-step() { echo; echo "=== $1 ($(date +%T))"; }
+source "$(dirname "$0")/gpu_common.sh"
 KEYS="decode_tok_s|efficiency|overhead_s|speedup"
 { step kernels
   timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 | tail -n 4

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Session 3, third GPU pass (2 GPUs): graph-timed GEMVs, decoder precision with both GEMV methods,
 # issue 8's two-GPU run against the one-GPU T4 budget, and a profile of the offloaded decode.
-set -u
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-step() { echo; echo "=== $1 ($(date +%T))"; }
+source "$(dirname "$0")/gpu_common.sh"
 KEYS="decode_tok_s|efficiency|overhead_s|speedup|hit_rate|h2d_busy|wait_s"
 step methods; timeout 200 $PY scripts/kernel_bench.py bench --methods --sweep 2>&1 | tee "$OUT/methods.txt" | grep -v "^  sweep" 
 grep "^  sweep" "$OUT/methods.txt" | sort -t: -k2 -n | head -n 0
