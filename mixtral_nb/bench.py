@@ -234,6 +234,15 @@ class IIDRouting:
     def __init__(self, model: Any, seed: int = 1234) -> None:
         torch.manual_seed(seed)
         self.handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
+        self.E, self.k = model.config.num_local_experts, model.config.num_experts_per_tok
+
+    def route(self, i: int, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The same draw for the Decoder (``Decoder.routing``), which computes routing without the gate
+        module: random logits, then the fused softmax/top-k (two launches instead of the router's eight
+        plus this hook's eight)."""
+        from .fused import route_topk
+
+        return route_topk(torch.randn(h.shape[0], self.E, device=h.device, dtype=torch.float32), None, self.k)
 
     def _hook(self, module: Any, inputs: Any, output: Any) -> tuple[Tensor, Tensor, Tensor]:
         logits, scores, _ = output  # MixtralTopKRouter returns (logits, top-k weights, top-k indices)
@@ -406,6 +415,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         from .decoder import Decoder, DecoderConfig
 
         decoder = Decoder(model, DecoderConfig(max_len=args.prompt_len + args.new_tokens + 1))
+        if routing is not None:
+            decoder.routing = routing.route
     with torch.inference_mode():
         # warm-up (allocator, launchers); the decoder's is the measured run itself, so it captures the
         # graphs of every cache length that run reaches

@@ -262,20 +262,21 @@ class ExpertCache:
                 self.gpu_rows[buf].copy_(self.host[h])
             self._time("h2d", t0, time.perf_counter())
             return
-        with torch.cuda.stream(self.s.h2d):
+        st = self.s.h2d  # events name their stream: record() without one looks the current stream up (µs each)
+        start, end = self.s.event(True), self.s.event(True)
+        with torch.cuda.stream(st):
             if ready is not None:
-                self.s.h2d.wait_event(ready)
-            start, end = self.s.event(True), self.s.event(True)
-            start.record()
+                st.wait_event(ready)
+            start.record(st)
             if cut:
                 self.gpu_rows[buf][:cut].copy_(self.host[h][:cut], non_blocking=True)
-                self.loaded_up[buf].record()
+                self.loaded_up[buf].record(st)
                 self.gpu_rows[buf][cut:].copy_(self.host[h][cut:], non_blocking=True)
             else:
                 self.gpu_rows[buf].copy_(self.host[h], non_blocking=True)
-            end.record()
-            self.loaded[buf].record()
-            self.host_read[h].record()
+        end.record(st)
+        self.loaded[buf].record(st)
+        self.host_read[h].record(st)
         self._time("h2d", start, end)
         self.pending.add(buf)
 
@@ -293,16 +294,17 @@ class ExpertCache:
             self._time("d2h", t0, time.perf_counter())
             self.gpu_free.append((buf, None))
         else:
-            with torch.cuda.stream(self.s.d2h):
-                self.s.d2h.wait_event(self.loaded[buf])  # a prefetched copy may still be arriving
-                self.s.d2h.wait_event(self.last_use[buf])
+            st = self.s.d2h
+            start, end = self.s.event(True), self.s.event(True)
+            with torch.cuda.stream(st):
+                st.wait_event(self.loaded[buf])  # a prefetched copy may still be arriving
+                st.wait_event(self.last_use[buf])
                 if ready is not None:
-                    self.s.d2h.wait_event(ready)
-                start, end = self.s.event(True), self.s.event(True)
-                start.record()
+                    st.wait_event(ready)
+                start.record(st)
                 self.host[h].copy_(self.gpu_rows[buf], non_blocking=True)
-                end.record()
-                self.written_back[buf].record()
+            end.record(st)
+            self.written_back[buf].record(st)
             self._time("d2h", start, end)
             self.gpu_free.append((buf, self.written_back[buf]))
         self.host_of[layer][expert] = h
@@ -337,10 +339,12 @@ class ExpertCache:
                 self._time("wait", start, end)
         return self.gpu_views[buf], self.fmt.specs
 
-    def release(self, buf: int) -> None:
-        """Mark the end of the kernels that read ``buf`` (copies into it will wait for them)."""
+    def release(self, *bufs: int) -> None:
+        """Mark the end of the kernels that read ``bufs`` (copies into them will wait for them)."""
         if self.s.cuda:
-            self.last_use[buf].record(self.s.compute())
+            stream = self.s.compute()
+            for buf in bufs:
+                self.last_use[buf].record(stream)
 
     def note_prediction(self, predicted: set[int], actual: set[int]) -> None:
         """Score a next-layer routing guess once the real routing is known."""

@@ -8,10 +8,15 @@ of the ~20 kernels per layer costs a launch. This file drives the same modules o
 - K and V live in preallocated [kv_heads, max_len, head_dim] tensors per layer, written in place at
   the token's position, so no address changes from one step to the next;
 - attention reads the cache up to a bucket (a multiple of ``bucket`` positions) and masks the rest;
+- the router is one fused kernel on ``gate.weight`` (``fused.route_topk``; ``Decoder.routing``
+  replaces it, e.g. with the benchmark's random routing), and q, k and v share one quantization of
+  their input;
 - on CUDA a decode step replays CUDA graphs, captured once per bucket: one per device when every
   expert is resident (the grouped expert kernels look experts up on the GPU: no host sync at all),
   otherwise one per layer for attention + router, with the experts (one host sync per layer: which
-  experts to load) run eagerly in between.
+  experts to load) run eagerly in between, and one per device and token for what the layers share
+  (rotary rows, attention mask). With offloaded experts those graphs run while the copy engine
+  waits for the next layer's routing, so every kernel they save is copy time gained.
 
 Prefill (several tokens) runs eagerly through the same functions. Logits match transformers' own
 forward (tests/test_decoder.py).
@@ -27,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import rms_norm, rope_and_cache
+from . import kernels
+from .fused import rms_norm, rope_and_cache, route_topk
 from .graphs import CapturedGraph, GraphPool
 
 
@@ -77,6 +83,8 @@ class Decoder:
             self.arange[d] = torch.arange(n, device=d)
             self.pos_t[d] = torch.zeros(1, dtype=torch.long, device=d)
         self.pos = 0
+        # (layer index, normed hidden [T, H]) -> (top-k weights [T, k], expert ids [T, k]); None: the router
+        self.routing: Any = None
         self._graphs: dict[int, list[Any]] = {}  # bucket length -> stages
         self._pool = GraphPool()
         experts = [layer.mlp.experts for layer in self.layers]
@@ -109,14 +117,16 @@ class Decoder:
 
     def step_inputs(self, dev: torch.device, positions: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """What every layer on ``dev`` shares in one forward: positions, their rotary cos and (signed)
-        sin [T, hd], and the attention mask [g*T, length] (True = may attend), computed once."""
+        sin [T, hd], and the additive attention mask [g*T, length] (0 = may attend, -inf = not), computed
+        once (SDPA would turn a boolean mask into this in every layer)."""
         cos_t, sin_t = self.rope[dev]
         keys = self.arange[dev][:length]
         allowed = keys[None, :] <= positions[:, None]  # [T, length]: causal, and nothing past the sequence
         if self.window:
             allowed = allowed & (keys[None, :] > positions[:, None] - self.window)
         g = self.nh // self.nkv
-        return positions, cos_t.index_select(0, positions), sin_t.index_select(0, positions), allowed.repeat(g, 1)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        return positions, cos_t.index_select(0, positions), sin_t.index_select(0, positions), mask.repeat(g, 1)
 
     def attention(self, i: int, x: Tensor, step: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
         """Layer i's attention block on x [T, H] (``step`` from ``step_inputs``): returns x + attn(norm(x))."""
@@ -126,8 +136,11 @@ class Decoder:
         T = x.shape[0]
         norm = layer.input_layernorm
         h = rms_norm(x, norm.weight, norm.variance_epsilon)
+        projs = (a.q_proj, a.k_proj, a.v_proj)
+        xq = kernels.shared_x(h, [getattr(p, "spec", None) for p in projs])  # one quantize_x for the three
+        q, k, v = (p(h) if xq is None else p(h, xq) for p in projs)
         # q rotated to [heads, T, hd]; k rotated and v written into the cache at `positions`
-        q = rope_and_cache(a.q_proj(h), a.k_proj(h), a.v_proj(h), cos, sin, self.k[i], self.v[i], positions)
+        q = rope_and_cache(q, k, v, cos, sin, self.k[i], self.v[i], positions)
         length = mask.shape[-1]
         K, V = self.k[i][:, :length], self.v[i][:, :length]
         # query heads j*g .. j*g+g-1 share K/V head j: fold them into the query axis of head j, so
@@ -143,7 +156,11 @@ class Decoder:
         layer = self.layers[i]
         norm = layer.post_attention_layernorm
         h = rms_norm(x, norm.weight, norm.variance_epsilon)
-        _, weights, idx = layer.mlp.gate(h)
+        if self.routing is not None:
+            weights, idx = self.routing(i, h)
+        else:
+            gate = layer.mlp.gate
+            weights, idx = route_topk(h, gate.weight.to(h.dtype), gate.top_k)
         return h, weights, idx
 
     def layer(self, i: int, x: Tensor, step: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
@@ -198,7 +215,10 @@ class Decoder:
                 self.use_graphs = self.static = False
                 return self._eager(ids, length)
         x = self.model.model.embed_tokens(ids.to(self.devs[0]))
-        for kind, first, last, g in stages:
+        for si, (kind, first, last, g) in enumerate(stages):
+            if kind == "prep":  # rotary rows and mask of this token, shared by the device's layers
+                g(self.pos_t[self.devs[first]])
+                continue
             x = x.to(self.devs[first])
             if kind == "layers":  # every expert resident: the whole range is one graph
                 x = g(x)
@@ -206,7 +226,13 @@ class Decoder:
                     self.layers[i].mlp.experts.count_static_step()
             else:  # attention + router replayed, experts eager (they decide which copies to start)
                 x_mid, h, weights, idx = g(x)
-                x = x_mid + self.layers[first].mlp.experts(h, idx, weights)
+                y = self.layers[first].mlp.experts(h, idx, weights)
+                # the residual sum lands in the next graph's input buffer: no copy at its replay
+                nxt = stages[si + 1] if si + 1 < len(stages) else None
+                if nxt is not None and nxt[0] == "attention" and self.devs[nxt[1]] == self.devs[first]:
+                    x = torch.add(x_mid, y, out=nxt[3].inputs[0])
+                else:
+                    x = x_mid + y
         return self.head(x)
 
     def _capture(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
@@ -215,6 +241,7 @@ class Decoder:
         stages: list[tuple[str, int, int, CapturedGraph]] = []
 
         hits = [layer.mlp.experts.cache.hits for layer in self.layers]
+        preps: dict[torch.device, CapturedGraph] = {}
         i = 0
         while i < len(self.layers):
             dev = self.devs[i]
@@ -233,9 +260,12 @@ class Decoder:
                 stages.append(("layers", i, j, CapturedGraph(run, [x], self._pool)))
             else:
                 j = i + 1
+                if dev not in preps:
+                    preps[dev] = CapturedGraph(lambda p, dev=dev: self.step_inputs(dev, p, length), [pos], self._pool)
+                    stages.append(("prep", i, i, preps[dev]))
 
-                def attn_route(x: Tensor, k: int = i, dev: torch.device = dev, pos: Tensor = pos) -> tuple[Tensor, ...]:
-                    x = self.attention(k, x, self.step_inputs(dev, pos, length))
+                def attn_route(x: Tensor, k: int = i, step: tuple[Tensor, ...] = preps[dev].out) -> tuple[Tensor, ...]:
+                    x = self.attention(k, x, step)
                     return (x, *self.route(k, x))
                 stages.append(("attention", i, j, CapturedGraph(attn_route, [x], self._pool)))
             i = j

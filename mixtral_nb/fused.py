@@ -1,10 +1,14 @@
-"""Small fused kernels for the Decoder's step: RMSNorm, and rotary embedding + KV-cache write.
+"""Small fused kernels for the Decoder's step: RMSNorm, rotary embedding + KV-cache write, the
+router's top-k, and the weighted sum of expert outputs.
 
-Why: in a one-token step every PyTorch op is its own launch of ~1-3 us, and the math between the
-big matrix products is many such ops: transformers' RMSNorm is 7 (cast, square, mean, add, rsqrt,
-multiply, cast) and the rotary embedding with the cache write another ~10, twice per layer. On
-CUDA each function below is one Triton launch; elsewhere (CPU, no Triton) it runs the same math in
-PyTorch, which is also what the kernels are tested against.
+Why: in a one-token step every PyTorch op is its own launch of ~1-3 us (plus ~1 us between kernels
+even inside a CUDA graph), and the math between the big matrix products is many such ops:
+transformers' RMSNorm is 7 (cast, square, mean, add, rsqrt, multiply, cast), the rotary embedding
+with the cache write another ~10, the router ~8 (linear, cast, softmax, top-k, sum, divide) and
+the weighted sum of the experts' outputs ~5. With offloaded experts these kernels sit between one
+layer's last expert copy and the next layer's first, while the copy engine idles. On CUDA each
+function below is one Triton launch; elsewhere (CPU, no Triton) it runs the same math in PyTorch,
+which is also what the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
@@ -30,7 +35,8 @@ def _use_triton(x: Tensor) -> bool:
 
 def _give_up(e: Exception) -> None:
     _FAILED.append(f"{type(e).__name__}: {str(e)[:200]}")
-    warnings.warn(f"a fused Decoder kernel failed ({_FAILED[-1]}); using PyTorch ops for RMSNorm and rotary",
+    warnings.warn(f"a fused Decoder kernel failed ({_FAILED[-1]}); using PyTorch ops for RMSNorm, rotary, routing "
+                  "and expert sums",
                   RuntimeWarning, stacklevel=3)
 
 
@@ -83,7 +89,102 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, K:
     return qh
 
 
+def route_topk(x: Tensor, weight: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """Mixtral's router on x [T, H] with gate weight [E, H]: (top-k weights fp32 [T, k], expert ids
+    int64 [T, k]), the weights being the top-k softmax probabilities renormalised to sum to 1. With
+    ``weight`` None, x holds the router logits [T, E] themselves (e.g. random ones, for benchmarks)."""
+    if _use_triton(x):
+        x2 = x if x.stride(-1) == 1 else x.contiguous()
+        T = x2.shape[0]
+        E = x2.shape[1] if weight is None else weight.shape[0]
+        wts = torch.empty(T, k, dtype=torch.float32, device=x.device)
+        ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
+        try:
+            with kernels.on_device(x):
+                _route_topk[(T,)](x2, x2 if weight is None else weight, wts, ids, x2.shape[1], E, x2.stride(0),
+                                  HAS_W=weight is not None, K=k, KP=triton.next_power_of_2(k),
+                                  BE=max(2, triton.next_power_of_2(E)), BH=256, num_warps=4)
+            return wts, ids
+        except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
+            _give_up(e)
+    logits = x if weight is None else F.linear(x, weight)
+    top = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    return top.values / top.values.sum(dim=-1, keepdim=True), top.indices
+
+
+def weighted_sum(y: Tensor, weights: Tensor, cols: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """``sum over s, i of y[s, i] * weights[cols[i]]`` -> [1, H] in ``dtype``: the expert outputs
+    y [S, n, H] (S partial sums of a split-K launch, n experts) weighted by their router weights.
+    ``cols`` (int32 [n], on the device) picks each expert's column of ``weights``; None: column i."""
+    dtype = dtype or y.dtype
+    S, n, H = y.shape
+    if _use_triton(y) and y.is_contiguous() and weights.is_contiguous():
+        out = torch.empty(1, H, dtype=dtype, device=y.device)
+        try:
+            with kernels.on_device(y):
+                _weighted_sum[(triton.cdiv(H, 1024),)](y, weights, weights if cols is None else cols, out, S, n, H,
+                                                       HAS_COLS=cols is not None, BLOCK=1024, num_warps=4)
+            return out
+        except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
+            _give_up(e)
+    w = weights.reshape(-1) if cols is None else weights.reshape(-1).index_select(0, cols)
+    return (y.float() * w.view(1, n, 1).float()).sum((0, 1)).view(1, H).to(dtype)
+
+
 if HAVE_TRITON:
+
+    @triton.jit
+    def _route_topk(x_ptr, w_ptr, wout_ptr, iout_ptr, H, E, stride_x, HAS_W: tl.constexpr, K: tl.constexpr,
+                    KP: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr):
+        """One row per program: logits (x @ W.T in fp32, rounded to x's dtype as F.linear returns
+        them), softmax, then K rounds of "take the largest" (lowest id on ties), renormalised."""
+        row = tl.program_id(0)
+        e = tl.arange(0, BE)
+        em = e < E
+        if HAS_W:
+            acc = tl.zeros((BE, BH), dtype=tl.float32)
+            for h0 in range(0, H, BH):
+                hh = h0 + tl.arange(0, BH)
+                hm = hh < H
+                xv = tl.load(x_ptr + row * stride_x + hh, mask=hm, other=0.0).to(tl.float32)
+                wv = tl.load(w_ptr + e[:, None] * H + hh[None, :], mask=em[:, None] & hm[None, :], other=0.0)
+                acc += wv.to(tl.float32) * xv[None, :]
+            logit = tl.sum(acc, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            logit = tl.load(x_ptr + row * stride_x + e, mask=em, other=0.0).to(tl.float32)
+        logit = tl.where(em, logit, float("-inf"))
+        p = tl.exp(logit - tl.max(logit, axis=0))
+        p = tl.where(em, p / tl.sum(p, axis=0), -1.0)
+        j = tl.arange(0, KP)
+        vals = tl.zeros((KP,), dtype=tl.float32)
+        ids = tl.zeros((KP,), dtype=tl.int32)
+        for r in tl.static_range(K):
+            m = tl.max(p, axis=0)
+            i = tl.min(tl.where(p == m, e, BE), axis=0)
+            vals = tl.where(j == r, m, vals)
+            ids = tl.where(j == r, i, ids)
+            p = tl.where(e == i, -2.0, p)
+        jm = j < K
+        vals = tl.where(jm, vals, 0.0)
+        tl.store(wout_ptr + row * K + j, vals / tl.sum(vals, axis=0), mask=jm)
+        tl.store(iout_ptr + row * K + j, ids.to(tl.int64), mask=jm)
+
+    @triton.jit
+    def _weighted_sum(y_ptr, w_ptr, c_ptr, out_ptr, S, N, H, HAS_COLS: tl.constexpr, BLOCK: tl.constexpr):
+        """Program per BLOCK outputs: fp32 sum over the S splits and N experts, weight per expert."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < H
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, N):
+            if HAS_COLS:
+                wi = tl.load(w_ptr + tl.load(c_ptr + i)).to(tl.float32)
+            else:
+                wi = tl.load(w_ptr + i).to(tl.float32)
+            part = tl.zeros((BLOCK,), dtype=tl.float32)
+            for s in range(0, S):
+                part += tl.load(y_ptr + (s * N + i) * H + offs, mask=m, other=0.0).to(tl.float32)
+            acc += part * wi
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _rms_norm(x_ptr, w_ptr, y_ptr, H, stride, eps, BLOCK: tl.constexpr):

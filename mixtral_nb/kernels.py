@@ -77,20 +77,36 @@ def on_device(x: Tensor) -> Any:
     return torch.cuda.device(x.device)
 
 
-def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
-    """``x @ W.T`` where W is stored quantized in ``t`` (see ``quant`` for the format)."""
+def qlinear(x: Tensor, t: dict[str, Tensor], spec: QSpec, xq: tuple[Tensor, ...] | None = None) -> Tensor:
+    """``x @ W.T`` where W is stored quantized in ``t`` (see ``quant`` for the format); ``xq``: x as
+    ``shared_x`` prepared it for several projections of the same x (one quantize_x launch, not one each)."""
     if can_fuse(x, spec):
         lead = x.shape[:-1]
         with on_device(x):
-            y = _fused(x.reshape(-1, spec.in_features), t, spec)
+            y = _fused(x.reshape(-1, spec.in_features), t, spec, xq)
         return y.view(*lead, spec.out_features)
     return qlinear_reference(x, t, spec)
 
 
-def _fused(x2: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
+def _fused(x2: Tensor, t: dict[str, Tensor], spec: QSpec, xq: tuple[Tensor, ...] | None = None) -> Tensor:
     if x2.shape[0] <= GEMV_MAX_T:
-        return qgemv(x2, t, spec)
+        return qgemv(x2, t, spec, xq=xq)
     return F.linear(x2, dequantize_fused(t, spec, x2.dtype))
+
+
+def shared_x(x: Tensor, specs: list[QSpec | None]) -> tuple[Tensor, ...] | None:
+    """x [1, K] quantized once for the dp4a GEMVs of every spec (e.g. q, k and v of one layer), or
+    None when one of them would not take that path or the specs want different word widths."""
+    if x.dim() != 2 or x.shape[0] != 1 or not GEMV_METHOD.startswith("dp4a"):
+        return None
+    if not all(s is not None and can_fuse(x, s) and _plan(s)["dp4a"] for s in specs):
+        return None
+    widths = {_plan(s)["pa"] for s in specs if s is not None}
+    if len(widths) != 1:
+        return None
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    with on_device(x):
+        return quantize_x(x, 32 // widths.pop())
 
 
 def qlinear_reference(x: Tensor, t: dict[str, Tensor], spec: QSpec) -> Tensor:
@@ -154,14 +170,15 @@ def _meta_args(t: dict[str, Tensor], spec: QSpec) -> tuple[Tensor, ...]:
 
 def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = None, block_n: int | None = None,
           block_k: int | None = None, num_warps: int | None = None, tiles: int | None = None,
-          method: str | None = None) -> Tensor:
+          method: str | None = None, xq: tuple[Tensor, ...] | None = None) -> Tensor:
     """Fused dequantize + GEMV for x [T, K] (any T; launched in chunks of 4 rows) -> [T, N].
 
     Runs wherever Triton runs: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     ``out`` (contiguous [T, N]) lets tests pass a poisoned buffer; the block arguments override
     the tuned defaults (micro-benchmarks; ``block_k`` counts weights, ``tiles`` is the word
     kernel's R: row tiles per program sharing each x load, 1, 2 or 4); ``method`` picks the
-    one-row kernel ("dp4a" or "words", default ``GEMV_METHOD``).
+    one-row kernel ("dp4a" or "words", default ``GEMV_METHOD``); ``xq``: a one-row x already
+    quantized for the dp4a kernel (``shared_x``).
     """
     n = spec.out_features
     if x.stride(-1) != 1:
@@ -171,7 +188,7 @@ def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = Non
     for r in range(0, rows, _CHUNK_T):
         tt = min(_CHUNK_T, rows - r)
         xs, ys = (x, y) if rows <= _CHUNK_T else (x[r:r + tt], y[r:r + tt])
-        _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles, method)
+        _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles, method, xq if rows == 1 else None)
     return y
 
 
@@ -214,8 +231,9 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
 
 def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, group: tuple | None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                 tiles: int | None = None, method: str | None = None) -> None:
-    """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices)."""
+                 tiles: int | None = None, method: str | None = None, xq: tuple[Tensor, ...] | None = None) -> None:
+    """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices); ``xq``:
+    the row already quantized for the dp4a kernel (``shared_x``)."""
     p = _plan(spec)
     n, k = spec.out_features, spec.in_features
     bn, bk, nw = block_n or p["block_n"], block_k or p["block_k"], num_warps or p["warps"]
@@ -229,7 +247,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     if tt == 1 and p["dp4a"] and meth.startswith("dp4a"):
         bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
         try:
-            xh, xl, xd, xsum = quantize_x(xs, 32 // p["pa"])
+            xh, xl, xd, xsum = xq if xq is not None else quantize_x(xs, 32 // p["pa"])
             args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
                     1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import kernels
 from .cache import ExpertCache
 from .expert import expert_forward
+from .fused import weighted_sum
 from .graphs import CapturedGraph
 
 
@@ -89,8 +90,9 @@ class OffloadedExperts(nn.Module):
                                     cache.fmt.w3_offset).view(n, 2, -1)
         return self.act_fn(y13[:, 0]) * y13[:, 1]
 
-    def run_down(self, h: Tensor, bufs: Tensor, weights: Tensor) -> Tensor:
-        """``sum_i weights[i] * h[i] @ w2_i.T`` over the experts at ``bufs``: [1, H] in h's dtype."""
+    def run_down(self, h: Tensor, bufs: Tensor, weights: Tensor, cols: Tensor | None = None) -> Tensor:
+        """``sum_i weights[cols[i]] * h[i] @ w2_i.T`` over the experts at ``bufs`` (cols None: i):
+        [1, H] in h's dtype."""
         cache = self.cache
         s2 = cache.fmt.specs[2]
         n = bufs.numel()
@@ -98,7 +100,7 @@ class OffloadedExperts(nn.Module):
         split = kernels.grouped_split(s2)
         y = kernels.qgemv_grouped(h, cache.gpu_views[0][2], s2, bufs, cache.blob_bytes,
                                   split=split).view(-1, n, s2.out_features)
-        return (y.float() * weights.view(1, n, 1).float()).sum((0, 1)).view(1, -1).to(h.dtype)
+        return weighted_sum(y, weights, cols, h.dtype)
 
     def count_static_step(self) -> None:
         """Count one token's expert uses on the all-resident path (every use is a hit). The Decoder
@@ -145,8 +147,7 @@ class OffloadedExperts(nn.Module):
                 for e in group:
                     cache.use(bufs[e], x.dtype)
                 y = self._group_graph(gi, n, x, w)(x, w)
-            for e in group:
-                cache.release(bufs[e])
+            cache.release(*(bufs[e] for e in group))
             out = y if out is None else out + y
         assert out is not None
         return out
@@ -164,7 +165,7 @@ class OffloadedExperts(nn.Module):
                 return self.run_up(x, row[:n])
 
             def down(h: Tensor, w: Tensor) -> Tensor:
-                return self.run_down(h, row[:n], w.index_select(0, row[k:k + n]))
+                return self.run_down(h, row[:n], w, row[k:k + n])
 
             def fn(x: Tensor, w: Tensor) -> Tensor:
                 return down(up(x), w)

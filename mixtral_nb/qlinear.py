@@ -39,14 +39,15 @@ class QuantLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.stored(), self.spec, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, xq: tuple[Tensor, ...] | None = None) -> Tensor:
+        """``x @ W.T``; ``xq`` is x as ``kernels.shared_x`` quantized it for several projections."""
         if x.device.type == "cpu":
             # CPU: dequantizing costs far more than the matmul; keep the float weight (attention is small)
             w = self._dense
             if w is None or w.dtype != x.dtype:
                 w = self._dense = self.dequantized(x.dtype)
             return F.linear(x, w)
-        return kernels.qlinear(x, self.stored(), self.spec)
+        return kernels.qlinear(x, self.stored(), self.spec, xq)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixtral_nb import kernels
 from mixtral_nb.quant import QSpec, dequantize
@@ -227,6 +228,19 @@ def test_dp4a_matches_words_interpreted(interp, nbits, group):
             assert rel_err(y, x.double() @ w.T) < 1e-3, (method, bn)
 
 
+@needs_interpreter
+def test_shared_quantized_x_interpreted(interp):
+    """q, k and v of one layer share one quantize_x of their input: same outputs as each quantizing it."""
+    gen = torch.Generator().manual_seed(9)
+    specs = [make_spec(shape, 4, 64, 1) for shape in ((64, 256), (32, 256))]
+    x = torch.randn(1, 256, generator=gen).half()
+    xq = interp.quantize_x(x, 8)
+    for spec in specs:
+        t = random_tensors(spec, gen)
+        assert torch.equal(interp.qgemv(x, t, spec, xq=xq, method="dp4a"), interp.qgemv(x, t, spec, method="dp4a"))
+    assert interp.shared_x(x, specs) is None  # CPU tensors: the fused path is the GPU's
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 
@@ -363,6 +377,34 @@ def _check_fused(fused, device: str):
     untouched = torch.ones(max_len, dtype=torch.bool)
     untouched[pos.cpu()] = False
     assert caches[0][:, untouched.to(device)].isnan().all(), "positions other than `positions` were written"
+    _check_route_and_sum(fused, device)
+
+
+def _check_route_and_sum(fused, device: str):
+    """route_topk against transformers' router math; weighted_sum against its PyTorch spelling."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 300, generator=gen).half().to(device)
+    gate = (torch.randn(6, 300, generator=gen) * 0.2).half().to(device)  # E = 6: not a power of two
+    for k in (1, 2, 3):
+        probs = torch.softmax(F.linear(x, gate).float(), -1)
+        top = torch.topk(probs, k, -1)
+        w, ids = fused.route_topk(x, gate, k)
+        assert ids.dtype == torch.int64 and w.dtype == torch.float32 and w.shape == (3, k)
+        assert torch.equal(ids.cpu(), top.indices.cpu())
+        assert torch.allclose(w, top.values / top.values.sum(-1, keepdim=True), atol=1e-5)
+    logits = torch.randn(2, 8, generator=gen).to(device)  # given logits (random routing)
+    w, ids = fused.route_topk(logits, None, 2)
+    top = torch.topk(torch.softmax(logits, -1), 2, -1)
+    assert torch.equal(ids.cpu(), top.indices.cpu()) and torch.allclose(w.sum(-1), torch.ones(2, device=device))
+    y = torch.randn(4, 3, 2500, generator=gen).to(device)  # [split, experts, H], fp32 partial sums
+    weights = torch.rand(5, generator=gen).to(device)
+    cols = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
+    ref = (y * weights[[4, 0, 2]].view(1, 3, 1)).sum((0, 1))
+    out = fused.weighted_sum(y, weights, cols, torch.float16)
+    assert out.dtype == torch.float16 and out.shape == (1, 2500)
+    assert torch.allclose(out.float()[0], ref, atol=2e-2, rtol=2e-3)
+    out = fused.weighted_sum(y[:1].half(), weights[:3])  # one split, fp16 outputs, weights in order
+    assert torch.allclose(out.float()[0], (y[0].half().float() * weights[:3].view(3, 1)).sum(0), atol=2e-2, rtol=2e-3)
 
 
 @needs_interpreter
@@ -388,6 +430,20 @@ def test_fused_cuda():
 
     for i in range(torch.cuda.device_count()):
         _check_fused(fused, f"cuda:{i}")
+
+
+@pytest.mark.gpu
+def test_shared_x_cuda():
+    """One quantize_x for 4-bit projections of one x; a 2-bit spec beside them wants other words: None."""
+    gen = torch.Generator().manual_seed(12)
+    specs = [make_spec(shape, 4, 64, 1) for shape in ((4096, 4096), (1024, 4096))]
+    x = torch.randn(1, 4096, generator=gen).half().cuda()
+    xq = kernels.shared_x(x, specs)
+    assert xq is not None
+    for spec in specs:
+        t = random_tensors(spec, gen, "cuda")
+        assert torch.equal(kernels.qlinear(x, t, spec, xq), kernels.qlinear(x, t, spec))
+    assert kernels.shared_x(x, specs + [make_spec((1024, 4096), 2, 16, 1)]) is None
 
 
 class _Broken:
