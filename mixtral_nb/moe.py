@@ -113,7 +113,7 @@ class OffloadedExperts(nn.Module):
         return self.run_group(x, bufs, top_k_weights.view(-1))
 
     def _run_groups(self, x: Tensor, order: list[int], bufs: dict[int, int], col: dict[int, int],
-                    top_k_weights: Tensor) -> Tensor:
+                    top_k_weights: Tensor, main: Any) -> Tensor:
         """Experts ``order`` in at most two groups: those already on the GPU, then those still arriving.
 
         Each group is one replay of a CUDA graph (captured per group position and size) that reads
@@ -137,17 +137,17 @@ class OffloadedExperts(nn.Module):
             if cache.split_at and copying:
                 # split copies: w1/w3 of the arriving experts run while their w2 still copies
                 for e in group:
-                    cache.use_up(bufs[e])
+                    cache.use_up(bufs[e], main)
                 up, down = self._group_graph(gi, n, x, w, split=True)
                 h = up(x)
                 for e in group:
-                    cache.use(bufs[e], x.dtype)
+                    cache.use(bufs[e], x.dtype, main)
                 y = down(h, w)
             else:
                 for e in group:
-                    cache.use(bufs[e], x.dtype)
+                    cache.use(bufs[e], x.dtype, main)
                 y = self._group_graph(gi, n, x, w)(x, w)
-            cache.release(*(bufs[e] for e in group))
+            cache.release(*(bufs[e] for e in group), main=main)
             out = y if out is None else out + y
         assert out is not None
         return out
@@ -205,6 +205,7 @@ class OffloadedExperts(nn.Module):
                 parts.append(torch.topk(logits, min(self.prefetch, E), dim=-1).indices.reshape(-1))
             else:
                 parts.append(torch.bincount(torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1), minlength=E))
+        main = cache.s.compute()  # looked up once, before the sync: every cache call below needs it
         host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync of this layer
         cache.host_syncs += 1
         n = self.top_k if decode else E
@@ -223,7 +224,7 @@ class OffloadedExperts(nn.Module):
         protect = set(needed)
         bufs: dict[int, int] = {}
         for e in order:
-            b = cache.fetch(layer, e, protect)
+            b = cache.fetch(layer, e, protect, main=main)
             if b is None:
                 break  # layer full of experts still needed: load the rest as these finish
             bufs[e] = b
@@ -241,7 +242,7 @@ class OffloadedExperts(nn.Module):
             nxt.predicted = set(chosen)
 
         if grouped and len(bufs) == len(order):
-            return self._run_groups(hidden_states, order, bufs, slot_of, top_k_weights)
+            return self._run_groups(hidden_states, order, bufs, slot_of, top_k_weights, main)
         out: Tensor | None = None
         if not decode:
             sort_idx = torch.argsort(flat, stable=True)
@@ -253,12 +254,12 @@ class OffloadedExperts(nn.Module):
         for e in order:
             b = bufs.get(e)
             if b is None:
-                b = cache.fetch(layer, e, protect)
+                b = cache.fetch(layer, e, protect, main=main)
                 assert b is not None, "an expert slot must be free once earlier experts are computed"
-            w, specs = cache.use(b, hidden_states.dtype)
+            w, specs = cache.use(b, hidden_states.dtype, main)
             if decode:  # one token: no sorting, gathering or scattering
                 y = expert_forward(hidden_states, w, specs, self.act_fn)
-                cache.release(b)
+                cache.release(b, main=main)
                 j = slot_of[e]
                 y = (y * top_k_weights[:, j:j + 1]).to(hidden_states.dtype)
                 out = y if out is None else out + y
@@ -266,7 +267,7 @@ class OffloadedExperts(nn.Module):
                 pos = sort_idx[offsets[e]: offsets[e] + counts[e]]
                 tok = pos // self.top_k
                 y = expert_forward(hidden_states[tok], w, specs, self.act_fn)
-                cache.release(b)
+                cache.release(b, main=main)
                 out.index_add_(0, tok, (y * weights[pos, None]).to(out.dtype))
             protect.discard(e)
         assert out is not None
