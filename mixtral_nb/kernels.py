@@ -50,7 +50,8 @@ _DEQ_BLOCK = (16, 128)  # dequantize kernel tile (rows, columns)
 _FUSED_DTYPES = (torch.float16, torch.float32)
 _DISABLE = os.environ.get("MIXTRAL_NB_NO_TRITON", "") not in ("", "0")
 # one-token GEMV of 2/4-bit weights: "dp4a" (8-bit activations, integer dot products; the default),
-# "dp4a_ahead" (the same, scale/zero codes loaded a step ahead; not yet measured) or "words" (fp16
+# "dp4a_ahead" (the same, scale/zero codes loaded a step ahead; measured no faster), "dp4a_contig"
+# (dp4a with each program on consecutive rows, not rows that share scale meta) or "words" (fp16
 # activations, float math per weight); an A/B switch for benchmarks
 GEMV_METHOD = os.environ.get("MIXTRAL_NB_GEMV", "dp4a")
 _QX_WORDS = 64  # words of x one quantize program handles
@@ -154,8 +155,11 @@ def _plan(spec: QSpec) -> dict[str, Any]:
     # rows, words per step (H200 sweep, graph-timed: attention-sized 4096x4096 12.6 us at (4, 128) vs
     # 14.4 us at (8, 64); expert-sized matrices best at (8, 64))
     dp4a_block = (4, 128) if n <= 4096 and k <= 4096 else (8, 64)
+    # dp4a tiles of rows s_mod apart share their scale meta (see _gemv_dp4a's STRIDED)
+    strided = (dp4a and s_mode == 1 and n % s_mod == 0
+               and (not spec.quant_zero or z_mode == 0 or (z_mode == 1 and z_mod == s_mod)))
     return {"qa": f"q{pa}", "qb": f"q{pb}" if pb else f"q{pa}", "pa": pa, "pb": pb, "words": words,
-            "dp4a": dp4a, "dp4a_block": dp4a_block,
+            "dp4a": dp4a, "dp4a_block": dp4a_block, "strided": strided,
             "block_n": block_n, "block_k": block_k, "warps": warps, "tiles": tiles, "ms": ms, "mz": mz,
             "row_words_a": k * pa // 32, "row_words_b": k * (pb or pa) // 32, "groups_per_row": groups_per_row,
             "s_mode": s_mode, "s_mod": s_mod, "z_mode": z_mode, "z_mod": z_mod}
@@ -246,12 +250,13 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     meth = method or GEMV_METHOD
     if tt == 1 and p["dp4a"] and meth.startswith("dp4a"):
         bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
+        strided = p["strided"] and (n // p["s_mod"]) % bn == 0 and meth != "dp4a_contig"
         try:
             xh, xl, xd, xsum = xq if xq is not None else quantize_x(xs, 32 // p["pa"])
             args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
                     1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
-                    spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead")
+                    spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead", strided)
             _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
@@ -383,9 +388,11 @@ if HAVE_TRITON:
         return (bits | ((150 - SHIFT) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
 
     @triton.jit
-    def _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, QUANT: tl.constexpr, MODE: tl.constexpr):
+    def _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT: tl.constexpr, MODE: tl.constexpr,
+                 SHARED: tl.constexpr):
         """The raw loads behind ``_scale_or_zero`` (8-bit codes or fp16 values, and the gathered meta
-        entries), unconverted, so a loop can issue them a step before they are used."""
+        entries), unconverted, so a loop can issue them a step before they are used. SHARED (mode 1):
+        every row of the tile has ``row % MOD == MROW``, so one row of meta entries serves them all."""
         c = rows[:, None] * GPR + kg[None, :]
         mask = (rows[:, None] < N) & mw[None, :]
         if QUANT:
@@ -393,12 +400,17 @@ if HAVE_TRITON:
             if MODE == 0:
                 return raw, raw, raw
             else:
-                if MODE == 1:
+                if SHARED:
+                    mi = MROW * GPR + kg[None, :]
+                    mmask = mw[None, :]
+                elif MODE == 1:
                     mi = (rows % MOD)[:, None] * GPR + kg[None, :]
+                    mmask = mask
                 else:
                     mi = c % MOD
-                mz = tl.load(mz_ptr + mi, mask=mask, other=0.0)
-                return raw, tl.load(ms_ptr + mi, mask=mask, other=0.0), mz
+                    mmask = mask
+                mz = tl.load(mz_ptr + mi, mask=mmask, other=0.0)
+                return raw, tl.load(ms_ptr + mi, mask=mmask, other=0.0), mz
         else:
             raw = tl.load(ptr + c, mask=mask, other=0.0)
             return raw, raw, raw
@@ -417,9 +429,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
-                       QUANT: tl.constexpr, MODE: tl.constexpr):
-        """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``)."""
-        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, QUANT, MODE)
+                       QUANT: tl.constexpr, MODE: tl.constexpr, MROW=0, SHARED: tl.constexpr = False):
+        """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``;
+        MROW, SHARED: see ``_sz_load``)."""
+        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED)
         return _sz_value(raw, ms, mz, ms0, mz0, QUANT, MODE)
 
     @triton.jit
@@ -684,7 +697,7 @@ if HAVE_TRITON:
                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD,
                    PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
                    Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                   ASM: tl.constexpr, AHEAD: tl.constexpr):
+                   ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr):
         """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (h_i + l_i / 256) - z_w * sum_i x_i).
 
         The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
@@ -692,7 +705,9 @@ if HAVE_TRITON:
         low activation bytes), against ~3 float ops per weight in ``_gemv_words``. X_M = 1: matrix m
         of a grouped launch has its own activation row m (else all share row 0). AHEAD: the weight
         codes are loaded two steps ahead (one otherwise) and the scale and zero codes (and their meta
-        entries) one step ahead instead of in the step that uses them.
+        entries) one step ahead instead of in the step that uses them. STRIDED (scale meta by row,
+        mode 1, zero meta mode 0 or the same): a program's rows are S_MOD apart, so they share their
+        scale meta entries, gathered once per step for the tile instead of once per row.
         """
         VW: tl.constexpr = 32 // PA
         J: tl.constexpr = VW // 4
@@ -706,7 +721,12 @@ if HAVE_TRITON:
             xl_ptr += xr * (J * ROW_W)
             xd_ptr += xr * ROW_W
             xs_ptr += xr * ROW_W
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if STRIDED:
+            mrow = tl.program_id(0) % S_MOD
+            rows = ((tl.program_id(0) // S_MOD) * BLOCK_N + tl.arange(0, BLOCK_N)) * S_MOD + mrow
+        else:
+            mrow = 0
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
         ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
         zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
@@ -718,8 +738,10 @@ if HAVE_TRITON:
         if AHEAD:  # codes two steps ahead (the compiler issues a prefetch late in the step), scales one
             a2, _ = _load_words(qa_w, qa_w, rows, w_lo + BLOCK_W + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0)
             first = w_lo + tl.arange(0, BLOCK_W)
-            sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, first // WPG, first < w_hi, N, S_MOD, GPR, SQ, S_MODE)
-            zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, first // WPG, first < w_hi, N, Z_MOD, GPR, ZQ, Z_MODE)
+            sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, first // WPG, first < w_hi, N, S_MOD, GPR, mrow, SQ,
+                                    S_MODE, STRIDED)
+            zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, first // WPG, first < w_hi, N, Z_MOD, GPR, mrow, ZQ,
+                                    Z_MODE, STRIDED)
         for w0 in range(w_lo, w_hi, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
             mw = offs_w < w_hi
@@ -733,8 +755,10 @@ if HAVE_TRITON:
                 s = _sz_value(sr, sms, smz, ms0, mz0, SQ, S_MODE)
                 z = _sz_value(zr, zms, zmz, zms0, zmz0, ZQ, Z_MODE)
                 nxt = offs_w + BLOCK_W
-                sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, nxt // WPG, nxt < w_hi, N, S_MOD, GPR, SQ, S_MODE)
-                zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, nxt // WPG, nxt < w_hi, N, Z_MOD, GPR, ZQ, Z_MODE)
+                sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, nxt // WPG, nxt < w_hi, N, S_MOD, GPR, mrow, SQ,
+                                        S_MODE, STRIDED)
+                zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, nxt // WPG, nxt < w_hi, N, Z_MOD, GPR, mrow, ZQ,
+                                        Z_MODE, STRIDED)
             ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             for j in tl.static_range(J):
@@ -748,8 +772,10 @@ if HAVE_TRITON:
             d = _exact_float(ih * 256 + il) * (xd * (1.0 / 256.0))[None, :]
             if not AHEAD:
                 kg = offs_w // WPG
-                s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
-                z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+                s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
+                                   STRIDED)
+                z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
+                                   STRIDED)
             acc += s * (d - z * xs[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 
