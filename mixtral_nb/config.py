@@ -26,7 +26,8 @@ class OffloadConfig:
     one that still has its host copy (no write-back); 1 is the article's strict LRU. Simulated over
     32 layers with 45 spare blobs: 3 cuts write-backs per miss from 0.65 to 0.25 at the same hit rate.
     ``split_copies``: copy a missed expert in two parts (w1+w3, then w2), so on a GPU its w1/w3
-    products run while w2 still arrives (one-token grouped path). Off by default: not yet measured.
+    products run while w2 still arrives (one-token grouped path). Off by default: no faster at the
+    T4 budget on the H200 machine (19.44 vs 19.70 tok/s, BENCHMARKS.md session 4).
     """
 
     main_size: int

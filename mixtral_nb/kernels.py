@@ -50,9 +50,9 @@ _DEQ_BLOCK = (16, 128)  # dequantize kernel tile (rows, columns)
 _FUSED_DTYPES = (torch.float16, torch.float32)
 _DISABLE = os.environ.get("MIXTRAL_NB_NO_TRITON", "") not in ("", "0")
 # one-token GEMV of 2/4-bit weights: "dp4a" (8-bit activations, integer dot products; the default),
-# "dp4a_ahead" (the same, scale/zero codes loaded a step ahead; measured no faster), "dp4a_contig"
-# (dp4a with each program on consecutive rows, not rows that share scale meta) or "words" (fp16
-# activations, float math per weight); an A/B switch for benchmarks
+# "dp4a_ahead" (the same, scale/zero codes loaded a step ahead; measured no faster), "dp4a_shared"
+# (2-bit tiles of rows that share their scale meta: faster GEMVs, not yet measured end to end) or
+# "words" (fp16 activations, float math per weight); an A/B switch for benchmarks
 GEMV_METHOD = os.environ.get("MIXTRAL_NB_GEMV", "dp4a")
 _QX_WORDS = 64  # words of x one quantize program handles
 
@@ -155,8 +155,10 @@ def _plan(spec: QSpec) -> dict[str, Any]:
     # rows, words per step (H200 sweep, graph-timed: attention-sized 4096x4096 12.6 us at (4, 128) vs
     # 14.4 us at (8, 64); expert-sized matrices best at (8, 64))
     dp4a_block = (4, 128) if n <= 4096 and k <= 4096 else (8, 64)
-    # dp4a tiles of rows s_mod apart share their scale meta (see _gemv_dp4a's STRIDED)
-    strided = (dp4a and s_mode == 1 and n % s_mod == 0
+    # dp4a tiles of rows s_mod apart can share their scale meta (method "dp4a_shared", see _gemv_dp4a's
+    # STRIDED); H200, graph-timed: 2-bit g16 w1 15.2 vs 17.1 us, w2 20.3 vs 24.8 us, grouped w1+w3 of 2
+    # experts 43.0 vs 44.8 us; 4-bit g64 attention no faster (12.7 vs 12.6 us): 2-bit only
+    strided = (dp4a and pa == 2 and s_mode == 1 and n % s_mod == 0
                and (not spec.quant_zero or z_mode == 0 or (z_mode == 1 and z_mod == s_mod)))
     return {"qa": f"q{pa}", "qb": f"q{pb}" if pb else f"q{pa}", "pa": pa, "pb": pb, "words": words,
             "dp4a": dp4a, "dp4a_block": dp4a_block, "strided": strided,
@@ -198,8 +200,13 @@ def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = Non
 
 def grouped_split(spec: QSpec) -> int:
     """K splits for a grouped one-token launch of ``spec``: short wide matrices (w2, [4096, 14336])
-    need 4 to fill a GPU (H200, 2 experts, graph-timed: dp4a 27.9 us split 4 vs 33.8 us unsplit)."""
-    return 4 if _plan(spec)["words"] and 2 * spec.out_features <= spec.in_features else 1
+    need 4 to fill a GPU with consecutive-row tiles (H200, 2 experts, graph-timed: dp4a 27.6 us split 4
+    vs 33.4 us unsplit), none with meta-sharing tiles (26.8 us unsplit, 29.0 us split 4)."""
+    p = _plan(spec)
+    if not p["words"] or 2 * spec.out_features > spec.in_features:
+        return 1
+    shared = GEMV_METHOD == "dp4a_shared" and p["strided"] and (spec.out_features // p["s_mod"]) % p["dp4a_block"][0] == 0
+    return 1 if shared else 4
 
 
 def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, slot_bytes: int,
@@ -250,7 +257,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     meth = method or GEMV_METHOD
     if tt == 1 and p["dp4a"] and meth.startswith("dp4a"):
         bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
-        strided = p["strided"] and (n // p["s_mod"]) % bn == 0 and meth != "dp4a_contig"
+        strided = p["strided"] and (n // p["s_mod"]) % bn == 0 and meth == "dp4a_shared"
         try:
             xh, xl, xd, xsum = xq if xq is not None else quantize_x(xs, 32 // p["pa"])
             args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,

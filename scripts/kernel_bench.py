@@ -89,12 +89,12 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                               ROW_W=p["row_words_a"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"])
                 cx_d = dict(PA=p["pa"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero, S_MODE=p["s_mode"],
                             Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True, AHEAD=False,
-                            STRIDED=p["strided"])
+                            STRIDED=False)
                 out.append((f"{name}_gemv_dp4a_{tag}", kernels._gemv_dp4a, sig_d, cx_d, ints_d, nw))
                 out.append((f"{name}_gemv_dp4a_ahead_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, AHEAD=True), ints_d,
                             nw))
                 if p["strided"]:
-                    out.append((f"{name}_gemv_dp4a_contig_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, STRIDED=False),
+                    out.append((f"{name}_gemv_dp4a_shared_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, STRIDED=True),
                                 ints_d, nw))
             if not p["words"] and split == 1:
                 ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
@@ -333,7 +333,7 @@ def bench_methods(sweep: bool) -> None:
         sets = random_weights(spec, copies)
         x = torch.randn(1, spec.in_features, device="cuda", dtype=torch.float16)
         ref = kernels.qlinear_reference(x.float(), sets[0], spec)
-        for method in ("words", "dp4a", "dp4a_contig", "dp4a_ahead"):
+        for method in ("words", "dp4a", "dp4a_shared", "dp4a_ahead"):
             y = kernels.qgemv(x, sets[0], spec, method=method).float()
             err = ((y - ref).norm() / ref.norm()).item()
             sec = time_graphed(lambda i: kernels.qgemv(x, sets[i], spec, method=method), copies)
@@ -366,7 +366,7 @@ def bench_methods(sweep: bool) -> None:
     h = torch.randn(2, 14336, device="cuda", dtype=torch.float16)
     b13 = 2 * (weight_bytes(s1) * 2)
     b2 = 2 * weight_bytes(s2)
-    for method in ("words", "dp4a", "dp4a_contig", "dp4a_ahead"):
+    for method in ("words", "dp4a", "dp4a_shared", "dp4a_ahead"):
         sec = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], buf.stride(0), 2, fmt.w3_offset,
                                                       method=method), n_slots)
         print(f"grouped w1+w3 x2 experts {method:5s} {sec * 1e6:7.1f} us {b13 / sec / bw:5.2f}")

@@ -80,3 +80,29 @@ def test_sliding_window_matches_transformers(tmp_path):
     dec = Decoder(model, DecoderConfig(max_len=32, bucket=16))
     got = [dec.forward(PROMPT[:, :20])] + [dec.forward(PROMPT[:, t:t + 1]) for t in range(20, 30)]
     assert (torch.cat(got) - want[19:30]).abs().max().item() <= 1e-5
+
+
+def test_routing_override_decides_the_experts(tiny_dir):
+    """``Decoder.routing`` replaces the fused router: the experts it names are the ones that run."""
+    model = build_model("cpu", QuantConfig(None, None), offload(3), tiny_dir)
+    dec = Decoder(model, DecoderConfig(max_len=32, bucket=16))
+    E = model.config.num_local_experts
+    calls = []
+
+    def fixed(i, h):
+        calls.append(i)
+        ids = torch.tensor([[E - 1, 0]]).expand(h.shape[0], 2)
+        return torch.full((h.shape[0], 2), 0.5), ids
+
+    dec.routing = fixed
+    cache = model.expert_cache
+    cache.reset_stats()
+    dec.forward(PROMPT[:, :6])
+    for t in range(6, 10):
+        dec.forward(PROMPT[:, t:t + 1])
+    n_layers = model.config.num_hidden_layers
+    assert calls == list(range(n_layers)) * 5
+    assert all(set(cache.lru[layer]) >= {0, E - 1} for layer in range(n_layers))  # the two named experts are resident
+    # a prefill uses each needed expert once per layer, each decode step too: (1 + 4) x 2 uses per layer
+    assert cache.hits + cache.misses == 2 * n_layers * (1 + 4)
+    assert cache.misses == n_layers  # expert E-1 starts on the host (3 slots: 0, 1, 2), then stays

@@ -229,21 +229,23 @@ def test_dp4a_matches_words_interpreted(interp, nbits, group):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("nbits,group,shape", [(2, 16, (256, 256)), (4, 64, (128, 512))])
-def test_dp4a_strided_rows_interpreted(interp, nbits, group, shape):
-    """Tiles of rows that share their scale meta (the default where the layout allows) give the same
-    products as tiles of consecutive rows, plain and grouped."""
-    gen = torch.Generator().manual_seed(nbits)
-    spec = make_spec(shape, nbits, group, 1, scale_group=32)
+@pytest.mark.parametrize("block_n", [None, 8])
+def test_dp4a_strided_rows_interpreted(interp, block_n):
+    """Tiles of 2-bit rows that share their scale meta (method "dp4a_shared") give the same products as
+    tiles of consecutive rows; 4-bit weights keep consecutive rows."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (256, 256)
+    spec = make_spec(shape, 2, 16, 1, scale_group=32)
     p = kernels._plan(spec)
     assert p["strided"] and p["s_mod"] > 1
+    assert not kernels._plan(make_spec((128, 512), 4, 64, 1, scale_group=32))["strided"]
     t = random_tensors(spec, gen)
     w = dequantize(t, spec).double()
     x = torch.randn(1, shape[1], generator=gen).half()
-    ys = {m: interp.qgemv(x, t, spec, method=m) for m in ("dp4a", "dp4a_contig", "dp4a_ahead")}
+    ys = {m: interp.qgemv(x, t, spec, method=m, block_n=block_n) for m in ("dp4a", "dp4a_shared", "dp4a_ahead")}
     for m, y in ys.items():
         assert rel_err(y, x.double() @ w.T) < 1e-3, m
-    assert torch.equal(ys["dp4a"], ys["dp4a_contig"])  # same sums in the same order, other programs
+    assert torch.equal(ys["dp4a"], ys["dp4a_shared"])  # same sums in the same order, other programs
 
 
 @needs_interpreter
