@@ -50,8 +50,8 @@ _DEQ_BLOCK = (16, 128)  # dequantize kernel tile (rows, columns)
 _FUSED_DTYPES = (torch.float16, torch.float32)
 _DISABLE = os.environ.get("MIXTRAL_NB_NO_TRITON", "") not in ("", "0")
 # one-token GEMV of 2/4-bit weights: "dp4a" (8-bit activations, integer dot products; the default),
-# "dp4a_ahead" (the same, scale/zero codes loaded a step ahead; measured no faster), "dp4a_shared"
-# (2-bit tiles of rows that share their scale meta: faster GEMVs, not yet measured end to end) or
+# "dp4a_shared" (2-bit tiles of rows that share their scale meta: faster GEMVs, not yet measured end
+# to end), "dp4a_ahead" (dp4a_shared with codes loaded two steps ahead and scale/zero codes one) or
 # "words" (fp16 activations, float math per weight); an A/B switch for benchmarks
 GEMV_METHOD = os.environ.get("MIXTRAL_NB_GEMV", "dp4a")
 _QX_WORDS = 64  # words of x one quantize program handles
@@ -257,7 +257,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     meth = method or GEMV_METHOD
     if tt == 1 and p["dp4a"] and meth.startswith("dp4a"):
         bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
-        strided = p["strided"] and (n // p["s_mod"]) % bn == 0 and meth == "dp4a_shared"
+        strided = p["strided"] and (n // p["s_mod"]) % bn == 0 and meth in ("dp4a_shared", "dp4a_ahead")
         try:
             xh, xl, xd, xsum = xq if xq is not None else quantize_x(xs, 32 // p["pa"])
             args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,

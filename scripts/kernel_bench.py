@@ -91,8 +91,8 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                             Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True, AHEAD=False,
                             STRIDED=False)
                 out.append((f"{name}_gemv_dp4a_{tag}", kernels._gemv_dp4a, sig_d, cx_d, ints_d, nw))
-                out.append((f"{name}_gemv_dp4a_ahead_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, AHEAD=True), ints_d,
-                            nw))
+                out.append((f"{name}_gemv_dp4a_ahead_{tag}", kernels._gemv_dp4a, sig_d,
+                            dict(cx_d, AHEAD=True, STRIDED=p["strided"]), ints_d, nw))
                 if p["strided"]:
                     out.append((f"{name}_gemv_dp4a_shared_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, STRIDED=True),
                                 ints_d, nw))
