@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import kernels
 from .cache import ExpertCache
 from .expert import expert_forward
-from .fused import weighted_sum
+from .fused import route_topk, weighted_sum
 from .graphs import CapturedGraph
 
 
@@ -200,10 +200,11 @@ class OffloadedExperts(nn.Module):
             self._paused_calls += 1
             guess = self._paused_calls % 8 == 0
         if guess:
-            logits = F.linear(hidden_states, self._next_gate[0].to(hidden_states.dtype))
-            if decode:
-                parts.append(torch.topk(logits, min(self.prefetch, E), dim=-1).indices.reshape(-1))
+            gate = self._next_gate[0].to(hidden_states.dtype)
+            if decode:  # one fused launch (router GEMV + top-k) instead of a matmul and a two-kernel top-k
+                parts.append(route_topk(hidden_states, gate, min(self.prefetch, E))[1].reshape(-1))
             else:
+                logits = F.linear(hidden_states, gate)
                 parts.append(torch.bincount(torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1), minlength=E))
         main = cache.s.compute()  # looked up once, before the sync: every cache call below needs it
         host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync of this layer
