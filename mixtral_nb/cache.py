@@ -42,6 +42,7 @@ class _Streams:
     def __init__(self, device: torch.device, separate: bool = True) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
+        self.h2d = self.d2h = None  # copy streams (CPU: none, copies are plain)
         if self.cuda:
             # an int index: torch.cuda.current_stream(torch.device) spends ~10 us resolving the device
             self.index = device.index if device.index is not None else torch.cuda.current_device()
@@ -261,37 +262,11 @@ class ExpertCache:
     def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None, main: torch.cuda.Stream | None) -> None:
         self.bytes_h2d += self.blob_bytes
         self._dense.pop(buf, None)
-        cut = self.split_at
-        if not self.s.cuda:
-            t0 = time.perf_counter()
-            if cut:
-                self.gpu_rows[buf][:cut].copy_(self.host[h][:cut])
-                self.gpu_rows[buf][cut:].copy_(self.host[h][cut:])
-            else:
-                self.gpu_rows[buf].copy_(self.host[h])
-            self._time("h2d", t0, time.perf_counter())
-            return
-        st = self.s.h2d  # events name their stream: record() without one looks the current stream up (µs each)
-        main = main or self.s.compute()
-        start, end = self.s.event(True), self.s.event(True)
-        if ready is not None:
-            st.wait_event(ready)
-        start.record(st)
-        torch.cuda.set_stream(st)  # copy_ enqueues on the current stream
-        try:
-            if cut:
-                self.gpu_rows[buf][:cut].copy_(self.host[h][:cut], non_blocking=True)
-                self.loaded_up[buf].record(st)
-                self.gpu_rows[buf][cut:].copy_(self.host[h][cut:], non_blocking=True)
-            else:
-                self.gpu_rows[buf].copy_(self.host[h], non_blocking=True)
-        finally:
-            torch.cuda.set_stream(main)
-        end.record(st)
-        self.loaded[buf].record(st)
-        self.host_read[h].record(st)
-        self._time("h2d", start, end)
-        self.pending.add(buf)
+        row, blob, cut = self.gpu_rows[buf], self.host[h], self.split_at
+        parts = [(row[:cut], blob[:cut], self.loaded_up[buf]), (row[cut:], blob[cut:], None)] if cut else [(row, blob, None)]
+        self._queue_copy("h2d", self.s.h2d, main, (ready,), parts, (self.loaded[buf], self.host_read[h]))
+        if self.s.cuda:
+            self.pending.add(buf)
 
     def _evict(self, layer: int, expert: int, main: torch.cuda.Stream | None = None) -> None:
         buf = self.lru[layer].pop(expert)
@@ -301,30 +276,41 @@ class ExpertCache:
             return
         h, ready = self.host_free.popleft()  # the oldest freed blob: its last reader is long done
         self.bytes_d2h += self.blob_bytes
+        # after a prefetched copy into the buffer (it may still be arriving) and the buffer's last reader
+        self._queue_copy("d2h", self.s.d2h, main, (self.loaded[buf], self.last_use[buf], ready),
+                         [(self.host[h], self.gpu_rows[buf], None)], (self.written_back[buf],))
+        self.gpu_free.append((buf, self.written_back[buf]))
+        self.host_of[layer][expert] = h
+
+    def _queue_copy(self, kind: str, stream: torch.cuda.Stream | None, main: torch.cuda.Stream | None,
+                    waits: tuple, parts: list[tuple[Tensor, Tensor, torch.cuda.Event | None]], done: tuple) -> None:
+        """Copy each ``(dst, src, mark)`` of ``parts`` in order, timed as ``kind``. On CUDA: on ``stream``
+        once it has waited for ``waits``, recording ``mark`` after its part and ``done`` after all; the
+        copies enqueue through ``set_stream`` and back to ``main`` (looked up if None). On CPU: plain copies."""
         if not self.s.cuda:
             t0 = time.perf_counter()
-            self.host[h].copy_(self.gpu_rows[buf])
-            self._time("d2h", t0, time.perf_counter())
-            self.gpu_free.append((buf, None))
-        else:
-            st = self.s.d2h
-            main = main or self.s.compute()
-            start, end = self.s.event(True), self.s.event(True)
-            st.wait_event(self.loaded[buf])  # a prefetched copy may still be arriving
-            st.wait_event(self.last_use[buf])
-            if ready is not None:
-                st.wait_event(ready)
-            start.record(st)
-            torch.cuda.set_stream(st)
-            try:
-                self.host[h].copy_(self.gpu_rows[buf], non_blocking=True)
-            finally:
-                torch.cuda.set_stream(main)
-            end.record(st)
-            self.written_back[buf].record(st)
-            self._time("d2h", start, end)
-            self.gpu_free.append((buf, self.written_back[buf]))
-        self.host_of[layer][expert] = h
+            for dst, src, _ in parts:
+                dst.copy_(src)
+            self._time(kind, t0, time.perf_counter())
+            return
+        main = main or self.s.compute()
+        start, end = self.s.event(True), self.s.event(True)
+        for ev in waits:
+            if ev is not None:
+                stream.wait_event(ev)
+        start.record(stream)
+        torch.cuda.set_stream(stream)  # copy_ enqueues on the current stream
+        try:
+            for dst, src, mark in parts:
+                dst.copy_(src, non_blocking=True)
+                if mark is not None:
+                    mark.record(stream)
+        finally:
+            torch.cuda.set_stream(main)
+        end.record(stream)
+        for ev in done:
+            ev.record(stream)
+        self._time(kind, start, end)
 
     def use_up(self, buf: int, main: torch.cuda.Stream | None = None) -> None:
         """With split copies: make the compute stream wait for w1 and w3 of ``buf`` only (w2 may still

@@ -205,8 +205,14 @@ def grouped_split(spec: QSpec) -> int:
     p = _plan(spec)
     if not p["words"] or 2 * spec.out_features > spec.in_features:
         return 1
-    shared = GEMV_METHOD == "dp4a_shared" and p["strided"] and (spec.out_features // p["s_mod"]) % p["dp4a_block"][0] == 0
-    return 1 if shared else 4
+    return 1 if GEMV_METHOD == "dp4a_shared" and _meta_sharing(spec, p["dp4a_block"][0], GEMV_METHOD) else 4
+
+
+def _meta_sharing(spec: QSpec, block_n: int, method: str) -> bool:
+    """Whether a dp4a launch of ``spec`` with ``block_n`` rows per tile takes rows that share their
+    scale meta (``_gemv_dp4a``'s STRIDED): methods dp4a_shared and dp4a_ahead, where the layout allows."""
+    p = _plan(spec)
+    return method in ("dp4a_shared", "dp4a_ahead") and p["strided"] and (spec.out_features // p["s_mod"]) % block_n == 0
 
 
 def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, slot_bytes: int,
@@ -257,13 +263,13 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     meth = method or GEMV_METHOD
     if tt == 1 and p["dp4a"] and meth.startswith("dp4a"):
         bn, bw = block_n or p["dp4a_block"][0], (block_k * p["pa"] // 32 if block_k else p["dp4a_block"][1])
-        strided = p["strided"] and (n // p["s_mod"]) % bn == 0 and meth in ("dp4a_shared", "dp4a_ahead")
         try:
             xh, xl, xd, xsum = xq if xq is not None else quantize_x(xs, 32 // p["pa"])
             args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
                     1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
-                    spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead", strided)
+                    spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead",
+                    _meta_sharing(spec, bn, meth))
             _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on

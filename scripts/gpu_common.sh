@@ -6,3 +6,10 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 KEYS="decode_tok_s|prefill_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|t4_projected|peak_vram|pinned_host|h2d_gbps|wait_s|overhead_s|host_syncs|h2d_bytes|d2h_bytes|h2d_busy|outputs_finite|devices"
 step() { echo; echo "=== $1 ($(date +%T))"; }
+# CUDA kernel tests whose names match $1 (pytest -k), within $2 seconds
+kernel_tests() { timeout "${2:-120}" $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "$1" 2>&1 | tail -n 2; }
+# the Decoder (and transformers' forward) against the fp32 reference on the quantized test checkpoint, 1 and 2 GPUs
+decoder_check() {
+  timeout 150 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json "$OUT/decoder_q.json" 2>&1 \
+    | grep -v -i warn | tail -n 2
+}

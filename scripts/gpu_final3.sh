@@ -5,9 +5,9 @@
 source "$(dirname "$0")/gpu_common.sh"
 { step env; $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())"
   step "kernel + fused tests on CUDA"
-  timeout 100 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "fused_cuda or shared_x_cuda or grouped_cuda" 2>&1 | tail -n 2
+  kernel_tests "fused_cuda or shared_x_cuda or grouped_cuda" 100
   step "decoder check (quantized, 1 and 2 GPUs)"
-  timeout 100 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json "$OUT/decoder_q.json" 2>&1 | grep -v -i warn | tail -n 2
+  decoder_check
   step "host probe"; timeout 60 $PY scripts/host_probe.py 2>&1 | head -n 14
 } 2>&1 | tee "$OUT/checks.txt"
 for run in 1 2; do

@@ -5,9 +5,9 @@
 # decoder check covers two GPUs; every bench runs on cuda:0 at the T4 budget.
 source "$(dirname "$0")/gpu_common.sh"
 KEYS="decode_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|d2h_bytes|h2d_busy|wait_s|overhead_s"
-{ step "kernel tests on CUDA"; timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 | tail -n 2
+{ step "kernel tests on CUDA"; kernel_tests "cuda" 150
   step "decoder check (run_up/run_down, split_copies config, 1 and 2 GPUs)"
-  timeout 150 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json "$OUT/decoder_q.json" 2>&1 | grep -v -i warn | tail -n 1
+  decoder_check
   step "GEMV methods (dp4a, dp4a_ahead, words)"; timeout 200 $PY scripts/kernel_bench.py bench --methods 2>&1 | tail -n 20
 } 2>&1 | tee "$OUT/checks.txt"
 for variant in "" "--split-copies"; do

@@ -4,9 +4,9 @@
 # clean_window and split_copies.
 source "$(dirname "$0")/gpu_common.sh"
 { step "kernel + fused tests on CUDA"
-  timeout 100 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "fused_cuda or shared_x_cuda or grouped_cuda" 2>&1 | tail -n 2
+  kernel_tests "fused_cuda or shared_x_cuda or grouped_cuda" 100
   step "decoder check (quantized, 1 and 2 GPUs)"
-  timeout 100 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json "$OUT/decoder_q.json" 2>&1 | grep -v -i warn | tail -n 2
+  decoder_check
 } 2>&1 | tee "$OUT/checks.txt"
 step "one GPU, 15 GiB cap: --compare --routing iid" | tee "$OUT/bench_compare_iid.txt"
 timeout 170 $PY -m mixtral_nb.bench --compare --routing iid --repeat 3 --new-tokens 64 --json "$OUT/compare_iid.json" 2>&1 \
