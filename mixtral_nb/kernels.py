@@ -176,7 +176,7 @@ def _meta_args(t: dict[str, Tensor], spec: QSpec) -> tuple[Tensor, ...]:
 
 def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = None, block_n: int | None = None,
           block_k: int | None = None, num_warps: int | None = None, tiles: int | None = None,
-          method: str | None = None, xq: tuple[Tensor, ...] | None = None) -> Tensor:
+          method: str | None = None, xq: tuple[Tensor, ...] | None = None, **loop: Any) -> Tensor:
     """Fused dequantize + GEMV for x [T, K] (any T; launched in chunks of 4 rows) -> [T, N].
 
     Runs wherever Triton runs: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -194,7 +194,8 @@ def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = Non
     for r in range(0, rows, _CHUNK_T):
         tt = min(_CHUNK_T, rows - r)
         xs, ys = (x, y) if rows <= _CHUNK_T else (x[r:r + tt], y[r:r + tt])
-        _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles, method, xq if rows == 1 else None)
+        _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles, method, xq if rows == 1 else None,
+                     **loop)
     return y
 
 
@@ -212,7 +213,8 @@ def _meta_sharing(spec: QSpec, block_n: int, method: str) -> bool:
     """Whether a dp4a launch of ``spec`` with ``block_n`` rows per tile takes rows that share their
     scale meta (``_gemv_dp4a``'s STRIDED): methods dp4a_shared and dp4a_ahead, where the layout allows."""
     p = _plan(spec)
-    return method in ("dp4a_shared", "dp4a_ahead") and p["strided"] and (spec.out_features // p["s_mod"]) % block_n == 0
+    return (method in ("dp4a_shared", "dp4a_ahead", "dp4a_tiles") and p["strided"]
+            and (spec.out_features // p["s_mod"]) % block_n == 0)
 
 
 def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, slot_bytes: int,
@@ -248,7 +250,8 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
 
 def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, group: tuple | None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                 tiles: int | None = None, method: str | None = None, xq: tuple[Tensor, ...] | None = None) -> None:
+                 tiles: int | None = None, method: str | None = None, xq: tuple[Tensor, ...] | None = None,
+                 tpp: int | None = None, stages: int | None = None) -> None:
     """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices); ``xq``:
     the row already quantized for the dp4a kernel (``shared_x``)."""
     p = _plan(spec)
@@ -270,6 +273,12 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
                     spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead",
                     _meta_sharing(spec, bn, meth))
+            if meth == "dp4a_tiles":
+                wps, tpp_, st = args[17], tpp or 4, stages or 1
+                nt = triton.cdiv(n, bn)
+                args = args[:24] + (tpp_,) + args[24:34] + (args[35], wps // bw, st, st <= 1)
+                _gemv_dp4a_tiles[(triton.cdiv(nt, tpp_), m, split)](*args, num_warps=num_warps or 4)
+                return
             _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
@@ -791,6 +800,88 @@ if HAVE_TRITON:
                                    STRIDED)
             acc += s * (d - z * xs[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    @triton.jit
+    def _tile_rows(tile, ar, S_MOD, BLOCK_N: tl.constexpr, STRIDED: tl.constexpr):
+        """Rows of row tile ``tile`` and their scale-meta row: BLOCK_N consecutive rows, or (STRIDED)
+        BLOCK_N rows S_MOD apart that share one meta row (see ``_gemv_dp4a``)."""
+        if STRIDED:
+            mrow = tile % S_MOD
+            rows = ((tile // S_MOD) * BLOCK_N + ar) * S_MOD + mrow
+        else:
+            mrow = tile * 0
+            rows = tile * BLOCK_N + ar
+        return rows, mrow
+
+    @triton.jit
+    def _gemv_dp4a_tiles(xh_ptr, xl_ptr, xd_ptr, xs_ptr, y_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr,
+                         zmz_ptr, slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD, TPP,
+                         PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
+                         Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                         ASM: tl.constexpr, STRIDED: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+                         PREFETCH: tl.constexpr):
+        """``_gemv_dp4a`` over TPP row tiles per program, as one loop of TPP * STEPS steps: no per-tile
+        program start (slot lookup, first loads), and the loads run ahead across tile ends. STAGES > 1:
+        Triton's pipeliner (sm_80+) issues every load of a step STAGES - 1 steps early through shared
+        memory; PREFETCH: the codes one step ahead in registers (what sm_75 gets, it has no pipeliner)."""
+        VW: tl.constexpr = 32 // PA
+        J: tl.constexpr = VW // 4
+        WPG: tl.constexpr = G // VW
+        MASK: tl.constexpr = ((1 << PA) - 1) * 0x01010101
+        if MPS > 0:
+            xh_ptr, y_ptr, qa_ptr, _qb, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
+                xh_ptr, y_ptr, qa_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                slot_ptr, SLOT_BYTES, MAT_BYTES, X_M * (J * ROW_W), Y_M, MPS)
+            xr = tl.program_id(1) * X_M
+            xl_ptr += xr * (J * ROW_W)
+            xd_ptr += xr * ROW_W
+            xs_ptr += xr * ROW_W
+        ar = tl.arange(0, BLOCK_N)
+        aw = tl.arange(0, BLOCK_W)
+        qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
+        ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
+        zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
+        w_lo = tl.program_id(2) * WPS
+        w_hi = tl.minimum(w_lo + WPS, ROW_W)
+        y_ptr += tl.program_id(2) * Y_S
+        tile0 = tl.program_id(0) * TPP
+        n_it = TPP * STEPS
+        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        if PREFETCH:
+            rows, _ = _tile_rows(tile0, ar, S_MOD, BLOCK_N, STRIDED)
+            a, _ = _load_words(qa_w, qa_w, rows, w_lo + aw, N, ROW_W, ROW_W, 0)
+        for it in tl.range(0, n_it, num_stages=STAGES):
+            step = it % STEPS
+            rows, mrow = _tile_rows(tile0 + it // STEPS, ar, S_MOD, BLOCK_N, STRIDED)
+            offs_w = w_lo + step * BLOCK_W + aw
+            mw = offs_w < w_hi
+            if PREFETCH:
+                cur = a
+                nrows, _ = _tile_rows(tile0 + (it + 1) // STEPS, ar, S_MOD, BLOCK_N, STRIDED)
+                a, _ = _load_words(qa_w, qa_w, nrows, w_lo + ((it + 1) % STEPS) * BLOCK_W + aw,
+                                   tl.where(it + 1 < n_it, N, 0), ROW_W, ROW_W, 0)
+            else:
+                cur, _ = _load_words(qa_w, qa_w, rows, offs_w, N, ROW_W, ROW_W, 0)
+            ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+            il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+            for j in tl.static_range(J):
+                c = (cur >> (PA * j)) & MASK
+                xh = tl.load(xh_ptr + j * ROW_W + offs_w, mask=mw, other=0)
+                xl = tl.load(xl_ptr + j * ROW_W + offs_w, mask=mw, other=0)
+                ih = _dp4a(c, tl.broadcast_to(xh[None, :], [BLOCK_N, BLOCK_W]), ih, ASM)
+                il = _dp4a(c, tl.broadcast_to(xl[None, :], [BLOCK_N, BLOCK_W]), il, ASM)
+            xd = tl.load(xd_ptr + offs_w, mask=mw, other=0.0)
+            xs = tl.load(xs_ptr + offs_w, mask=mw, other=0.0)
+            d = _exact_float(ih * 256 + il) * (xd * (1.0 / 256.0))[None, :]
+            kg = offs_w // WPG
+            s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
+                               STRIDED)
+            z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
+                               STRIDED)
+            acc += s * (d - z * xs[None, :])
+            if step == STEPS - 1:
+                tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
+                acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
 
     @triton.jit
     def _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2, mask, N, K, MS, MZ,

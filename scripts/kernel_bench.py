@@ -96,6 +96,11 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                 if p["strided"]:
                     out.append((f"{name}_gemv_dp4a_shared_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, STRIDED=True),
                                 ints_d, nw))
+                cx_t = {a: v for a, v in cx_d.items() if a != "AHEAD"}
+                cx_t.update(STRIDED=p["strided"], STEPS=wps // bw_d)
+                for stages in (1, 3):
+                    out.append((f"{name}_gemv_dp4a_tiles{stages}_{tag}", kernels._gemv_dp4a_tiles, sig_d,
+                                dict(cx_t, STAGES=stages, PREFETCH=stages <= 1), dict(ints_d, TPP=4), nw))
             if not p["words"] and split == 1:
                 ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
                 cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
@@ -161,7 +166,8 @@ def compile_all(archs: list[int], out_dir: Path | None, sass: bool = False, **bl
                             counts = {op: ops.count(op) for op in sorted(set(ops))}
                             top = sorted(counts.items(), key=lambda kv: -kv[1])[:12]
                             info += f" sass={len(ops)} " + " ".join(f"{o}:{c}" for o, c in top)
-                bad = [w for w in ("bf16", "cp.async", "mma.sync", "wgmma") if w in ptx]
+                # sm_75 has none of these; newer GPUs may use cp.async (the pipelined loops, sm_80+)
+                bad = [w for w in ("bf16", "cp.async", "mma.sync", "wgmma") if w in ptx and (arch < 80 or w != "cp.async")]
                 print(f"compile sm_{arch} {name}: OK cubin={len(cubin)}B {info} {'SUSPECT ' + str(bad) if bad else ''}")
             except Exception as e:  # report and carry on: every variant's status is wanted
                 ok = False
@@ -319,10 +325,77 @@ DP4A_SWEEP = [  # (block_n, block_w words, warps) for the dp4a kernel
 ]
 
 
-def bench_methods(sweep: bool) -> None:
-    """The one-token GEMVs as decode launches them: dp4a vs words, plain and grouped (2 experts)."""
+def grouped_setup():
+    """A layer's worth of decode launches: 8 expert slots of random 2-bit weights (more than the L2
+    holds), pairs of slots as the router picks them, x for w1/w3 and h (2 rows) for w2."""
+    from mixtral_nb.bench import fill_quantized
     from mixtral_nb.expert import ExpertFormat
 
+    fmt = ExpertFormat.make(4096, 14336, dict(EXPERT), torch.float16)
+    n_slots = 8
+    buf = torch.empty(n_slots, fmt.layout.total_bytes, dtype=torch.uint8, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for i in range(n_slots):
+        for v, spec in zip(fmt.views(buf[i]), fmt.specs):
+            fill_quantized(v, spec, gen)
+    views = fmt.views(buf[0])
+    s1, _, s2 = fmt.specs
+    pairs = [torch.tensor([i, (i + 3) % n_slots], dtype=torch.int32, device="cuda") for i in range(n_slots)]
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    h = torch.randn(2, 14336, device="cuda", dtype=torch.float16)
+    grouped_setup.buf = buf  # keep the slots alive with the views
+    return (views, s1, s2, pairs, x, h, 2 * (weight_bytes(s1) * 2), 2 * weight_bytes(s2), n_slots, buf.stride(0),
+            fmt.w3_offset)
+
+
+TILES_SWEEP = [  # (block_n, block_w words, warps, tiles per program, pipeline stages; 1 = register prefetch)
+    (bn, bw, 4, tpp, st) for bn, bw in ((8, 64), (16, 32), (8, 32)) for st in (1, 3, 4) for tpp in (1, 2, 4, 8)
+]
+
+
+def bench_tiles() -> None:
+    """dp4a_tiles (several row tiles per program, loads pipelined) against dp4a and dp4a_shared, as
+    decode launches them: grouped w1+w3 and w2 of 2 experts; each config checked against dp4a."""
+    bw = copy_bw()
+    print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; fraction below = bytes read / time / that")
+    views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
+
+    def w13(i, **kw):
+        return kernels.qgemv_grouped(x, views[0], s1, pairs[i], stride, 2, w3, **kw)
+
+    def w2(i, split=1, **kw):
+        return kernels.qgemv_grouped(h, views[2], s2, pairs[i], stride, split=split, **kw)
+
+    ref13, ref2 = w13(0, method="dp4a").float(), w2(0, split=4, method="dp4a").sum(0).float()
+    for method in ("dp4a", "dp4a_shared"):
+        t13 = time_graphed(lambda i: w13(i, method=method), n_slots)
+        t2 = time_graphed(lambda i: w2(i, split=kernels.grouped_split(s2) if method == "dp4a" else 1, method=method),
+                          n_slots)
+        print(f"{method:12s} w13 {t13 * 1e6:6.1f} us {b13 / t13 / bw:5.2f}   w2 {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.2f}")
+    best = {}
+    for bn, bwd, nw, tpp, st in TILES_SWEEP:
+        kw = dict(method="dp4a_tiles", block_n=bn, block_k=bwd * 16, num_warps=nw, tpp=tpp, stages=st)
+        try:
+            e13 = ((w13(0, **kw).float() - ref13).norm() / ref13.norm()).item()
+            t13 = time_graphed(lambda i: w13(i, **kw), n_slots)
+            res = [f"w13 {t13 * 1e6:6.1f} us {b13 / t13 / bw:5.2f} err {e13:.0e}"]
+            best.setdefault("w13", []).append((t13, kw))
+            for split in (1, 2):
+                y = w2(0, split=split, **kw)
+                e2 = (((y.sum(0) if split > 1 else y).float() - ref2).norm() / ref2.norm()).item()
+                t2 = time_graphed(lambda i: w2(i, split=split, **kw), n_slots)
+                res.append(f"w2/{split} {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.2f} err {e2:.0e}")
+                best.setdefault("w2", []).append((t2, dict(kw, split=split)))
+        except Exception as e:  # a config that does not build (shared memory, registers) is reported and skipped
+            res = [f"{type(e).__name__}: {str(e)[:120]}"]
+        print(f"  tiles bn={bn:2d} bw={bwd:3d} w={nw} tpp={tpp:2d} stages={st}: " + "  ".join(res))
+    for key, b in best.items():
+        t, kw = min(b, key=lambda r: r[0])
+        print(f"best {key}: {t * 1e6:.1f} us {(b13 if key == 'w13' else b2) / t / bw:.3f} {kw}")
+
+
+def bench_methods(sweep: bool) -> None:
+    """The one-token GEMVs as decode launches them: dp4a vs words, plain and grouped (2 experts)."""
     bw = copy_bw()
     print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; HBM fraction below = bytes read / time / that")
     cases = [("w1 2-bit 14336x4096", spec_of((14336, 4096), EXPERT)), ("w2 2-bit 4096x14336", spec_of((4096, 14336), EXPERT)),
@@ -347,39 +420,22 @@ def bench_methods(sweep: bool) -> None:
                       f"{nbytes / sec / bw:5.2f}")
         sets.clear()
         torch.cuda.empty_cache()
-    # grouped, as the Decoder runs an MoE layer: w1+w3 of 2 experts in one launch, then w2 of both
-    params = dict(EXPERT)
-    fmt = ExpertFormat.make(4096, 14336, params, torch.float16)
-    n_slots = 8
-    buf = torch.empty(n_slots, fmt.layout.total_bytes, dtype=torch.uint8, device="cuda")
-    from mixtral_nb.bench import fill_quantized
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for i in range(n_slots):
-        views = fmt.views(buf[i])
-        for v, spec in zip(views, fmt.specs):
-            fill_quantized(v, spec, gen)
-    views = fmt.views(buf[0])
-    s1, _, s2 = fmt.specs
-    pairs = [torch.tensor([i, (i + 3) % n_slots], dtype=torch.int32, device="cuda") for i in range(n_slots)]
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
-    h = torch.randn(2, 14336, device="cuda", dtype=torch.float16)
-    b13 = 2 * (weight_bytes(s1) * 2)
-    b2 = 2 * weight_bytes(s2)
+    g = grouped_setup()
+    views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = g
     for method in ("words", "dp4a", "dp4a_shared", "dp4a_ahead"):
-        sec = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], buf.stride(0), 2, fmt.w3_offset,
+        sec = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], stride, 2, w3,
                                                       method=method), n_slots)
         print(f"grouped w1+w3 x2 experts {method:5s} {sec * 1e6:7.1f} us {b13 / sec / bw:5.2f}")
         for split in (1, 2, 4, 8):
-            sec = time_graphed(lambda i: kernels.qgemv_grouped(h, views[2], s2, pairs[i], buf.stride(0), split=split,
+            sec = time_graphed(lambda i: kernels.qgemv_grouped(h, views[2], s2, pairs[i], stride, split=split,
                                                           method=method), n_slots)
             print(f"grouped w2 x2 experts {method:5s} split={split} {sec * 1e6:7.1f} us {b2 / sec / bw:5.2f}")
     if sweep:
         for bn, bwd, nw in DP4A_SWEEP:
             kw = dict(method="dp4a", block_n=bn, block_k=bwd * 16, num_warps=nw)
-            t13 = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], buf.stride(0), 2, fmt.w3_offset,
+            t13 = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], stride, 2, w3,
                                                           **kw), n_slots)
-            t2 = time_graphed(lambda i: kernels.qgemv_grouped(h, views[2], s2, pairs[i], buf.stride(0), split=4, **kw),
+            t2 = time_graphed(lambda i: kernels.qgemv_grouped(h, views[2], s2, pairs[i], stride, split=4, **kw),
                          n_slots)
             print(f"  sweep grouped dp4a bn={bn:2d} bw={bwd:3d} warps={nw}: w13 {t13 * 1e6:6.1f} us "
                   f"{b13 / t13 / bw:5.2f}  w2(split4) {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.2f}")
@@ -400,10 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sweep", action="store_true")
     b.add_argument("--cases", default=None, help="comma-separated substrings of case names to run")
     b.add_argument("--methods", action="store_true", help="dp4a vs words, plain and grouped (decode's launches)")
+    b.add_argument("--tiles", action="store_true", help="sweep dp4a_tiles (tiles per program, pipeline stages)")
     a = p.parse_args(argv)
     if a.cmd == "compile":
         return 0 if compile_all(a.arch or [75], a.out, a.sass, block_n=a.block_n, block_k=a.block_k,
                                 warps=a.warps, tiles=a.tiles) else 1
+    if a.tiles:
+        bench_tiles()
+        return 0
     if a.methods:
         bench_methods(a.sweep)
         return 0
