@@ -251,7 +251,7 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
 def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, group: tuple | None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                  tiles: int | None = None, method: str | None = None, xq: tuple[Tensor, ...] | None = None,
-                 tpp: int | None = None, stages: int | None = None) -> None:
+                 tpp: int | None = None, stages: int | None = None, evict: str = "") -> None:
     """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices); ``xq``:
     the row already quantized for the dp4a kernel (``shared_x``)."""
     p = _plan(spec)
@@ -279,7 +279,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
                 args = args[:24] + (tpp_,) + args[24:34] + (args[35], wps // bw, st, st <= 1)
                 _gemv_dp4a_tiles[(triton.cdiv(nt, tpp_), m, split)](*args, num_warps=num_warps or 4)
                 return
-            _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, num_warps=num_warps or 4)
+            _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, evict, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
             if method:
@@ -411,14 +411,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT: tl.constexpr, MODE: tl.constexpr,
-                 SHARED: tl.constexpr):
+                 SHARED: tl.constexpr, EV: tl.constexpr = ""):
         """The raw loads behind ``_scale_or_zero`` (8-bit codes or fp16 values, and the gathered meta
         entries), unconverted, so a loop can issue them a step before they are used. SHARED (mode 1):
         every row of the tile has ``row % MOD == MROW``, so one row of meta entries serves them all."""
         c = rows[:, None] * GPR + kg[None, :]
         mask = (rows[:, None] < N) & mw[None, :]
         if QUANT:
-            raw = tl.load(ptr + c, mask=mask, other=0)
+            raw = tl.load(ptr + c, mask=mask, other=0, eviction_policy=EV)
             if MODE == 0:
                 return raw, raw, raw
             else:
@@ -451,10 +451,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
-                       QUANT: tl.constexpr, MODE: tl.constexpr, MROW=0, SHARED: tl.constexpr = False):
+                       QUANT: tl.constexpr, MODE: tl.constexpr, MROW=0, SHARED: tl.constexpr = False,
+                       EV: tl.constexpr = ""):
         """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``;
         MROW, SHARED: see ``_sz_load``)."""
-        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED)
+        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED, EV)
         return _sz_value(raw, ms, mz, ms0, mz0, QUANT, MODE)
 
     @triton.jit
@@ -481,12 +482,12 @@ if HAVE_TRITON:
             return v3
 
     @triton.jit
-    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr):
+    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr, EV: tl.constexpr = ""):
         """Raw words of a [BLOCK_N, BLOCK_W] tile: plane A, and plane B shifted to the same weights
         (3-bit only; 0 otherwise). Words past the row's end read as 0."""
         w2 = offs_w[None, :]
         mask = (rows[:, None] < N) & (w2 < ROW_WA)
-        a = tl.load(qa_w + rows[:, None] * ROW_WA + w2, mask=mask, other=0)
+        a = tl.load(qa_w + rows[:, None] * ROW_WA + w2, mask=mask, other=0, eviction_policy=EV)
         if PB > 0:  # 3-bit: plane B holds bit 2 of every code, 32 per word = two words of plane A
             b = tl.load(qb_w + rows[:, None] * ROW_WB + w2 // 2, mask=mask, other=0)
             b = b >> ((w2 % 2) * 16)
@@ -719,7 +720,7 @@ if HAVE_TRITON:
                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD,
                    PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
                    Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                   ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr):
+                   ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr, EVICT: tl.constexpr = ""):
         """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (h_i + l_i / 256) - z_w * sum_i x_i).
 
         The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
@@ -756,9 +757,9 @@ if HAVE_TRITON:
         w_lo = tl.program_id(2) * WPS
         w_hi = tl.minimum(w_lo + WPS, ROW_W)
         y_ptr += tl.program_id(2) * Y_S
-        a, _ = _load_words(qa_w, qa_w, rows, w_lo + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0)
+        a, _ = _load_words(qa_w, qa_w, rows, w_lo + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0, EVICT)
         if AHEAD:  # codes two steps ahead (the compiler issues a prefetch late in the step), scales one
-            a2, _ = _load_words(qa_w, qa_w, rows, w_lo + BLOCK_W + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0)
+            a2, _ = _load_words(qa_w, qa_w, rows, w_lo + BLOCK_W + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0, EVICT)
             first = w_lo + tl.arange(0, BLOCK_W)
             sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, first // WPG, first < w_hi, N, S_MOD, GPR, mrow, SQ,
                                     S_MODE, STRIDED)
@@ -770,9 +771,9 @@ if HAVE_TRITON:
             cur = a
             if AHEAD:
                 a = a2
-                a2, _ = _load_words(qa_w, qa_w, rows, offs_w + 2 * BLOCK_W, N, ROW_W, ROW_W, 0)
+                a2, _ = _load_words(qa_w, qa_w, rows, offs_w + 2 * BLOCK_W, N, ROW_W, ROW_W, 0, EVICT)
             else:
-                a, _ = _load_words(qa_w, qa_w, rows, offs_w + BLOCK_W, N, ROW_W, ROW_W, 0)  # next block's codes
+                a, _ = _load_words(qa_w, qa_w, rows, offs_w + BLOCK_W, N, ROW_W, ROW_W, 0, EVICT)  # next block's codes
             if AHEAD:
                 s = _sz_value(sr, sms, smz, ms0, mz0, SQ, S_MODE)
                 z = _sz_value(zr, zms, zmz, zms0, zmz0, ZQ, Z_MODE)
@@ -795,9 +796,9 @@ if HAVE_TRITON:
             if not AHEAD:
                 kg = offs_w // WPG
                 s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
-                                   STRIDED)
+                                   STRIDED, EVICT)
                 z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
-                                   STRIDED)
+                                   STRIDED, EVICT)
             acc += s * (d - z * xs[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 

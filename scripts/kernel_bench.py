@@ -394,6 +394,37 @@ def bench_tiles() -> None:
         print(f"best {key}: {t * 1e6:.1f} us {(b13 if key == 'w13' else b2) / t / bw:.3f} {kw}")
 
 
+SHAPES_SWEEP = [  # (block_n, block_w words, warps): one tile per program step; bw=256 is a whole w1/w3 row
+    (8, 64, 4), (2, 256, 4), (1, 256, 2), (2, 256, 2), (4, 256, 4), (4, 256, 8), (1, 256, 4), (2, 128, 2),
+    (4, 128, 4), (8, 64, 8), (16, 64, 8), (32, 32, 4), (16, 32, 4),
+]
+
+
+def bench_shapes() -> None:
+    """dp4a / dp4a_shared block shapes on the grouped decode launches (w1+w3 and w2 of 2 experts)."""
+    bw = copy_bw()
+    print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; fraction below = bytes read / time / that")
+    views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
+    ref13 = kernels.qgemv_grouped(x, views[0], s1, pairs[0], stride, 2, w3, method="dp4a").float()
+    runs = [(m, sh, "") for m in ("dp4a", "dp4a_shared") for sh in SHAPES_SWEEP]
+    runs += [(m, sh, "evict_first") for m in ("dp4a", "dp4a_shared") for sh in SHAPES_SWEEP[:3]]
+    for method, (bn, bwd, nw), evict in runs:
+        kw = dict(method=method, block_n=bn, block_k=bwd * 16, num_warps=nw, evict=evict)
+        try:
+            y = kernels.qgemv_grouped(x, views[0], s1, pairs[0], stride, 2, w3, **kw).float()
+            err = ((y - ref13).norm() / ref13.norm()).item()
+            t13 = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], stride, 2, w3, **kw),
+                               n_slots)
+            res = f"w13 {t13 * 1e6:6.1f} us {b13 / t13 / bw:5.3f} err {err:.0e}"
+            for split in (1, 4):
+                t2 = time_graphed(lambda i: kernels.qgemv_grouped(h, views[2], s2, pairs[i], stride, split=split,
+                                                                  **kw), n_slots)
+                res += f"  w2/{split} {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.3f}"
+        except Exception as e:  # a shape that does not build is reported and skipped
+            res = f"{type(e).__name__}: {str(e)[:120]}"
+        print(f"  {method:11s} bn={bn:2d} bw={bwd:3d} warps={nw} {evict or '-':11s}: {res}")
+
+
 def bench_methods(sweep: bool) -> None:
     """The one-token GEMVs as decode launches them: dp4a vs words, plain and grouped (2 experts)."""
     bw = copy_bw()
@@ -457,12 +488,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cases", default=None, help="comma-separated substrings of case names to run")
     b.add_argument("--methods", action="store_true", help="dp4a vs words, plain and grouped (decode's launches)")
     b.add_argument("--tiles", action="store_true", help="sweep dp4a_tiles (tiles per program, pipeline stages)")
+    b.add_argument("--shapes", action="store_true", help="sweep dp4a block shapes on the grouped launches")
     a = p.parse_args(argv)
     if a.cmd == "compile":
         return 0 if compile_all(a.arch or [75], a.out, a.sass, block_n=a.block_n, block_k=a.block_k,
                                 warps=a.warps, tiles=a.tiles) else 1
     if a.tiles:
         bench_tiles()
+        return 0
+    if a.shapes:
+        bench_shapes()
         return 0
     if a.methods:
         bench_methods(a.sweep)
