@@ -213,7 +213,7 @@ def _meta_sharing(spec: QSpec, block_n: int, method: str) -> bool:
     """Whether a dp4a launch of ``spec`` with ``block_n`` rows per tile takes rows that share their
     scale meta (``_gemv_dp4a``'s STRIDED): methods dp4a_shared and dp4a_ahead, where the layout allows."""
     p = _plan(spec)
-    return (method in ("dp4a_shared", "dp4a_ahead", "dp4a_tiles") and p["strided"]
+    return (method in ("dp4a_shared", "dp4a_ahead") and p["strided"]
             and (spec.out_features // p["s_mod"]) % block_n == 0)
 
 
@@ -251,7 +251,7 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
 def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, group: tuple | None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                  tiles: int | None = None, method: str | None = None, xq: tuple[Tensor, ...] | None = None,
-                 tpp: int | None = None, stages: int | None = None, evict: str = "") -> None:
+                 evict: str = "", even: bool | None = None) -> None:
     """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices); ``xq``:
     the row already quantized for the dp4a kernel (``shared_x``)."""
     p = _plan(spec)
@@ -273,13 +273,9 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
                     spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead",
                     _meta_sharing(spec, bn, meth))
-            if meth == "dp4a_tiles":
-                wps, tpp_, st = args[17], tpp or 4, stages or 1
-                nt = triton.cdiv(n, bn)
-                args = args[:24] + (tpp_,) + args[24:34] + (args[35], wps // bw, st, st <= 1)
-                _gemv_dp4a_tiles[(triton.cdiv(nt, tpp_), m, split)](*args, num_warps=num_warps or 4)
-                return
-            _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, evict, num_warps=num_warps or 4)
+            wps = args[17]
+            even = (n % bn == 0 and wps % bw == 0 and wps * split == p["row_words_a"]) if even is None else even
+            _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, even, evict, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
             if method:
@@ -410,15 +406,24 @@ if HAVE_TRITON:
         return (bits | ((150 - SHIFT) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
 
     @triton.jit
+    def _ld(ptr, mask, other, EVEN: tl.constexpr, EV: tl.constexpr = ""):
+        """``tl.load``, unmasked when EVEN (the launcher checked that every address is in range): a
+        masked load also costs a predicate and zeroing its registers, per load per step."""
+        if EVEN:
+            return tl.load(ptr, eviction_policy=EV)
+        else:
+            return tl.load(ptr, mask=mask, other=other, eviction_policy=EV)
+
+    @triton.jit
     def _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT: tl.constexpr, MODE: tl.constexpr,
-                 SHARED: tl.constexpr, EV: tl.constexpr = ""):
+                 SHARED: tl.constexpr, EV: tl.constexpr = "", EVEN: tl.constexpr = False):
         """The raw loads behind ``_scale_or_zero`` (8-bit codes or fp16 values, and the gathered meta
         entries), unconverted, so a loop can issue them a step before they are used. SHARED (mode 1):
         every row of the tile has ``row % MOD == MROW``, so one row of meta entries serves them all."""
         c = rows[:, None] * GPR + kg[None, :]
         mask = (rows[:, None] < N) & mw[None, :]
         if QUANT:
-            raw = tl.load(ptr + c, mask=mask, other=0, eviction_policy=EV)
+            raw = _ld(ptr + c, mask, 0, EVEN, EV)
             if MODE == 0:
                 return raw, raw, raw
             else:
@@ -431,8 +436,8 @@ if HAVE_TRITON:
                 else:
                     mi = c % MOD
                     mmask = mask
-                mz = tl.load(mz_ptr + mi, mask=mmask, other=0.0)
-                return raw, tl.load(ms_ptr + mi, mask=mmask, other=0.0), mz
+                mz = _ld(mz_ptr + mi, mmask, 0.0, EVEN)
+                return raw, _ld(ms_ptr + mi, mmask, 0.0, EVEN), mz
         else:
             raw = tl.load(ptr + c, mask=mask, other=0.0)
             return raw, raw, raw
@@ -452,10 +457,10 @@ if HAVE_TRITON:
     @triton.jit
     def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
                        QUANT: tl.constexpr, MODE: tl.constexpr, MROW=0, SHARED: tl.constexpr = False,
-                       EV: tl.constexpr = ""):
+                       EV: tl.constexpr = "", EVEN: tl.constexpr = False):
         """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``;
-        MROW, SHARED: see ``_sz_load``)."""
-        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED, EV)
+        MROW, SHARED, EVEN: see ``_sz_load`` and ``_ld``)."""
+        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED, EV, EVEN)
         return _sz_value(raw, ms, mz, ms0, mz0, QUANT, MODE)
 
     @triton.jit
@@ -482,12 +487,13 @@ if HAVE_TRITON:
             return v3
 
     @triton.jit
-    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr, EV: tl.constexpr = ""):
+    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr, EV: tl.constexpr = "",
+                    EVEN: tl.constexpr = False):
         """Raw words of a [BLOCK_N, BLOCK_W] tile: plane A, and plane B shifted to the same weights
-        (3-bit only; 0 otherwise). Words past the row's end read as 0."""
+        (3-bit only; 0 otherwise). Words past the row's end read as 0 (EVEN: see ``_ld``)."""
         w2 = offs_w[None, :]
         mask = (rows[:, None] < N) & (w2 < ROW_WA)
-        a = tl.load(qa_w + rows[:, None] * ROW_WA + w2, mask=mask, other=0, eviction_policy=EV)
+        a = _ld(qa_w + rows[:, None] * ROW_WA + w2, mask, 0, EVEN, EV)
         if PB > 0:  # 3-bit: plane B holds bit 2 of every code, 32 per word = two words of plane A
             b = tl.load(qb_w + rows[:, None] * ROW_WB + w2 // 2, mask=mask, other=0)
             b = b >> ((w2 % 2) * 16)
@@ -716,11 +722,22 @@ if HAVE_TRITON:
         return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
+    def _next_words(w0, k: tl.constexpr, w_lo, w_hi, aw, BLOCK_W: tl.constexpr, EVEN: tl.constexpr):
+        """Word offsets of the block ``k`` blocks after the one at ``w0``, for loading it early. Past the
+        end: the words that follow (masked off by the row end), or with EVEN (unmasked loads) the first
+        block again, so that no load leaves the matrix."""
+        nxt = w0 + k * BLOCK_W
+        if EVEN:
+            nxt = tl.where(nxt < w_hi, nxt, w_lo)
+        return nxt + aw
+
+    @triton.jit
     def _gemv_dp4a(xh_ptr, xl_ptr, xd_ptr, xs_ptr, y_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD,
                    PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
                    Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                   ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr, EVICT: tl.constexpr = ""):
+                   ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr, EVEN: tl.constexpr = False,
+                   EVICT: tl.constexpr = ""):
         """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (h_i + l_i / 256) - z_w * sum_i x_i).
 
         The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
@@ -730,7 +747,8 @@ if HAVE_TRITON:
         codes are loaded two steps ahead (one otherwise) and the scale and zero codes (and their meta
         entries) one step ahead instead of in the step that uses them. STRIDED (scale meta by row,
         mode 1, zero meta mode 0 or the same): a program's rows are S_MOD apart, so they share their
-        scale meta entries, gathered once per step for the tile instead of once per row.
+        scale meta entries, gathered once per step for the tile instead of once per row. EVEN: every
+        tile is whole (rows, and words of every K split), so no load needs a mask.
         """
         VW: tl.constexpr = 32 // PA
         J: tl.constexpr = VW // 4
@@ -750,139 +768,61 @@ if HAVE_TRITON:
         else:
             mrow = 0
             rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
-        ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
-        zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
-        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        w_lo = tl.program_id(2) * WPS
-        w_hi = tl.minimum(w_lo + WPS, ROW_W)
-        y_ptr += tl.program_id(2) * Y_S
-        a, _ = _load_words(qa_w, qa_w, rows, w_lo + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0, EVICT)
-        if AHEAD:  # codes two steps ahead (the compiler issues a prefetch late in the step), scales one
-            a2, _ = _load_words(qa_w, qa_w, rows, w_lo + BLOCK_W + tl.arange(0, BLOCK_W), N, ROW_W, ROW_W, 0, EVICT)
-            first = w_lo + tl.arange(0, BLOCK_W)
-            sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, first // WPG, first < w_hi, N, S_MOD, GPR, mrow, SQ,
-                                    S_MODE, STRIDED)
-            zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, first // WPG, first < w_hi, N, Z_MOD, GPR, mrow, ZQ,
-                                    Z_MODE, STRIDED)
-        for w0 in range(w_lo, w_hi, BLOCK_W):
-            offs_w = w0 + tl.arange(0, BLOCK_W)
-            mw = offs_w < w_hi
-            cur = a
-            if AHEAD:
-                a = a2
-                a2, _ = _load_words(qa_w, qa_w, rows, offs_w + 2 * BLOCK_W, N, ROW_W, ROW_W, 0, EVICT)
-            else:
-                a, _ = _load_words(qa_w, qa_w, rows, offs_w + BLOCK_W, N, ROW_W, ROW_W, 0, EVICT)  # next block's codes
-            if AHEAD:
-                s = _sz_value(sr, sms, smz, ms0, mz0, SQ, S_MODE)
-                z = _sz_value(zr, zms, zmz, zms0, zmz0, ZQ, Z_MODE)
-                nxt = offs_w + BLOCK_W
-                sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, nxt // WPG, nxt < w_hi, N, S_MOD, GPR, mrow, SQ,
-                                        S_MODE, STRIDED)
-                zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, nxt // WPG, nxt < w_hi, N, Z_MOD, GPR, mrow, ZQ,
-                                        Z_MODE, STRIDED)
-            ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
-            il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
-            for j in tl.static_range(J):
-                c = (cur >> (PA * j)) & MASK
-                xh = tl.load(xh_ptr + j * ROW_W + offs_w, mask=mw, other=0)
-                xl = tl.load(xl_ptr + j * ROW_W + offs_w, mask=mw, other=0)
-                ih = _dp4a(c, tl.broadcast_to(xh[None, :], [BLOCK_N, BLOCK_W]), ih, ASM)
-                il = _dp4a(c, tl.broadcast_to(xl[None, :], [BLOCK_N, BLOCK_W]), il, ASM)
-            xd = tl.load(xd_ptr + offs_w, mask=mw, other=0.0)
-            xs = tl.load(xs_ptr + offs_w, mask=mw, other=0.0)
-            d = _exact_float(ih * 256 + il) * (xd * (1.0 / 256.0))[None, :]
-            if not AHEAD:
-                kg = offs_w // WPG
-                s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
-                                   STRIDED, EVICT)
-                z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
-                                   STRIDED, EVICT)
-            acc += s * (d - z * xs[None, :])
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
-
-    @triton.jit
-    def _tile_rows(tile, ar, S_MOD, BLOCK_N: tl.constexpr, STRIDED: tl.constexpr):
-        """Rows of row tile ``tile`` and their scale-meta row: BLOCK_N consecutive rows, or (STRIDED)
-        BLOCK_N rows S_MOD apart that share one meta row (see ``_gemv_dp4a``)."""
-        if STRIDED:
-            mrow = tile % S_MOD
-            rows = ((tile // S_MOD) * BLOCK_N + ar) * S_MOD + mrow
-        else:
-            mrow = tile * 0
-            rows = tile * BLOCK_N + ar
-        return rows, mrow
-
-    @triton.jit
-    def _gemv_dp4a_tiles(xh_ptr, xl_ptr, xd_ptr, xs_ptr, y_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr,
-                         zmz_ptr, slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD, TPP,
-                         PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
-                         Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                         ASM: tl.constexpr, STRIDED: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
-                         PREFETCH: tl.constexpr):
-        """``_gemv_dp4a`` over TPP row tiles per program, as one loop of TPP * STEPS steps: no per-tile
-        program start (slot lookup, first loads), and the loads run ahead across tile ends. STAGES > 1:
-        Triton's pipeliner (sm_80+) issues every load of a step STAGES - 1 steps early through shared
-        memory; PREFETCH: the codes one step ahead in registers (what sm_75 gets, it has no pipeliner)."""
-        VW: tl.constexpr = 32 // PA
-        J: tl.constexpr = VW // 4
-        WPG: tl.constexpr = G // VW
-        MASK: tl.constexpr = ((1 << PA) - 1) * 0x01010101
-        if MPS > 0:
-            xh_ptr, y_ptr, qa_ptr, _qb, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
-                xh_ptr, y_ptr, qa_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
-                slot_ptr, SLOT_BYTES, MAT_BYTES, X_M * (J * ROW_W), Y_M, MPS)
-            xr = tl.program_id(1) * X_M
-            xl_ptr += xr * (J * ROW_W)
-            xd_ptr += xr * ROW_W
-            xs_ptr += xr * ROW_W
-        ar = tl.arange(0, BLOCK_N)
         aw = tl.arange(0, BLOCK_W)
         qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
         ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
         zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
+        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         w_lo = tl.program_id(2) * WPS
         w_hi = tl.minimum(w_lo + WPS, ROW_W)
         y_ptr += tl.program_id(2) * Y_S
-        tile0 = tl.program_id(0) * TPP
-        n_it = TPP * STEPS
-        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        if PREFETCH:
-            rows, _ = _tile_rows(tile0, ar, S_MOD, BLOCK_N, STRIDED)
-            a, _ = _load_words(qa_w, qa_w, rows, w_lo + aw, N, ROW_W, ROW_W, 0)
-        for it in tl.range(0, n_it, num_stages=STAGES):
-            step = it % STEPS
-            rows, mrow = _tile_rows(tile0 + it // STEPS, ar, S_MOD, BLOCK_N, STRIDED)
-            offs_w = w_lo + step * BLOCK_W + aw
+        a, _ = _load_words(qa_w, qa_w, rows, w_lo + aw, N, ROW_W, ROW_W, 0, EVICT, EVEN)
+        if AHEAD:  # codes two steps ahead (the compiler issues a prefetch late in the step), scales one
+            a2, _ = _load_words(qa_w, qa_w, rows, _next_words(w_lo, 1, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W, ROW_W,
+                                0, EVICT, EVEN)
+            first = w_lo + aw
+            sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, first // WPG, first < w_hi, N, S_MOD, GPR, mrow, SQ,
+                                    S_MODE, STRIDED, EVICT, EVEN)
+            zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, first // WPG, first < w_hi, N, Z_MOD, GPR, mrow, ZQ,
+                                    Z_MODE, STRIDED, EVICT, EVEN)
+        for w0 in range(w_lo, w_hi, BLOCK_W):
+            offs_w = w0 + aw
             mw = offs_w < w_hi
-            if PREFETCH:
-                cur = a
-                nrows, _ = _tile_rows(tile0 + (it + 1) // STEPS, ar, S_MOD, BLOCK_N, STRIDED)
-                a, _ = _load_words(qa_w, qa_w, nrows, w_lo + ((it + 1) % STEPS) * BLOCK_W + aw,
-                                   tl.where(it + 1 < n_it, N, 0), ROW_W, ROW_W, 0)
-            else:
-                cur, _ = _load_words(qa_w, qa_w, rows, offs_w, N, ROW_W, ROW_W, 0)
+            cur = a
+            if AHEAD:
+                a = a2
+                a2, _ = _load_words(qa_w, qa_w, rows, _next_words(w0, 2, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W,
+                                    ROW_W, 0, EVICT, EVEN)
+            else:  # the next block's codes
+                a, _ = _load_words(qa_w, qa_w, rows, _next_words(w0, 1, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W,
+                                   ROW_W, 0, EVICT, EVEN)
+            if AHEAD:
+                s = _sz_value(sr, sms, smz, ms0, mz0, SQ, S_MODE)
+                z = _sz_value(zr, zms, zmz, zms0, zmz0, ZQ, Z_MODE)
+                nxt = _next_words(w0, 1, w_lo, w_hi, aw, BLOCK_W, EVEN)
+                sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, nxt // WPG, nxt < w_hi, N, S_MOD, GPR, mrow, SQ,
+                                        S_MODE, STRIDED, EVICT, EVEN)
+                zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, nxt // WPG, nxt < w_hi, N, Z_MOD, GPR, mrow, ZQ,
+                                        Z_MODE, STRIDED, EVICT, EVEN)
             ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             for j in tl.static_range(J):
                 c = (cur >> (PA * j)) & MASK
-                xh = tl.load(xh_ptr + j * ROW_W + offs_w, mask=mw, other=0)
-                xl = tl.load(xl_ptr + j * ROW_W + offs_w, mask=mw, other=0)
+                xh = _ld(xh_ptr + j * ROW_W + offs_w, mw, 0, EVEN)
+                xl = _ld(xl_ptr + j * ROW_W + offs_w, mw, 0, EVEN)
                 ih = _dp4a(c, tl.broadcast_to(xh[None, :], [BLOCK_N, BLOCK_W]), ih, ASM)
                 il = _dp4a(c, tl.broadcast_to(xl[None, :], [BLOCK_N, BLOCK_W]), il, ASM)
-            xd = tl.load(xd_ptr + offs_w, mask=mw, other=0.0)
-            xs = tl.load(xs_ptr + offs_w, mask=mw, other=0.0)
+            xd = _ld(xd_ptr + offs_w, mw, 0.0, EVEN)
+            xs = _ld(xs_ptr + offs_w, mw, 0.0, EVEN)
             d = _exact_float(ih * 256 + il) * (xd * (1.0 / 256.0))[None, :]
-            kg = offs_w // WPG
-            s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
-                               STRIDED)
-            z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
-                               STRIDED)
+            if not AHEAD:
+                kg = offs_w // WPG
+                s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
+                                   STRIDED, EVICT, EVEN)
+                z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
+                                   STRIDED, EVICT, EVEN)
             acc += s * (d - z * xs[None, :])
-            if step == STEPS - 1:
-                tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
-                acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
     def _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2, mask, N, K, MS, MZ,

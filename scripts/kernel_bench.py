@@ -82,25 +82,21 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                 out.append((f"{name}_gemv_words_{tag}", kernels._gemv_words, sig, cx, ints, nw))
             if p["dp4a"] and t == 1:
                 bn_d, bw_d = p["dp4a_block"]
-                wps = p["row_words_a"] if split == 1 else -(-p["row_words_a"] // split)
+                wps = -(-p["row_words_a"] // (split * bw_d)) * bw_d  # as the launcher: whole blocks per split
                 sig_d = {"xh_ptr": "*i32", "xl_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": y_ty,
                          **{a: v for a, v in ptrs.items() if a != "qb_ptr"}, "slot_ptr": sig["slot_ptr"]}
                 ints_d = dict(group, X_M=1 if mps == 1 else 0, WPS=wps, Y_S=2 * n if split > 1 else 0, N=n,
                               ROW_W=p["row_words_a"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"])
                 cx_d = dict(PA=p["pa"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero, S_MODE=p["s_mode"],
                             Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True, AHEAD=False,
-                            STRIDED=False)
+                            STRIDED=False, EVEN=n % bn_d == 0 and wps % bw_d == 0 and wps * split == p["row_words_a"],
+                            EVICT="")
                 out.append((f"{name}_gemv_dp4a_{tag}", kernels._gemv_dp4a, sig_d, cx_d, ints_d, nw))
                 out.append((f"{name}_gemv_dp4a_ahead_{tag}", kernels._gemv_dp4a, sig_d,
                             dict(cx_d, AHEAD=True, STRIDED=p["strided"]), ints_d, nw))
                 if p["strided"]:
                     out.append((f"{name}_gemv_dp4a_shared_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, STRIDED=True),
                                 ints_d, nw))
-                cx_t = {a: v for a, v in cx_d.items() if a != "AHEAD"}
-                cx_t.update(STRIDED=p["strided"], STEPS=wps // bw_d)
-                for stages in (1, 3):
-                    out.append((f"{name}_gemv_dp4a_tiles{stages}_{tag}", kernels._gemv_dp4a_tiles, sig_d,
-                                dict(cx_t, STAGES=stages, PREFETCH=stages <= 1), dict(ints_d, TPP=4), nw))
             if not p["words"] and split == 1:
                 ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
                 cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
@@ -394,9 +390,8 @@ def bench_tiles() -> None:
         print(f"best {key}: {t * 1e6:.1f} us {(b13 if key == 'w13' else b2) / t / bw:.3f} {kw}")
 
 
-SHAPES_SWEEP = [  # (block_n, block_w words, warps): one tile per program step; bw=256 is a whole w1/w3 row
-    (8, 64, 4), (2, 256, 4), (1, 256, 2), (2, 256, 2), (4, 256, 4), (4, 256, 8), (1, 256, 4), (2, 128, 2),
-    (4, 128, 4), (8, 64, 8), (16, 64, 8), (32, 32, 4), (16, 32, 4),
+SHAPES_SWEEP = [  # (block_n, block_w words, warps); whole-row tiles (bw=256) measured slower (session 5)
+    (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 4), (8, 64, 2), (16, 64, 4),
 ]
 
 
@@ -406,10 +401,11 @@ def bench_shapes() -> None:
     print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; fraction below = bytes read / time / that")
     views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
     ref13 = kernels.qgemv_grouped(x, views[0], s1, pairs[0], stride, 2, w3, method="dp4a").float()
-    runs = [(m, sh, "") for m in ("dp4a", "dp4a_shared") for sh in SHAPES_SWEEP]
-    runs += [(m, sh, "evict_first") for m in ("dp4a", "dp4a_shared") for sh in SHAPES_SWEEP[:3]]
+    runs = [(m, sh, "") for m in ("dp4a", "dp4a_shared", "dp4a_ahead") for sh in SHAPES_SWEEP]
     for method, (bn, bwd, nw), evict in runs:
         kw = dict(method=method, block_n=bn, block_k=bwd * 16, num_warps=nw, evict=evict)
+        if evict == "":
+            kw.pop("evict")
         try:
             y = kernels.qgemv_grouped(x, views[0], s1, pairs[0], stride, 2, w3, **kw).float()
             err = ((y - ref13).norm() / ref13.norm()).item()
