@@ -251,7 +251,7 @@ def qgemv_grouped(x: Tensor, t: dict[str, Tensor], spec: QSpec, slots: Tensor, s
 def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, group: tuple | None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                  tiles: int | None = None, method: str | None = None, xq: tuple[Tensor, ...] | None = None,
-                 evict: str = "", even: bool | None = None) -> None:
+                 even: bool | None = None) -> None:
     """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices); ``xq``:
     the row already quantized for the dp4a kernel (``shared_x``)."""
     p = _plan(spec)
@@ -275,7 +275,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
                     _meta_sharing(spec, bn, meth))
             wps = args[17]
             even = (n % bn == 0 and wps % bw == 0 and wps * split == p["row_words_a"]) if even is None else even
-            _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, even, evict, num_warps=num_warps or 4)
+            _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, even, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
             if method:
@@ -406,24 +406,24 @@ if HAVE_TRITON:
         return (bits | ((150 - SHIFT) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
 
     @triton.jit
-    def _ld(ptr, mask, other, EVEN: tl.constexpr, EV: tl.constexpr = ""):
+    def _ld(ptr, mask, other, EVEN: tl.constexpr):
         """``tl.load``, unmasked when EVEN (the launcher checked that every address is in range): a
         masked load also costs a predicate and zeroing its registers, per load per step."""
         if EVEN:
-            return tl.load(ptr, eviction_policy=EV)
+            return tl.load(ptr)
         else:
-            return tl.load(ptr, mask=mask, other=other, eviction_policy=EV)
+            return tl.load(ptr, mask=mask, other=other)
 
     @triton.jit
     def _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT: tl.constexpr, MODE: tl.constexpr,
-                 SHARED: tl.constexpr, EV: tl.constexpr = "", EVEN: tl.constexpr = False):
+                 SHARED: tl.constexpr, EVEN: tl.constexpr = False):
         """The raw loads behind ``_scale_or_zero`` (8-bit codes or fp16 values, and the gathered meta
         entries), unconverted, so a loop can issue them a step before they are used. SHARED (mode 1):
         every row of the tile has ``row % MOD == MROW``, so one row of meta entries serves them all."""
         c = rows[:, None] * GPR + kg[None, :]
         mask = (rows[:, None] < N) & mw[None, :]
         if QUANT:
-            raw = _ld(ptr + c, mask, 0, EVEN, EV)
+            raw = _ld(ptr + c, mask, 0, EVEN)
             if MODE == 0:
                 return raw, raw, raw
             else:
@@ -457,10 +457,10 @@ if HAVE_TRITON:
     @triton.jit
     def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
                        QUANT: tl.constexpr, MODE: tl.constexpr, MROW=0, SHARED: tl.constexpr = False,
-                       EV: tl.constexpr = "", EVEN: tl.constexpr = False):
+                       EVEN: tl.constexpr = False):
         """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``_plan.meta_mode``;
         MROW, SHARED, EVEN: see ``_sz_load`` and ``_ld``)."""
-        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED, EV, EVEN)
+        raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED, EVEN)
         return _sz_value(raw, ms, mz, ms0, mz0, QUANT, MODE)
 
     @triton.jit
@@ -487,13 +487,13 @@ if HAVE_TRITON:
             return v3
 
     @triton.jit
-    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr, EV: tl.constexpr = "",
+    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr,
                     EVEN: tl.constexpr = False):
         """Raw words of a [BLOCK_N, BLOCK_W] tile: plane A, and plane B shifted to the same weights
         (3-bit only; 0 otherwise). Words past the row's end read as 0 (EVEN: see ``_ld``)."""
         w2 = offs_w[None, :]
         mask = (rows[:, None] < N) & (w2 < ROW_WA)
-        a = _ld(qa_w + rows[:, None] * ROW_WA + w2, mask, 0, EVEN, EV)
+        a = _ld(qa_w + rows[:, None] * ROW_WA + w2, mask, 0, EVEN)
         if PB > 0:  # 3-bit: plane B holds bit 2 of every code, 32 per word = two words of plane A
             b = tl.load(qb_w + rows[:, None] * ROW_WB + w2 // 2, mask=mask, other=0)
             b = b >> ((w2 % 2) * 16)
@@ -736,8 +736,7 @@ if HAVE_TRITON:
                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD,
                    PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
                    Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                   ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr, EVEN: tl.constexpr = False,
-                   EVICT: tl.constexpr = ""):
+                   ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr, EVEN: tl.constexpr = False):
         """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (h_i + l_i / 256) - z_w * sum_i x_i).
 
         The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
@@ -776,15 +775,15 @@ if HAVE_TRITON:
         w_lo = tl.program_id(2) * WPS
         w_hi = tl.minimum(w_lo + WPS, ROW_W)
         y_ptr += tl.program_id(2) * Y_S
-        a, _ = _load_words(qa_w, qa_w, rows, w_lo + aw, N, ROW_W, ROW_W, 0, EVICT, EVEN)
+        a, _ = _load_words(qa_w, qa_w, rows, w_lo + aw, N, ROW_W, ROW_W, 0, EVEN)
         if AHEAD:  # codes two steps ahead (the compiler issues a prefetch late in the step), scales one
             a2, _ = _load_words(qa_w, qa_w, rows, _next_words(w_lo, 1, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W, ROW_W,
-                                0, EVICT, EVEN)
+                                0, EVEN)
             first = w_lo + aw
             sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, first // WPG, first < w_hi, N, S_MOD, GPR, mrow, SQ,
-                                    S_MODE, STRIDED, EVICT, EVEN)
+                                    S_MODE, STRIDED, EVEN)
             zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, first // WPG, first < w_hi, N, Z_MOD, GPR, mrow, ZQ,
-                                    Z_MODE, STRIDED, EVICT, EVEN)
+                                    Z_MODE, STRIDED, EVEN)
         for w0 in range(w_lo, w_hi, BLOCK_W):
             offs_w = w0 + aw
             mw = offs_w < w_hi
@@ -792,18 +791,18 @@ if HAVE_TRITON:
             if AHEAD:
                 a = a2
                 a2, _ = _load_words(qa_w, qa_w, rows, _next_words(w0, 2, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W,
-                                    ROW_W, 0, EVICT, EVEN)
+                                    ROW_W, 0, EVEN)
             else:  # the next block's codes
                 a, _ = _load_words(qa_w, qa_w, rows, _next_words(w0, 1, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W,
-                                   ROW_W, 0, EVICT, EVEN)
+                                   ROW_W, 0, EVEN)
             if AHEAD:
                 s = _sz_value(sr, sms, smz, ms0, mz0, SQ, S_MODE)
                 z = _sz_value(zr, zms, zmz, zms0, zmz0, ZQ, Z_MODE)
                 nxt = _next_words(w0, 1, w_lo, w_hi, aw, BLOCK_W, EVEN)
                 sr, sms, smz = _sz_load(s_ptr, sms_ptr, smz_ptr, rows, nxt // WPG, nxt < w_hi, N, S_MOD, GPR, mrow, SQ,
-                                        S_MODE, STRIDED, EVICT, EVEN)
+                                        S_MODE, STRIDED, EVEN)
                 zr, zms, zmz = _sz_load(z_ptr, zms_ptr, zmz_ptr, rows, nxt // WPG, nxt < w_hi, N, Z_MOD, GPR, mrow, ZQ,
-                                        Z_MODE, STRIDED, EVICT, EVEN)
+                                        Z_MODE, STRIDED, EVEN)
             ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             for j in tl.static_range(J):
@@ -818,9 +817,9 @@ if HAVE_TRITON:
             if not AHEAD:
                 kg = offs_w // WPG
                 s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
-                                   STRIDED, EVICT, EVEN)
+                                   STRIDED, EVEN)
                 z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
-                                   STRIDED, EVICT, EVEN)
+                                   STRIDED, EVEN)
             acc += s * (d - z * xs[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 

@@ -89,8 +89,7 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                               ROW_W=p["row_words_a"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"])
                 cx_d = dict(PA=p["pa"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero, S_MODE=p["s_mode"],
                             Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True, AHEAD=False,
-                            STRIDED=False, EVEN=n % bn_d == 0 and wps % bw_d == 0 and wps * split == p["row_words_a"],
-                            EVICT="")
+                            STRIDED=False, EVEN=n % bn_d == 0 and wps % bw_d == 0 and wps * split == p["row_words_a"])
                 out.append((f"{name}_gemv_dp4a_{tag}", kernels._gemv_dp4a, sig_d, cx_d, ints_d, nw))
                 out.append((f"{name}_gemv_dp4a_ahead_{tag}", kernels._gemv_dp4a, sig_d,
                             dict(cx_d, AHEAD=True, STRIDED=p["strided"]), ints_d, nw))
@@ -344,52 +343,6 @@ def grouped_setup():
             fmt.w3_offset)
 
 
-TILES_SWEEP = [  # (block_n, block_w words, warps, tiles per program, pipeline stages; 1 = register prefetch)
-    (bn, bw, 4, tpp, st) for bn, bw in ((8, 64), (16, 32), (8, 32)) for st in (1, 3, 4) for tpp in (1, 2, 4, 8)
-]
-
-
-def bench_tiles() -> None:
-    """dp4a_tiles (several row tiles per program, loads pipelined) against dp4a and dp4a_shared, as
-    decode launches them: grouped w1+w3 and w2 of 2 experts; each config checked against dp4a."""
-    bw = copy_bw()
-    print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; fraction below = bytes read / time / that")
-    views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
-
-    def w13(i, **kw):
-        return kernels.qgemv_grouped(x, views[0], s1, pairs[i], stride, 2, w3, **kw)
-
-    def w2(i, split=1, **kw):
-        return kernels.qgemv_grouped(h, views[2], s2, pairs[i], stride, split=split, **kw)
-
-    ref13, ref2 = w13(0, method="dp4a").float(), w2(0, split=4, method="dp4a").sum(0).float()
-    for method in ("dp4a", "dp4a_shared"):
-        t13 = time_graphed(lambda i: w13(i, method=method), n_slots)
-        t2 = time_graphed(lambda i: w2(i, split=kernels.grouped_split(s2) if method == "dp4a" else 1, method=method),
-                          n_slots)
-        print(f"{method:12s} w13 {t13 * 1e6:6.1f} us {b13 / t13 / bw:5.2f}   w2 {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.2f}")
-    best = {}
-    for bn, bwd, nw, tpp, st in TILES_SWEEP:
-        kw = dict(method="dp4a_tiles", block_n=bn, block_k=bwd * 16, num_warps=nw, tpp=tpp, stages=st)
-        try:
-            e13 = ((w13(0, **kw).float() - ref13).norm() / ref13.norm()).item()
-            t13 = time_graphed(lambda i: w13(i, **kw), n_slots)
-            res = [f"w13 {t13 * 1e6:6.1f} us {b13 / t13 / bw:5.2f} err {e13:.0e}"]
-            best.setdefault("w13", []).append((t13, kw))
-            for split in (1, 2):
-                y = w2(0, split=split, **kw)
-                e2 = (((y.sum(0) if split > 1 else y).float() - ref2).norm() / ref2.norm()).item()
-                t2 = time_graphed(lambda i: w2(i, split=split, **kw), n_slots)
-                res.append(f"w2/{split} {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.2f} err {e2:.0e}")
-                best.setdefault("w2", []).append((t2, dict(kw, split=split)))
-        except Exception as e:  # a config that does not build (shared memory, registers) is reported and skipped
-            res = [f"{type(e).__name__}: {str(e)[:120]}"]
-        print(f"  tiles bn={bn:2d} bw={bwd:3d} w={nw} tpp={tpp:2d} stages={st}: " + "  ".join(res))
-    for key, b in best.items():
-        t, kw = min(b, key=lambda r: r[0])
-        print(f"best {key}: {t * 1e6:.1f} us {(b13 if key == 'w13' else b2) / t / bw:.3f} {kw}")
-
-
 SHAPES_SWEEP = [  # (block_n, block_w words, warps); whole-row tiles (bw=256) measured slower (session 5)
     (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 4), (8, 64, 2), (16, 64, 4),
 ]
@@ -401,11 +354,9 @@ def bench_shapes() -> None:
     print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; fraction below = bytes read / time / that")
     views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
     ref13 = kernels.qgemv_grouped(x, views[0], s1, pairs[0], stride, 2, w3, method="dp4a").float()
-    runs = [(m, sh, "") for m in ("dp4a", "dp4a_shared", "dp4a_ahead") for sh in SHAPES_SWEEP]
-    for method, (bn, bwd, nw), evict in runs:
-        kw = dict(method=method, block_n=bn, block_k=bwd * 16, num_warps=nw, evict=evict)
-        if evict == "":
-            kw.pop("evict")
+    runs = [(m, sh) for m in ("dp4a", "dp4a_shared", "dp4a_ahead") for sh in SHAPES_SWEEP]
+    for method, (bn, bwd, nw) in runs:
+        kw = dict(method=method, block_n=bn, block_k=bwd * 16, num_warps=nw)
         try:
             y = kernels.qgemv_grouped(x, views[0], s1, pairs[0], stride, 2, w3, **kw).float()
             err = ((y - ref13).norm() / ref13.norm()).item()
@@ -418,7 +369,7 @@ def bench_shapes() -> None:
                 res += f"  w2/{split} {t2 * 1e6:6.1f} us {b2 / t2 / bw:5.3f}"
         except Exception as e:  # a shape that does not build is reported and skipped
             res = f"{type(e).__name__}: {str(e)[:120]}"
-        print(f"  {method:11s} bn={bn:2d} bw={bwd:3d} warps={nw} {evict or '-':11s}: {res}")
+        print(f"  {method:11s} bn={bn:2d} bw={bwd:3d} warps={nw}: {res}")
 
 
 def bench_methods(sweep: bool) -> None:
@@ -483,15 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sweep", action="store_true")
     b.add_argument("--cases", default=None, help="comma-separated substrings of case names to run")
     b.add_argument("--methods", action="store_true", help="dp4a vs words, plain and grouped (decode's launches)")
-    b.add_argument("--tiles", action="store_true", help="sweep dp4a_tiles (tiles per program, pipeline stages)")
     b.add_argument("--shapes", action="store_true", help="sweep dp4a block shapes on the grouped launches")
     a = p.parse_args(argv)
     if a.cmd == "compile":
         return 0 if compile_all(a.arch or [75], a.out, a.sass, block_n=a.block_n, block_k=a.block_k,
                                 warps=a.warps, tiles=a.tiles) else 1
-    if a.tiles:
-        bench_tiles()
-        return 0
     if a.shapes:
         bench_shapes()
         return 0
