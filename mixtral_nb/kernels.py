@@ -304,12 +304,13 @@ def _give_up_dp4a(e: Exception) -> None:
 
 
 def quantize_x(x: Tensor, vw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Activations [T, K] as the dp4a kernel reads them: x ~ d * (h + l / 256), h and l int8.
+    """Activations [T, K] as the dp4a kernel reads them: x ~ d * (256 h + l), h and l int8.
 
     Per row and word of ``vw`` weights (a 32-bit word of codes): ``h`` and ``l`` packed four to an
     int32, in the order the kernel's byte masks pick codes ([T, vw/4, K/vw]: int32 j of word w holds
-    x[w*vw + b*vw/4 + j] in byte b); the step ``d`` (max |x| / 127 over 32 values) and the exact
-    fp32 sum of the word's x values (for the zero points). h + l/256 is within max/32512 of each value.
+    x[w*vw + b*vw/4 + j] in byte b); the step ``d`` (max |x| / 32512 over 32 values: the kernel
+    multiplies its integer sums by it as they are) and the exact fp32 sum of the word's x values (for
+    the zero points). 256 h + l is within max/32512 of each value.
     """
     rows, k = x.shape
     words = k // vw
@@ -447,8 +448,8 @@ if HAVE_TRITON:
         """Step sizes or zero points from ``_sz_load``'s values: (code - meta zero) * meta step, or fp16 as is."""
         if QUANT:
             v = _small_int(raw.to(tl.int32), 0)
-            if MODE == 0:
-                return (v - mz0) * ms0
+            if MODE == 0:  # one fma: ms0 * mz0 is computed once, outside the loop
+                return v * ms0 - ms0 * mz0
             else:
                 return (v - mz.to(tl.float32)) * ms.to(tl.float32)
         else:
@@ -701,7 +702,7 @@ if HAVE_TRITON:
         m2 = mw[:, None] & (jj[None, :] < J)
         tl.store(xh_ptr + out, ph, mask=m2)
         tl.store(xl_ptr + out, pl, mask=m2)
-        tl.store(xd_ptr + row * ROW_W + w, d, mask=mw)
+        tl.store(xd_ptr + row * ROW_W + w, d * (1.0 / 256.0), mask=mw)  # the step of 256 h + l
         tl.store(xs_ptr + row * ROW_W + w, tl.sum(tl.sum(x, axis=2), axis=1), mask=mw)
 
     @triton.jit
@@ -813,7 +814,7 @@ if HAVE_TRITON:
                 il = _dp4a(c, tl.broadcast_to(xl[None, :], [BLOCK_N, BLOCK_W]), il, ASM)
             xd = _ld(xd_ptr + offs_w, mw, 0.0, EVEN)
             xs = _ld(xs_ptr + offs_w, mw, 0.0, EVEN)
-            d = _exact_float(ih * 256 + il) * (xd * (1.0 / 256.0))[None, :]
+            d = _exact_float(ih * 256 + il) * xd[None, :]
             if not AHEAD:
                 kg = offs_w // WPG
                 s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,

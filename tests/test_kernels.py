@@ -204,7 +204,7 @@ def test_quantize_x_interpreted(interp, vw):
         return b.reshape(2, k).double()
 
     d = xd.double().repeat_interleave(vw, 1)
-    rebuilt = d * (unpack(xh) + unpack(xl) / 256)
+    rebuilt = d * (256 * unpack(xh) + unpack(xl))
     block_max = x.double().abs().view(2, -1, 32).amax(-1).repeat_interleave(32, 1)
     assert ((rebuilt - x.double()).abs() <= block_max / (127 * 256)).all()  # 1/512 of a step, 1/256 when l clamps
     assert torch.allclose(xs.double(), x.double().view(2, words, vw).sum(-1), rtol=1e-6, atol=1e-4)
