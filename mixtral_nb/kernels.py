@@ -49,11 +49,12 @@ _CHUNK_T = 4  # rows one GEMV launch handles
 _DEQ_BLOCK = (16, 128)  # dequantize kernel tile (rows, columns)
 _FUSED_DTYPES = (torch.float16, torch.float32)
 _DISABLE = os.environ.get("MIXTRAL_NB_NO_TRITON", "") not in ("", "0")
-# one-token GEMV of 2/4-bit weights: "dp4a" (8-bit activations, integer dot products; the default),
-# "dp4a_shared" (2-bit tiles of rows that share their scale meta: faster GEMVs, not yet measured end
-# to end), "dp4a_ahead" (dp4a_shared with codes loaded two steps ahead and scale/zero codes one) or
-# "words" (fp16 activations, float math per weight); an A/B switch for benchmarks
-GEMV_METHOD = os.environ.get("MIXTRAL_NB_GEMV", "dp4a")
+# one-token GEMV of 2/4-bit weights: "dp4a_shared" (the default: 8-bit activation pairs, integer dot
+# products, and 2-bit tiles of rows that share their scale meta; H200, grouped w1+w3 of 2 experts 41.3-41.6
+# us vs 41.7-42.3 us for consecutive rows, the same end to end), "dp4a" (consecutive rows everywhere),
+# "dp4a_ahead" (dp4a_shared with codes loaded two steps ahead and scale/zero codes one) or "words" (fp16
+# activations, float math per weight); an A/B switch for benchmarks
+GEMV_METHOD = os.environ.get("MIXTRAL_NB_GEMV", "dp4a_shared")
 _QX_WORDS = 64  # words of x one quantize program handles
 
 
@@ -176,15 +177,16 @@ def _meta_args(t: dict[str, Tensor], spec: QSpec) -> tuple[Tensor, ...]:
 
 def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = None, block_n: int | None = None,
           block_k: int | None = None, num_warps: int | None = None, tiles: int | None = None,
-          method: str | None = None, xq: tuple[Tensor, ...] | None = None, **loop: Any) -> Tensor:
+          method: str | None = None, xq: tuple[Tensor, ...] | None = None, even: bool | None = None) -> Tensor:
     """Fused dequantize + GEMV for x [T, K] (any T; launched in chunks of 4 rows) -> [T, N].
 
     Runs wherever Triton runs: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     ``out`` (contiguous [T, N]) lets tests pass a poisoned buffer; the block arguments override
     the tuned defaults (micro-benchmarks; ``block_k`` counts weights, ``tiles`` is the word
     kernel's R: row tiles per program sharing each x load, 1, 2 or 4); ``method`` picks the
-    one-row kernel ("dp4a" or "words", default ``GEMV_METHOD``); ``xq``: a one-row x already
-    quantized for the dp4a kernel (``shared_x``).
+    one-row kernel ("dp4a_shared", "dp4a", "dp4a_ahead" or "words", default ``GEMV_METHOD``); ``xq``: a
+    one-row x already quantized for the dp4a kernel (``shared_x``); ``even`` False forces the dp4a kernel's
+    masked loads (tests; None: unmasked where every tile is whole).
     """
     n = spec.out_features
     if x.stride(-1) != 1:
@@ -195,7 +197,7 @@ def qgemv(x: Tensor, t: dict[str, Tensor], spec: QSpec, out: Tensor | None = Non
         tt = min(_CHUNK_T, rows - r)
         xs, ys = (x, y) if rows <= _CHUNK_T else (x[r:r + tt], y[r:r + tt])
         _launch_gemv(xs, ys, tt, t, spec, None, block_n, block_k, num_warps, tiles, method, xq if rows == 1 else None,
-                     **loop)
+                     even)
     return y
 
 
@@ -253,7 +255,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
                  tiles: int | None = None, method: str | None = None, xq: tuple[Tensor, ...] | None = None,
                  even: bool | None = None) -> None:
     """One kernel launch for up to 4 rows (or, with ``group``, one row of several matrices); ``xq``:
-    the row already quantized for the dp4a kernel (``shared_x``)."""
+    the row already quantized for the dp4a kernel (``shared_x``); ``even``: see ``qgemv``."""
     p = _plan(spec)
     n, k = spec.out_features, spec.in_features
     bn, bk, nw = block_n or p["block_n"], block_k or p["block_k"], num_warps or p["warps"]
@@ -273,8 +275,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
                     spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead",
                     _meta_sharing(spec, bn, meth))
-            wps = args[17]
-            even = (n % bn == 0 and wps % bw == 0 and wps * split == p["row_words_a"]) if even is None else even
+            even = _whole_tiles(n, bn, args[17], bw, split, p["row_words_a"]) if even is None else even
             _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, even, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
@@ -293,6 +294,13 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
         args = (xs, ys, *tensors, *grouping, n, k, p["ms"], p["mz"], sx, sy, tt, p["pa"], p["pb"], spec.group_size,
                 spec.axis, spec.quant_scale, spec.quant_zero, mps, bn, bk)
         _gemv_generic[(triton.cdiv(n, bn), m)](*args, num_warps=nw)
+
+
+def _whole_tiles(n: int, block_n: int, wps: int, block_w: int, split: int, row_words: int) -> bool:
+    """Whether every dp4a tile is whole: rows a multiple of ``block_n``, and each of the ``split`` K
+    ranges (``wps`` words) whole blocks of ``block_w`` words filling the row. Then the kernel's loads
+    need no masks (H200, grouped w1+w3 of 2 experts: 40.9-41.7 us vs 44.0-44.4 us masked)."""
+    return n % block_n == 0 and wps % block_w == 0 and wps * split == row_words
 
 
 def _give_up_dp4a(e: Exception) -> None:

@@ -249,6 +249,31 @@ def test_dp4a_strided_rows_interpreted(interp, block_n):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("nbits,shape,group,block_k", [(2, (256, 256), 16, 256), (4, (64, 512), 64, 512)])
+def test_dp4a_whole_tiles_interpreted(interp, nbits, shape, group, block_k):
+    """Unmasked loads where every tile is whole give the very sums of the masked kernel, every method."""
+    gen = torch.Generator().manual_seed(5)
+    spec = make_spec(shape, nbits, group, 1, scale_group=32)
+    p = interp._plan(spec)
+    bw = block_k * p["pa"] // 32
+    assert interp._whole_tiles(shape[0], p["dp4a_block"][0], p["row_words_a"], bw, 1, p["row_words_a"])
+    t = random_tensors(spec, gen)
+    x = torch.randn(1, shape[1], generator=gen).half()
+    for method in ("dp4a", "dp4a_shared", "dp4a_ahead"):
+        y = interp.qgemv(x, t, spec, method=method, block_k=block_k)
+        assert torch.equal(y, interp.qgemv(x, t, spec, method=method, block_k=block_k, even=False)), method
+
+
+def test_whole_tiles_rule():
+    """Mixtral's w1/w3 and unsplit w2 take unmasked tiles; w2 split 4 (896 words: 256, 256, 256, 128) does not."""
+    assert kernels._whole_tiles(14336, 8, 256, 64, 1, 256)
+    assert kernels._whole_tiles(4096, 8, 896, 64, 1, 896)
+    assert not kernels._whole_tiles(4096, 8, 256, 64, 4, 896)
+    assert not kernels._whole_tiles(100, 8, 256, 64, 1, 256)
+    assert not kernels._whole_tiles(4096, 4, 96, 64, 1, 96)
+
+
+@needs_interpreter
 def test_shared_quantized_x_interpreted(interp):
     """q, k and v of one layer share one quantize_x of their input: same outputs as each quantizing it."""
     gen = torch.Generator().manual_seed(9)
@@ -464,6 +489,19 @@ def test_shared_x_cuda():
         t = random_tensors(spec, gen, "cuda")
         assert torch.equal(kernels.qlinear(x, t, spec, xq), kernels.qlinear(x, t, spec))
     assert kernels.shared_x(x, specs + [make_spec((1024, 4096), 2, 16, 1)]) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
+def test_dp4a_whole_tiles_cuda(shape):
+    """Mixtral-sized 2-bit GEMVs: unmasked tiles equal the masked kernel bit for bit, every method."""
+    gen = torch.Generator().manual_seed(13)
+    spec = make_spec(shape, 2, 16, 1)
+    t = random_tensors(spec, gen, "cuda")
+    x = torch.randn(1, shape[1], generator=gen).half().cuda()
+    for method in ("dp4a", "dp4a_shared", "dp4a_ahead"):
+        y = kernels.qgemv(x, t, spec, method=method)
+        assert torch.equal(y, kernels.qgemv(x, t, spec, method=method, even=False)), method
 
 
 class _Broken:
