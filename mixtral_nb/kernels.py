@@ -746,7 +746,7 @@ if HAVE_TRITON:
                    PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
                    Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                    ASM: tl.constexpr, AHEAD: tl.constexpr, STRIDED: tl.constexpr, EVEN: tl.constexpr = False):
-        """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (h_i + l_i / 256) - z_w * sum_i x_i).
+        """One token, 2/4-bit words: y[n] = sum_w s_w * (dx_w * sum_i q_i (256 h_i + l_i) - z_w * sum_i x_i).
 
         The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
         the matching activation bytes by dp4a: per 4 weights one shift/AND and two dp4a (high and
