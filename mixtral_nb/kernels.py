@@ -271,11 +271,11 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
         try:
             xh, xl, xd, xsum = xq if xq is not None else quantize_x(xs, 32 // p["pa"])
             args = (xh, xl, xd, xsum, ys, t[p["qa"]], *_meta_args(t, spec), slots, slot_bytes, mat_bytes,
-                    1 if x_m else 0, y_m, -(-p["row_words_a"] // (split * bw)) * bw, y_s, n, p["row_words_a"],
+                    1 if x_m else 0, y_m, words_per_split(p["row_words_a"], split, bw), y_s, n, p["row_words_a"],
                     p["groups_per_row"], p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale,
                     spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw, xs.is_cuda, meth == "dp4a_ahead",
                     _meta_sharing(spec, bn, meth))
-            even = _whole_tiles(n, bn, args[17], bw, split, p["row_words_a"]) if even is None else even
+            even = _whole_tiles(n, bn, bw, split, p["row_words_a"]) if even is None else even
             _gemv_dp4a[(triton.cdiv(n, bn), m, split)](*args, even, num_warps=num_warps or 4)
             return
         except Exception as e:  # a Triton/GPU that cannot build it (inline PTX): the fp32 kernel decodes on
@@ -285,7 +285,7 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     if p["words"]:
         r_tiles = min(tiles or p["tiles"], _CHUNK_T // tt)  # R * T <= 4 accumulators
         bw = max(1, bk * p["pa"] // 32)
-        wps = -(-p["row_words_a"] // (split * bw)) * bw  # words per K split, whole blocks
+        wps = words_per_split(p["row_words_a"], split, bw)
         args = (xs, ys, *tensors, *grouping, wps, y_s, n, p["row_words_a"], p["row_words_b"], p["groups_per_row"],
                 p["s_mod"], p["z_mod"], sx, sy, tt, r_tiles, p["pa"], p["pb"], spec.group_size, spec.quant_scale,
                 spec.quant_zero, p["s_mode"], p["z_mode"], mps, bn, bw)
@@ -296,11 +296,17 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
         _gemv_generic[(triton.cdiv(n, bn), m)](*args, num_warps=nw)
 
 
-def _whole_tiles(n: int, block_n: int, wps: int, block_w: int, split: int, row_words: int) -> bool:
-    """Whether every dp4a tile is whole: rows a multiple of ``block_n``, and each of the ``split`` K
-    ranges (``wps`` words) whole blocks of ``block_w`` words filling the row. Then the kernel's loads
-    need no masks (H200, grouped w1+w3 of 2 experts: 40.9-41.7 us vs 44.0-44.4 us masked)."""
-    return n % block_n == 0 and wps % block_w == 0 and wps * split == row_words
+def words_per_split(row_words: int, split: int, block_w: int) -> int:
+    """Words of a row that each of ``split`` K splits owns: whole blocks of ``block_w``, so only the
+    last split may come up short (its blocks past the row's end are masked off)."""
+    return -(-row_words // (split * block_w)) * block_w
+
+
+def _whole_tiles(n: int, block_n: int, block_w: int, split: int, row_words: int) -> bool:
+    """Whether every dp4a tile is whole: rows a multiple of ``block_n``, and the ``split`` K ranges
+    whole blocks of ``block_w`` words that fill the row exactly. Then the kernel's loads need no masks
+    (H200, grouped w1+w3 of 2 experts: 40.9-41.7 us vs 44.0-44.4 us masked)."""
+    return n % block_n == 0 and words_per_split(row_words, split, block_w) * split == row_words
 
 
 def _give_up_dp4a(e: Exception) -> None:

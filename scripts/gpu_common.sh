@@ -13,3 +13,11 @@ decoder_check() {
   timeout 150 $PY scripts/gpu_engine_check.py decoder --quantized .gpuassets/tinyq --json "$OUT/decoder_q.json" 2>&1 \
     | grep -v -i warn | tail -n 2
 }
+# issue 7's T4-budget comparison as a record step: banner, full log $OUT/bench_$1.txt, JSON $OUT/$1.json,
+# the key lines on screen; $2: timeout in seconds; the rest: more bench arguments (e.g. --repeat 3)
+compare_step() {
+  local tag=$1 limit=$2; shift 2
+  step "one GPU, 15 GiB cap: --compare --routing iid $* ($tag)" | tee "$OUT/bench_$tag.txt"
+  timeout "$limit" $PY -m mixtral_nb.bench --compare --routing iid --new-tokens 64 "$@" --json "$OUT/$tag.json" 2>&1 \
+    | grep -v -i warn | tee -a "$OUT/bench_$tag.txt" | grep -E "$KEYS"
+}

@@ -10,9 +10,7 @@ source "$(dirname "$0")/gpu_common.sh"
   step "decoder check (quantized, 1 and 2 GPUs)"
   decoder_check
 } 2>&1 | tee "$OUT/checks.txt"
-step "one GPU, 15 GiB cap: --compare --routing iid" | tee "$OUT/bench_compare_iid.txt"
-timeout 170 $PY -m mixtral_nb.bench --compare --routing iid --repeat 3 --new-tokens 64 --json "$OUT/compare_iid.json" 2>&1 \
-  | grep -v -i warn | tee -a "$OUT/bench_compare_iid.txt" | grep -E "$KEYS"
+compare_step compare_iid 170 --repeat 3
 step "two GPUs, 15 GiB cap each, every expert resident: --devices cuda:0,cuda:1 --offload-per-layer 0 --routing iid" | tee "$OUT/bench_two_gpus.txt"
 timeout 100 $PY -m mixtral_nb.bench --devices cuda:0,cuda:1 --offload-per-layer 0 --routing iid --repeat 3 --new-tokens 64 \
   --json "$OUT/two_gpus.json" 2>&1 | grep -v -i warn | tee -a "$OUT/bench_two_gpus.txt" | grep -E "$KEYS"

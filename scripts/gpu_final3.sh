@@ -11,9 +11,7 @@ source "$(dirname "$0")/gpu_common.sh"
   step "host probe"; timeout 60 $PY scripts/host_probe.py 2>&1 | head -n 14
 } 2>&1 | tee "$OUT/checks.txt"
 for run in 1 2; do
-  step "one GPU, 15 GiB cap: --compare --routing iid (run $run)" | tee "$OUT/bench_compare_iid_$run.txt"
-  timeout 170 $PY -m mixtral_nb.bench --compare --routing iid --repeat 3 --new-tokens 64 --json "$OUT/compare_iid_$run.json" 2>&1 \
-    | grep -v -i warn | tee -a "$OUT/bench_compare_iid_$run.txt" | grep -E "$KEYS"
+  compare_step "compare_iid_$run" 170 --repeat 3
 done
 step "one GPU, no cap: --resident" | tee "$OUT/bench_resident.txt"
 timeout 70 $PY -m mixtral_nb.bench --resident --repeat 3 --new-tokens 64 --json "$OUT/resident.json" 2>&1 \

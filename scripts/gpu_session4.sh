@@ -8,9 +8,7 @@ source "$(dirname "$0")/gpu_common.sh"
   step "decoder check (quantized, 1 and 2 GPUs)"
   decoder_check
 } 2>&1 | tee "$OUT/checks.txt"
-step "one GPU, 15 GiB cap: --compare --routing iid" | tee "$OUT/bench_compare_iid.txt"
-timeout 170 $PY -m mixtral_nb.bench --compare --routing iid --repeat 3 --new-tokens 64 --json "$OUT/compare_iid.json" 2>&1 \
-  | grep -v -i warn | tee -a "$OUT/bench_compare_iid.txt" | grep -E "$KEYS"
+compare_step compare_iid 170 --repeat 3
 step "profile (ours, iid, 15 GiB cap)"
 timeout 80 $PY -m mixtral_nb.bench --routing iid --repeat 1 --new-tokens 32 --profile "$OUT/prof.txt" 2>&1 | grep -E "decode_tok_s|efficiency"
 $PY scripts/trace_gaps.py "$OUT/prof.txt.trace.json" && gzip -f "$OUT/prof.txt.trace.json"

@@ -9,9 +9,7 @@ source "$(dirname "$0")/gpu_common.sh"
 } 2>&1 | tee "$OUT/gemv.txt"
 for run in 1 2; do
   for m in dp4a_shared dp4a; do
-    step "one GPU, 15 GiB cap: --compare --routing iid, MIXTRAL_NB_GEMV=$m (run $run)" | tee "$OUT/bench_${m}_$run.txt"
-    MIXTRAL_NB_GEMV=$m timeout 100 $PY -m mixtral_nb.bench --compare --routing iid --repeat 2 --new-tokens 64 \
-      --json "$OUT/compare_${m}_$run.json" 2>&1 | grep -v -i warn | tee -a "$OUT/bench_${m}_$run.txt" | grep -E "$KEYS"
+    MIXTRAL_NB_GEMV=$m compare_step "compare_${m}_$run" 100 --repeat 2
   done
 done
 step "one GPU, no cap: --resident" | tee "$OUT/bench_resident.txt"

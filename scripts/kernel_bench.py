@@ -73,7 +73,7 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
             group = dict(SLOT_BYTES=blob if mps else 0, MAT_BYTES=w3_off if mps == 2 else 0,
                          X_M=k if mps == 1 else 0, Y_M=n if mps else 0)
             if p["words"]:
-                wps = p["row_words_a"] if split == 1 else -(-p["row_words_a"] // split)
+                wps = kernels.words_per_split(p["row_words_a"], split, max(1, bk * p["pa"] // 32))
                 ints = dict(group, WPS=wps, Y_S=2 * n if split > 1 else 0, N=n, ROW_WA=p["row_words_a"],
                             ROW_WB=p["row_words_b"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"],
                             stride_x=k, stride_y=n)
@@ -82,14 +82,14 @@ def variants(block_n: int | None = None, block_k: int | None = None, warps: int 
                 out.append((f"{name}_gemv_words_{tag}", kernels._gemv_words, sig, cx, ints, nw))
             if p["dp4a"] and t == 1:
                 bn_d, bw_d = p["dp4a_block"]
-                wps = -(-p["row_words_a"] // (split * bw_d)) * bw_d  # as the launcher: whole blocks per split
+                wps = kernels.words_per_split(p["row_words_a"], split, bw_d)
                 sig_d = {"xh_ptr": "*i32", "xl_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": y_ty,
                          **{a: v for a, v in ptrs.items() if a != "qb_ptr"}, "slot_ptr": sig["slot_ptr"]}
                 ints_d = dict(group, X_M=1 if mps == 1 else 0, WPS=wps, Y_S=2 * n if split > 1 else 0, N=n,
                               ROW_W=p["row_words_a"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"])
                 cx_d = dict(PA=p["pa"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero, S_MODE=p["s_mode"],
                             Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True, AHEAD=False,
-                            STRIDED=False, EVEN=n % bn_d == 0 and wps % bw_d == 0 and wps * split == p["row_words_a"])
+                            STRIDED=False, EVEN=kernels._whole_tiles(n, bn_d, bw_d, split, p["row_words_a"]))
                 out.append((f"{name}_gemv_dp4a_{tag}", kernels._gemv_dp4a, sig_d, cx_d, ints_d, nw))
                 out.append((f"{name}_gemv_dp4a_ahead_{tag}", kernels._gemv_dp4a, sig_d,
                             dict(cx_d, AHEAD=True, STRIDED=p["strided"]), ints_d, nw))
@@ -338,7 +338,6 @@ def grouped_setup():
     pairs = [torch.tensor([i, (i + 3) % n_slots], dtype=torch.int32, device="cuda") for i in range(n_slots)]
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     h = torch.randn(2, 14336, device="cuda", dtype=torch.float16)
-    grouped_setup.buf = buf  # keep the slots alive with the views
     return (views, s1, s2, pairs, x, h, 2 * (weight_bytes(s1) * 2), 2 * weight_bytes(s2), n_slots, buf.stride(0),
             fmt.w3_offset)
 
@@ -398,8 +397,7 @@ def bench_methods(sweep: bool) -> None:
                       f"{nbytes / sec / bw:5.2f}")
         sets.clear()
         torch.cuda.empty_cache()
-    g = grouped_setup()
-    views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = g
+    views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
     for method in ("words", "dp4a", "dp4a_shared", "dp4a_ahead"):
         sec = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], stride, 2, w3,
                                                       method=method), n_slots)

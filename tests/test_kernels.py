@@ -256,7 +256,7 @@ def test_dp4a_whole_tiles_interpreted(interp, nbits, shape, group, block_k):
     spec = make_spec(shape, nbits, group, 1, scale_group=32)
     p = interp._plan(spec)
     bw = block_k * p["pa"] // 32
-    assert interp._whole_tiles(shape[0], p["dp4a_block"][0], p["row_words_a"], bw, 1, p["row_words_a"])
+    assert interp._whole_tiles(shape[0], p["dp4a_block"][0], bw, 1, p["row_words_a"])
     t = random_tensors(spec, gen)
     x = torch.randn(1, shape[1], generator=gen).half()
     for method in ("dp4a", "dp4a_shared", "dp4a_ahead"):
@@ -266,11 +266,11 @@ def test_dp4a_whole_tiles_interpreted(interp, nbits, shape, group, block_k):
 
 def test_whole_tiles_rule():
     """Mixtral's w1/w3 and unsplit w2 take unmasked tiles; w2 split 4 (896 words: 256, 256, 256, 128) does not."""
-    assert kernels._whole_tiles(14336, 8, 256, 64, 1, 256)
-    assert kernels._whole_tiles(4096, 8, 896, 64, 1, 896)
-    assert not kernels._whole_tiles(4096, 8, 256, 64, 4, 896)
-    assert not kernels._whole_tiles(100, 8, 256, 64, 1, 256)
-    assert not kernels._whole_tiles(4096, 4, 96, 64, 1, 96)
+    assert kernels._whole_tiles(14336, 8, 64, 1, 256)
+    assert kernels._whole_tiles(4096, 8, 64, 1, 896)
+    assert not kernels._whole_tiles(4096, 8, 64, 4, 896)
+    assert not kernels._whole_tiles(100, 8, 64, 1, 256)
+    assert not kernels._whole_tiles(4096, 4, 64, 1, 96)
 
 
 @needs_interpreter
