@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU record run: the checks and measurements CI cannot make, as named steps, each logged under $OUT.
+#
+#   bash scripts/gpu_record.sh                      # the default steps: env kernels compile decoder bench gemv
+#   bash scripts/gpu_record.sh bench resident       # only these steps, in this order
+#   OUT=/tmp/logs PY=python3 bash scripts/gpu_record.sh kernels
+#
+# Steps:
+#   assets    on a machine with hqq (the CPU machine): write the quantized tiny checkpoint that `decoder` reads
+#   env       torch / Triton / transformers versions and the GPUs
+#   kernels   CUDA kernel tests against the pure-torch reference: python -m pytest -q -m gpu tests
+#   compile   every kernel variant for sm_75 (T4) and sm_90: python scripts/kernel_bench.py compile --arch 75 --arch 90
+#   decoder   Decoder and transformers' forward, fp16, against the fp32 model, on 1 and 2 GPUs
+#   bench     the T4-budget comparison (ours vs the article's algorithm, one process), then `resident`
+#   resident  every expert on the GPU, no VRAM cap
+#   gemv      one-token GEMV timings against the copy bandwidth: python scripts/kernel_bench.py bench
+#   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
+#
+# Settings: OUT (log folder, default gpu_logs), PY (default python3), TINYQ (the quantized tiny checkpoint,
+# default .gpuassets/tinyq). Every step runs even when an earlier one fails; the summary at the end lists
+# each step's exit status and the script exits non-zero when any step failed. BENCHMARKS.md records the
+# results, with the step's command.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_logs}
+PY=${PY:-python3}
+TINYQ=${TINYQ:-.gpuassets/tinyq}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+# the benchmark's summary keys worth showing on screen (the full output is in the step's log)
+KEYS="decode_tok_s|prefill_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|t4_projected|peak_vram|pinned_host|h2d_gbps"
+KEYS="$KEYS|wait_s|overhead_s|host_syncs|h2d_bytes|d2h_bytes|h2d_busy|outputs_finite|devices"
+
+step_assets() {
+  $PY - "$TINYQ" <<'EOF'
+import sys, tempfile
+from mixtral_nb.checkpoint import quantize
+from mixtral_nb.config import article_quant_config
+from mixtral_nb.tiny import write_tiny
+
+with tempfile.TemporaryDirectory() as src:
+    print(quantize(write_tiny(src, seed=0), sys.argv[1], article_quant_config(), progress=False))
+EOF
+}
+step_env() {
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__); print([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+}
+step_kernels() { timeout 400 $PY -m pytest -q -m gpu -p no:cacheprovider tests; }
+step_compile() { timeout 400 $PY scripts/kernel_bench.py compile --arch 75 --arch 90 --out /tmp/cubins; }
+step_decoder() {
+  if [ ! -f "$TINYQ/COMPLETE" ]; then
+    echo "no quantized tiny checkpoint at $TINYQ: run 'bash scripts/gpu_record.sh assets' on a machine with hqq first"
+    return 2
+  fi
+  timeout 300 $PY scripts/gpu_engine_check.py decoder --quantized "$TINYQ" --json "$OUT/decoder.json"
+}
+step_bench() {
+  timeout 400 $PY -m mixtral_nb.bench --compare --routing iid --repeat 3 --new-tokens 64 --json "$OUT/compare.json" \
+    | tee "$OUT/compare.txt" | grep -E "$KEYS"
+  local rc=${PIPESTATUS[0]}
+  step_resident || return $?
+  return "$rc"
+}
+step_resident() {
+  timeout 200 $PY -m mixtral_nb.bench --resident --repeat 3 --new-tokens 64 --json "$OUT/resident.json" \
+    | tee "$OUT/resident.txt" | grep -E "$KEYS"
+  return "${PIPESTATUS[0]}"
+}
+step_gemv() { timeout 300 $PY scripts/kernel_bench.py bench; }
+step_rehearse() {
+  if [ ! -f scripts/gpu_rehearse.sh ]; then echo "scripts/gpu_rehearse.sh is missing"; return 2; fi
+  OUT="$OUT/rehearse" bash scripts/gpu_rehearse.sh
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env kernels compile decoder bench gemv)
+for s in "${steps[@]}"; do
+  if ! declare -F "step_$s" >/dev/null; then
+    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident gemv rehearse" >&2
+    exit 2
+  fi
+done
+
+summary=()
+failed=0
+{ echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"; } | tee "$OUT/record.txt"
+for s in "${steps[@]}"; do
+  echo; echo "=== $s ($(date +%T))"
+  start=$SECONDS
+  "step_$s" 2>&1 | tee "$OUT/$s.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && failed=1
+  summary+=("$(printf '%-9s exit %-3s %4ss  log %s' "$s" "$rc" "$((SECONDS - start))" "$OUT/$s.log")")
+done
+echo; printf '%s\n' "${summary[@]}" | tee -a "$OUT/record.txt"
+exit "$failed"
