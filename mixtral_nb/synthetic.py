@@ -337,7 +337,7 @@ def _write(kind: str, dst: str | os.PathLike, cfg: dict[str, Any], layout: Layou
         raise ValueError(f"seed={seed!r}: give a non-negative integer")
     dst = Path(dst).expanduser()
     sizes = file_sizes(layout, metadata)
-    total = sum(sizes.values())
+    total = sum(t.nbytes for entries in layout.values() for t in entries.values())  # tensor bytes, as transformers counts
     small = {"config.json": _json_bytes(cfg), "generation_config.json": _json_bytes(GENERATION_CONFIG),
              INDEX: _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map})}
     sizes.update({n: len(b) for n, b in small.items()})
@@ -360,7 +360,8 @@ def _write(kind: str, dst: str | os.PathLike, cfg: dict[str, Any], layout: Layou
             same = False
         if not same:  # an unfinished run with other settings: its files are of no use
             shutil.rmtree(staging)
-    check_disk(sizes, staging, margin=DISK_MARGIN)
+    done = {n for n, size in sizes.items() if (staging / n).is_file() and (staging / n).stat().st_size == size}
+    check_disk({n: size for n, size in sizes.items() if n not in done}, dst, margin=DISK_MARGIN)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / MARKER).write_bytes(_json_bytes(marker))
     for name, data in small.items():

@@ -199,7 +199,7 @@ def test_not_enough_disk_is_refused_before_writing_anything(tmp_path, monkeypatc
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2 * 1024**3))
     before = sorted(tmp_path.iterdir())
-    with pytest.raises(NotEnoughDiskError, match=r"needs 18\.2 GB .* only 2\.1 GB is free.*larger disk"):
+    with pytest.raises(NotEnoughDiskError, match=r"writing to \S+/demo needs 18\.2 GB .* only 2\.1 GB is free.*larger disk"):
         write_article_checkpoint(tmp_path / "demo")
     with pytest.raises(NotEnoughDiskError, match=r"needs 93\.4 GB"):
         write_hf_checkpoint(tmp_path / "sub" / "hf", num_layers=32)
