@@ -362,7 +362,11 @@ def _write(kind: str, dst: str | os.PathLike, cfg: dict[str, Any], layout: Layou
             shutil.rmtree(staging)
     done = {n for n, size in sizes.items() if (staging / n).is_file() and (staging / n).stat().st_size == size}
     check_disk({n: size for n, size in sizes.items() if n not in done}, dst, margin=DISK_MARGIN)
-    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise CheckpointError(f"cannot create {staging} next to {dst} (permission denied): choose a destination in a "
+                              "folder you can write to") from None
     (staging / MARKER).write_bytes(_json_bytes(marker))
     for name, data in small.items():
         (staging / name).write_bytes(data)
