@@ -32,14 +32,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 E = 4
 
 
-def toy(layers: int = 2) -> dict:
+def toy(layers: int = 2, experts: int = E) -> dict:
     """The smallest sizes the article's group sizes divide (attention: 64-groups in 256-meta groups)."""
-    return tiny_config(layers=layers, experts=E, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=256)
+    return tiny_config(layers=layers, experts=experts, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=256)
 
 
-def offload(layers: int) -> OffloadConfig:
-    return OffloadConfig(main_size=layers * (E - 2), offload_size=layers * 2, buffer_size=1, offload_per_layer=2,
-                         prefetch=1)
+def offload(layers: int, experts: int = E) -> OffloadConfig:
+    per = experts // 2
+    return OffloadConfig(main_size=layers * (experts - per), offload_size=layers * per, buffer_size=1,
+                         offload_per_layer=per, prefetch=1)
 
 
 def logits_of(model) -> torch.Tensor:
@@ -88,8 +89,8 @@ def test_hf_folder_quantizes_builds_and_gives_sane_logits(tmp_path):
 
 def test_deep_stack_stays_finite_in_fp16(tmp_path):
     """32 layers like the real model: the residual stream must not blow up in half precision."""
-    folder = write_article_checkpoint(tmp_path / "deep", config=toy(32), seed=3)
-    model = build_model("cpu", None, offload(32), folder, dtype=torch.float16)
+    folder = write_article_checkpoint(tmp_path / "deep", config=toy(32, experts=2), seed=3)
+    model = build_model("cpu", None, offload(32, experts=2), folder, dtype=torch.float16)
     logits = logits_of(model)
     assert torch.isfinite(logits).all() and logits.abs().max().item() < 100
 
