@@ -1,4 +1,4 @@
-"""Command line: ``python -m mixtral_nb {demo,chat,bench,quantize,plan,notebooks,check-notebooks}``."""
+"""Command line: ``python -m mixtral_nb {demo,chat,bench,quantize,synthetic,plan,notebooks,check-notebooks}``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,20 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthetic(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .synthetic import write_article_checkpoint, write_hf_checkpoint
+
+    write = write_article_checkpoint if args.layout == "article" else write_hf_checkpoint
+    try:
+        out = write(args.dst, num_layers=args.layers, seed=args.seed, progress=True)
+    except (CheckpointError, ValueError) as e:
+        print(f"mixtral_nb synthetic: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .planner import detect
 
@@ -130,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("src")
     q.add_argument("dst")
     q.set_defaults(fn=_quantize)
+    sy = sub.add_parser("synthetic", help="write a full-size Mixtral-8x7B checkpoint of random values (rehearsals)")
+    sy.add_argument("--layout", choices=("article", "hf"), default="article",
+                    help="article: the article's pre-quantized hqq files; hf: the original fp16 shards")
+    sy.add_argument("dst")
+    sy.add_argument("--layers", type=int, default=None, help="write only the first N layers")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.set_defaults(fn=_synthetic)
     sub.add_parser("plan", help="print the memory plan for this machine").set_defaults(fn=_plan)
     sub.add_parser("bench", help="benchmark (see `bench --help`)")
     sub.add_parser("notebooks", help="execute every notebook to artifacts/*.html").set_defaults(fn=_notebooks)
