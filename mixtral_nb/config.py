@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -15,14 +16,16 @@ MAX_COUNT = 1 << 24  # bound on every count: far above any MoE model (experts, l
 
 
 def check_int(value: Any, name: str, low: int, high: int = MAX_COUNT, why: str = "") -> int:
-    """``value`` as a plain int in [low, high], or a ValueError naming the field, the value and the fix."""
+    """``value`` as a plain int in [low, high], or a ValueError naming the field, the value and the fix.
+
+    Strings, floats and bools are refused rather than converted: ``int(2.7)`` would silently be 2.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         fix = ""
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            fix = f": use {name.rpartition('.')[2]}={int(value)}"
-        elif isinstance(value, float) and value.is_integer():
-            fix = f": use {name.rpartition('.')[2]}={int(value)}"
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}){fix or ''}")
+        if (isinstance(value, str) and value.strip().lstrip("+-").isdigit()) or (
+                isinstance(value, float) and value.is_integer()):
+            fix = f": use {re.findall(r'[A-Za-z_]+', name)[-1]}={int(value)}"
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}){fix}")
     v = int(value)
     if not low <= v <= high:
         raise ValueError(f"{name} must be between {low} and {high}{why}, got {v}")
