@@ -45,14 +45,17 @@ def check_bool(value: Any, name: str, allow_none: bool = False) -> bool | None:
 class OffloadConfig:
     """How many experts live on the GPU (``main_size``) and on the host (``offload_size``).
 
+    For a model of L layers of E experts the cache uses L * (E - offload_per_layer) GPU slots and
+    L * offload_per_layer host slots. As in the article, ``main_size`` and ``offload_size`` are
+    those totals; larger values are accepted (the article's Mixtral numbers also build a smaller
+    test model), smaller ones are refused by build_model; :meth:`for_model` derives them exactly.
+    Frozen: ``dataclasses.replace`` derives a changed copy.
+
     ``offload_per_layer`` experts of every layer start on the host; the rest of the layer's experts
-    own GPU slots, so for a model of L layers of E experts ``main_size`` is L * (E - offload_per_layer)
-    and ``offload_size`` L * offload_per_layer (:meth:`for_model` derives both; build_model refuses
-    values that disagree with the model; the config is frozen: ``dataclasses.replace`` derives a
-    changed copy). ``buffer_size`` spare GPU buffers let a miss load while the
-    evicted expert is still being read or written back. ``prefetch`` is how many of the next layer's
-    predicted experts to start loading early (0 disables speculative prefetch). ``host_mirror`` keeps
-    every expert in host RAM so evictions never copy back (None: whenever host RAM holds them all).
+    own GPU slots. ``buffer_size`` spare GPU buffers let a miss load while the evicted expert is
+    still being read or written back. ``prefetch`` is how many of the next layer's predicted
+    experts to start loading early (0 disables speculative prefetch). ``host_mirror`` keeps every
+    expert in host RAM so evictions never copy back (None: whenever host RAM holds them all).
     ``extra_host_slots`` (swap mode only) adds host blobs beyond the minimum: experts copied to the
     GPU keep their host copy while spare blobs last, so evicting them later needs no write-back.
     ``clean_window``: eviction may pass over up to this many - 1 least recently used experts to pick
@@ -89,9 +92,9 @@ class OffloadConfig:
         for f in fields(self):  # the switches: annotated "bool" or "bool | None"
             if f.type in ("bool", "bool | None"):
                 check_bool(getattr(self, f.name), f"OffloadConfig.{f.name}", allow_none=f.type != "bool")
-        if (self.offload_per_layer == 0) != (self.offload_size == 0):
+        if self.offload_size < self.offload_per_layer:
             raise ValueError(
-                f"OffloadConfig.offload_size={self.offload_size} disagrees with offload_per_layer="
+                f"OffloadConfig.offload_size={self.offload_size} is smaller than offload_per_layer="
                 f"{self.offload_per_layer}: offload_size is layers x offload_per_layer "
                 "(OffloadConfig.for_model(num_layers, num_experts, offload_per_layer=...) derives it)"
             )
@@ -112,12 +115,12 @@ class OffloadConfig:
         return cls(main_size=L * (E - opl), offload_size=L * opl, offload_per_layer=opl, **kw)
 
     def check_model(self, num_layers: int, num_experts: int) -> None:
-        """Refuse main_size/offload_size that disagree with a model of these sizes (one clear error)."""
+        """Refuse main_size/offload_size too small for a model of these sizes (one clear error)."""
         slots = self.gpu_slots_per_layer(num_experts)
         main, off = num_layers * slots, num_layers * self.offload_per_layer
-        if (self.main_size, self.offload_size) != (main, off):
+        if self.main_size < main or self.offload_size < off:
             raise ValueError(
-                f"OffloadConfig(main_size={self.main_size}, offload_size={self.offload_size}) disagrees with a model "
+                f"OffloadConfig(main_size={self.main_size}, offload_size={self.offload_size}) is too small for a model "
                 f"of {num_layers} layers x {num_experts} experts at offload_per_layer={self.offload_per_layer}: "
                 f"use main_size={main} ({num_layers} x {slots}), offload_size={off} "
                 f"({num_layers} x {self.offload_per_layer}), or OffloadConfig.for_model({num_layers}, {num_experts}, "

@@ -269,11 +269,10 @@ def notebook_settings(model: str = "auto", device: str | torch.device | None = N
     that every stage runs). ``token`` is optional: the Mixtral tokenizer ships with mistral-common
     and the pre-quantized repo is public; ``HF_TOKEN`` from the environment is used when set.
     """
+    from .build import parse_devices
     from .load import EMBEDDED, default_device, resolve
 
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = parse_devices(device)[0] if device is not None else default_device()  # a bad name: one clear ValueError
     name = EMBEDDED if model == "auto" and dev.type != "cuda" else resolve(model)
     if max_new_tokens is None:
         max_new_tokens = GPU_MAX_NEW_TOKENS if dev.type == "cuda" else CPU_MAX_NEW_TOKENS

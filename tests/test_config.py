@@ -90,12 +90,15 @@ def test_for_model_derives_sizes_and_refuses_too_many_offloaded():
         OffloadConfig.for_model("32", 8)
 
 
-def test_sizes_must_agree_with_offload_per_layer_and_the_model():
-    with pytest.raises(ValueError, match=r"offload_size=0 disagrees with offload_per_layer=4"):
+def test_sizes_must_hold_the_model():
+    with pytest.raises(ValueError, match=r"offload_size=0 is smaller than offload_per_layer=4"):
         OffloadConfig(main_size=128, offload_size=0, offload_per_layer=4)
     cfg = OffloadConfig(main_size=100, offload_size=128, offload_per_layer=4)
-    with pytest.raises(ValueError, match=r"disagrees with a model of 32 layers x 8 experts .* use main_size=128"):
+    with pytest.raises(ValueError, match=r"is too small for a model of 32 layers x 8 experts .* use main_size=128"):
         cfg.check_model(32, 8)
+    with pytest.raises(ValueError, match=r"offload_size=64\) is too small .* offload_size=128 \(32 x 4\)"):
+        OffloadConfig(main_size=128, offload_size=64, offload_per_layer=4).check_model(32, 8)
+    OffloadConfig(**ARTICLE).check_model(4, 8)  # the article's numbers also build a 4-layer test model
     with pytest.raises(ValueError, match=r"offload_per_layer=8 leaves no GPU slot .* use at most 7"):
         OffloadConfig(main_size=1, offload_size=256, offload_per_layer=8).check_model(32, 8)
     OffloadConfig(**ARTICLE).check_model(32, 8)
@@ -103,8 +106,8 @@ def test_sizes_must_agree_with_offload_per_layer_and_the_model():
 
 def test_build_model_refuses_sizes_of_another_model_before_building(tmp_path):
     src = write_tiny(tmp_path / "m", layers=2, experts=4, hidden=64, intermediate=128)
-    wrong = OffloadConfig.for_model(32, 8, offload_per_layer=2)  # Mixtral's sizes, for a 2-layer, 4-expert model
-    with pytest.raises(ValueError, match=r"disagrees with a model of 2 layers x 4 experts at offload_per_layer=2: "
+    wrong = OffloadConfig(main_size=3, offload_size=4, offload_per_layer=2)  # 2 layers x 2 GPU slots need 4
+    with pytest.raises(ValueError, match=r"too small for a model of 2 layers x 4 experts at offload_per_layer=2: "
                                          r"use main_size=4 \(2 x 2\), offload_size=4"):
         build_model("cpu", None, wrong, src)
     with pytest.raises(ValueError, match=r"offload_per_layer=4 leaves no GPU slot for a layer of 4 experts"):
@@ -315,3 +318,13 @@ def test_fuzz_model_sizes(config, quant, name):
         pass
     except ValueError:
         pass
+
+
+def test_notebook_settings_and_load_refuse_unknown_devices():
+    from mixtral_nb.load import load
+    from mixtral_nb.setup_env import notebook_settings
+
+    with pytest.raises(ValueError, match=r"device 'gpu0' is not a device name: this machine has"):
+        notebook_settings("auto", "gpu0")
+    with pytest.raises(ValueError, match=r"device 'mps': mixtral_nb runs on \"cpu\" or CUDA GPUs only"):
+        load("embedded", device="mps")
