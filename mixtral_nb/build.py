@@ -146,6 +146,10 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     if quant_config is not None and not isinstance(quant_config, QuantConfig):
         raise ValueError(f"quant_config must be a QuantConfig or None, got {type(quant_config).__name__}: wrap hqq "
                          "dicts as QuantConfig(ffn_config=..., attn_config=...)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}: e.g. torch.float16")
+    if host_mirror is not None and not isinstance(host_mirror, bool):
+        raise ValueError(f"host_mirror must be True, False or None, got {host_mirror!r}")
     devices = parse_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(device)

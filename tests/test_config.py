@@ -117,6 +117,10 @@ def test_build_model_refuses_sizes_of_another_model_before_building(tmp_path):
     with pytest.raises(ValueError, match="quant_config must be a QuantConfig or None, got dict"):
         build_model("cpu", hqq(), OffloadConfig.for_model(2, 4, offload_per_layer=1), src)
     cfg = OffloadConfig.for_model(2, 4, offload_per_layer=1, buffer_size=1, prefetch=0)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype or None, got 'float16'"):
+        build_model("cpu", None, cfg, src, dtype="float16")
+    with pytest.raises(ValueError, match="host_mirror must be True, False or None, got 'no'"):
+        build_model("cpu", None, cfg, src, host_mirror="no")
     before = dataclasses.asdict(cfg)
     build_model("cpu", None, cfg, src)
     assert dataclasses.asdict(cfg) == before
