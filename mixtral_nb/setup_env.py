@@ -307,6 +307,7 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
     import dataclasses
 
     from . import planner
+    from .config import check_int
 
     if preset is not None:
         p = planner.preset(preset, context=context)
@@ -328,8 +329,7 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
         p = planner.detect(where, **kw)
     if offload_per_layer is not None and offload_per_layer != p.offload_per_layer:
         E = p.sizes.num_experts
-        if not 0 <= offload_per_layer < E:
-            raise ValueError(f"offload_per_layer must be between 0 and {E - 1}, got {offload_per_layer}")
+        check_int(offload_per_layer, "offload_per_layer", 0, E - 1, why=f" (a layer of {E} experts keeps one on the GPU)")
         p = dataclasses.replace(p, offload_per_layer=offload_per_layer, buffer_size=max(p.buffer_size, 2),
                                 prefetch=max(p.prefetch, 1) if offload_per_layer else 0,
                                 host_mirror=bool(offload_per_layer),

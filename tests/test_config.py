@@ -332,3 +332,14 @@ def test_notebook_settings_and_load_refuse_unknown_devices():
         notebook_settings("auto", "gpu0")
     with pytest.raises(ValueError, match=r"device 'mps': mixtral_nb runs on \"cpu\" or CUDA GPUs only"):
         load("embedded", device="mps")
+
+
+def test_memory_plan_refuses_a_bad_offload_per_layer():
+    from mixtral_nb.setup_env import memory_plan, notebook_settings
+
+    s = notebook_settings("embedded", "cpu")
+    with pytest.raises(ValueError, match=r"offload_per_layer must be an int, got '4' \(str\): use offload_per_layer=4"):
+        memory_plan(s, preset="colab-t4", offload_per_layer="4")
+    with pytest.raises(ValueError, match=r"offload_per_layer must be between 0 and 7 .*, got 8"):
+        memory_plan(s, preset="colab-t4", offload_per_layer=8)
+    assert memory_plan(s, preset="colab-t4", offload_per_layer=5).offload_config().offload_per_layer == 5
