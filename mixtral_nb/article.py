@@ -30,6 +30,7 @@ from .checkpoint import (
     write_project,
 )
 from .config import QuantConfig
+from .paths import cache_root
 from .expert import NAMES, ExpertFormat
 from .quant import QSpec, pack_planes
 
@@ -58,7 +59,7 @@ def converted_path(folder: Path) -> Path:
     sibling = folder.with_name(folder.name + SUFFIX)
     if sibling.exists() or os.access(folder.parent, os.W_OK):
         return sibling
-    root = Path(os.environ.get("MIXTRAL_NB_CACHE") or Path.home() / ".cache" / "mixtral_nb")
+    root = cache_root()
     return root / "converted" / (folder.name + SUFFIX)
 
 

@@ -30,6 +30,7 @@ unchanged (optimistic if the host CPU is slower, as Colab's is).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import inspect
 import json
@@ -45,8 +46,8 @@ from torch import Tensor
 from .config import OffloadConfig, QuantConfig, article_quant_config
 from .expert import ExpertFormat
 from .quant import QSpec
+from .units import GiB as GIB
 
-GIB = 1 << 30
 T4_H2D_BPS = 9.7e9
 T4_HBM_BPS = 240e9
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -379,13 +380,12 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         extra = 0 if mirror or opl == 0 else max(0, int(args.pinned_gib * GIB // blob_bytes) - (L * opl + 4))
         if args.extra_host_slots >= 0:
             extra = args.extra_host_slots
-        off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=4, offload_per_layer=opl,
-                            prefetch=args.prefetch, host_mirror=mirror, extra_host_slots=min(extra, L * (E - opl)),
-                            clean_window=args.clean_window, split_copies=args.split_copies)
+        off = OffloadConfig.for_model(L, E, offload_per_layer=opl, buffer_size=4, prefetch=args.prefetch, host_mirror=mirror,
+                                      clean_window=args.clean_window, split_copies=args.split_copies)
+        off = dataclasses.replace(off, extra_host_slots=min(extra, off.main_size))
     else:
         mirror = False
-        off = OffloadConfig(main_size=L * (E - opl), offload_size=L * opl, buffer_size=1, offload_per_layer=opl,
-                            prefetch=0, host_mirror=False)
+        off = OffloadConfig.for_model(L, E, offload_per_layer=opl, buffer_size=1, prefetch=0, host_mirror=False)
     host_need = (L * E if mirror else L * opl + off.buffer_size + off.extra_host_slots) * blob_bytes
     if device.type == "cuda" and host_need > args.pinned_gib * GIB:
         raise SystemExit(f"bench: {mode} needs {host_need / GIB:.1f} GiB of pinned host memory, over "

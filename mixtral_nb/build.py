@@ -57,15 +57,42 @@ def _check_memory(config, quant: QuantConfig, fmt: ExpertFormat, offload_config:
     return bool(mirror)
 
 
+def _machine_devices() -> str:
+    """What ``device=`` may name here, for error messages."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return "this machine has no CUDA GPU (torch.cuda.is_available() is False): use \"cpu\""
+    names = ", ".join(f"cuda:{i}" for i in range(n))
+    return f"this machine has {n} CUDA GPU{'s' if n > 1 else ''} ({names}) and \"cpu\""
+
+
 def parse_devices(device: Any) -> list[torch.device]:
-    """"cuda:0", torch.device, or a list of them (layers are split across a list)."""
+    """"cuda:0", torch.device, or a list of them (layers are split across a list).
+
+    Only "cpu" and CUDA GPUs this machine has are accepted: anything else is one ValueError naming
+    the device and what the machine offers, before anything is built.
+    """
     items = list(device) if isinstance(device, (list, tuple)) else [device]
     if not items:
-        raise ValueError("build_model needs at least one device")
+        raise ValueError("build_model needs at least one device: pass \"cpu\", \"cuda:0\" or a list of them")
     out = []
-    for d in items:
-        d = torch.device(d)
-        if d.type == "cuda" and d.index is None:
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, torch.device, int)):
+            raise ValueError(f"device {item!r} ({type(item).__name__}) is not a device: pass a string like "
+                             f"\"cuda:0\" or a torch.device; {_machine_devices()}")
+        try:
+            d = torch.device(item)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"device {item!r} is not a device name: {_machine_devices()}") from None
+        if d.type == "cpu":
+            out.append(torch.device("cpu"))
+            continue
+        if d.type != "cuda":
+            raise ValueError(f"device {item!r}: mixtral_nb runs on \"cpu\" or CUDA GPUs only; {_machine_devices()}")
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (d.index is not None and d.index >= n):
+            raise ValueError(f"device {item!r} is not on this machine: {_machine_devices()}")
+        if d.index is None:
             d = torch.device("cuda", torch.cuda.current_device())
         out.append(d)
     return out
@@ -113,6 +140,16 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     """
     from transformers import MixtralForCausalLM
 
+    if not isinstance(offload_config, OffloadConfig):
+        raise ValueError(f"offload_config must be an OffloadConfig, got {type(offload_config).__name__}: use "
+                         "OffloadConfig.for_model(num_layers, num_experts, offload_per_layer=...)")
+    if quant_config is not None and not isinstance(quant_config, QuantConfig):
+        raise ValueError(f"quant_config must be a QuantConfig or None, got {type(quant_config).__name__}: wrap hqq "
+                         "dicts as QuantConfig(ffn_config=..., attn_config=...)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}: e.g. torch.float16")
+    if host_mirror is not None and not isinstance(host_mirror, bool):
+        raise ValueError(f"host_mirror must be True, False or None, got {host_mirror!r}")
     devices = parse_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(device)
@@ -135,11 +172,7 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     L, E = config.num_hidden_layers, config.num_local_experts
     if len(devices) > L:
         raise ValueError(f"{len(devices)} devices for {L} layers: give at most one device per layer")
-    if offload_config.main_size < L * offload_config.gpu_slots_per_layer(E):
-        raise ValueError(
-            f"OffloadConfig.main_size={offload_config.main_size} is smaller than layers x GPU slots per layer = "
-            f"{L} x {E - offload_config.offload_per_layer}: use main_size={L * (E - offload_config.offload_per_layer)}"
-        )
+    offload_config.check_model(L, E)  # main_size/offload_size must describe this model
 
     config.dtype = dtype
     with torch.device("meta"):

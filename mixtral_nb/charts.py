@@ -13,6 +13,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .units import MiB
+
 __all__ = ["plot_timeline", "render_live_panel"]
 
 _LIVE_WINDOW_S = 120.0  # the live panel shows the last two minutes
@@ -193,7 +195,7 @@ def plot_timeline(samples: Sequence[dict], title: str | None = None) -> Figure:
         ax.plot(xs, [100 * y for y in ys], color="tab:orange", linewidth=1.2, label="hit rate (%)")
         ax.set_ylim(0, 105)
         ax.set_ylabel("%")
-        xs, ys = _rate(samples, "cache_bytes_h2d", t0, 1024**2)
+        xs, ys = _rate(samples, "cache_bytes_h2d", t0, MiB)
         if ys:
             twin = ax.twinx()
             twin.plot(xs, ys, color="tab:gray", linewidth=0.8, label="H2D MiB/s")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .decoder import Decoder, DecoderConfig
+from .paths import cache_root
 
 __all__ = ["ChatSession", "SessionBusy", "encode_conversation", "is_mixtral_tokenizer", "mixtral_tokenizer"]
 
@@ -56,8 +57,7 @@ MIXTRAL_CHAT_TEMPLATE = (
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("MIXTRAL_NB_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "mixtral_nb"
+    return cache_root()
 
 
 def _sentencepiece_file() -> Path:

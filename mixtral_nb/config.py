@@ -7,13 +7,49 @@ Offloading") so its notebook code runs unchanged with only the import line swapp
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import numbers
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+MAX_COUNT = 1 << 24  # bound on every count: far above any MoE model (experts, layers), far below float overflow
 
-@dataclass
+
+def check_int(value: Any, name: str, low: int, high: int = MAX_COUNT, why: str = "") -> int:
+    """``value`` as a plain int in [low, high], or a ValueError naming the field, the value and the fix.
+
+    Strings, floats and bools are refused rather than converted: ``int(2.7)`` would silently be 2.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        fix = ""
+        if (isinstance(value, str) and value.strip().lstrip("+-").isdigit()) or (
+                isinstance(value, float) and value.is_integer()):
+            fix = f": use {re.findall(r'[A-Za-z_]+', name)[-1]}={int(value)}"
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}){fix}")
+    v = int(value)
+    if not low <= v <= high:
+        raise ValueError(f"{name} must be between {low} and {high}{why}, got {v}")
+    return v
+
+
+def check_bool(value: Any, name: str, allow_none: bool = False) -> bool | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+@dataclass(frozen=True)
 class OffloadConfig:
     """How many experts live on the GPU (``main_size``) and on the host (``offload_size``).
+
+    For a model of L layers of E experts the cache uses L * (E - offload_per_layer) GPU slots and
+    L * offload_per_layer host slots. As in the article, ``main_size`` and ``offload_size`` are
+    those totals; larger values are accepted (the article's Mixtral numbers also build a smaller
+    test model), smaller ones are refused by build_model; :meth:`for_model` derives them exactly.
+    Frozen: ``dataclasses.replace`` derives a changed copy.
 
     ``offload_per_layer`` experts of every layer start on the host; the rest of the layer's experts
     own GPU slots. ``buffer_size`` spare GPU buffers let a miss load while the evicted expert is
@@ -42,18 +78,54 @@ class OffloadConfig:
     split_copies: bool = False
 
     def __post_init__(self) -> None:
-        if self.offload_per_layer < 0:
-            raise ValueError(f"OffloadConfig.offload_per_layer must be >= 0, got {self.offload_per_layer}")
-        if self.buffer_size < 1:
+        ints = {
+            "main_size": (1, " (at least one GPU slot per layer)"),
+            "offload_size": (0, ""),
+            "buffer_size": (1, " (a miss needs a spare GPU buffer)"),
+            "offload_per_layer": (0, ""),
+            "prefetch": (0, " (0 disables prefetch)"),
+            "extra_host_slots": (0, ""),
+            "clean_window": (1, " (1 = strict LRU)"),
+        }
+        for name, (low, why) in ints.items():
+            object.__setattr__(self, name, check_int(getattr(self, name), f"OffloadConfig.{name}", low, why=why))
+        for f in fields(self):  # the switches: annotated "bool" or "bool | None"
+            if f.type in ("bool", "bool | None"):
+                check_bool(getattr(self, f.name), f"OffloadConfig.{f.name}", allow_none=f.type != "bool")
+        if self.offload_size < self.offload_per_layer:
             raise ValueError(
-                f"OffloadConfig.buffer_size must be >= 1 (a miss needs a spare GPU buffer), got {self.buffer_size}"
+                f"OffloadConfig.offload_size={self.offload_size} is smaller than offload_per_layer="
+                f"{self.offload_per_layer}: offload_size is layers x offload_per_layer "
+                "(OffloadConfig.for_model(num_layers, num_experts, offload_per_layer=...) derives it)"
             )
-        if self.extra_host_slots < 0:
-            raise ValueError(f"OffloadConfig.extra_host_slots must be >= 0, got {self.extra_host_slots}")
-        if self.prefetch < 0:
-            raise ValueError(f"OffloadConfig.prefetch must be >= 0, got {self.prefetch}")
-        if self.clean_window < 1:
-            raise ValueError(f"OffloadConfig.clean_window must be >= 1 (1 = strict LRU), got {self.clean_window}")
+
+    @classmethod
+    def for_model(cls, num_layers: int, num_experts: int, offload_per_layer: int = 4, **kw: Any) -> "OffloadConfig":
+        """The config for a model of ``num_layers`` x ``num_experts`` experts: main_size/offload_size derived.
+
+        ``kw`` are the other fields (buffer_size, prefetch, host_mirror, ...).
+        """
+        L = check_int(num_layers, "num_layers", 1)
+        E = check_int(num_experts, "num_experts", 1)
+        opl = check_int(offload_per_layer, "OffloadConfig.offload_per_layer", 0, E - 1,
+                   why=f" (a layer of {E} experts needs at least one GPU slot)")
+        for bad in ("main_size", "offload_size"):
+            if bad in kw:
+                raise ValueError(f"OffloadConfig.for_model derives {bad}: pass offload_per_layer instead")
+        return cls(main_size=L * (E - opl), offload_size=L * opl, offload_per_layer=opl, **kw)
+
+    def check_model(self, num_layers: int, num_experts: int) -> None:
+        """Refuse main_size/offload_size too small for a model of these sizes (one clear error)."""
+        slots = self.gpu_slots_per_layer(num_experts)
+        main, off = num_layers * slots, num_layers * self.offload_per_layer
+        if self.main_size < main or self.offload_size < off:
+            raise ValueError(
+                f"OffloadConfig(main_size={self.main_size}, offload_size={self.offload_size}) is too small for a model "
+                f"of {num_layers} layers x {num_experts} experts at offload_per_layer={self.offload_per_layer}: "
+                f"use main_size={main} ({num_layers} x {slots}), offload_size={off} "
+                f"({num_layers} x {self.offload_per_layer}), or OffloadConfig.for_model({num_layers}, {num_experts}, "
+                f"offload_per_layer={self.offload_per_layer})"
+            )
 
     def gpu_slots_per_layer(self, num_experts: int) -> int:
         """Experts of one layer that hold a GPU slot at any time."""
@@ -66,37 +138,63 @@ class OffloadConfig:
         return slots
 
 
-def _quant_params(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
+NBITS = (1, 2, 3, 4, 8)
+META_NBITS = 8  # scales and zeros are always meta-quantized to 8 bits
+
+
+def _dict(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict (hqq's BaseQuantizeConfig), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _meta(cfg: dict[str, Any], key: str, name: str) -> tuple[bool, int | None]:
+    """(quantized?, group size) of a scale/zero meta config; absent means quantized with the default group."""
+    if key not in cfg:
+        return True, None
+    sub = cfg[key]
+    if sub is None:
+        return False, None
+    sub = _dict(sub, f"{name}[{key!r}]")
+    nbits = sub.get("nbits", META_NBITS)
+    if isinstance(nbits, bool) or nbits != META_NBITS:
+        raise ValueError(f"{name}[{key!r}]['nbits']={nbits!r} is not supported: scales and zeros are quantized "
+                         f"to {META_NBITS} bits (use nbits={META_NBITS}, or {key}=None to keep them unquantized)")
+    group = sub.get("group_size")
+    if group is not None:
+        group = check_int(group, f"{name}[{key!r}]['group_size']", 1)
+    return True, group
+
+
+def _quant_params(cfg: dict[str, Any] | None, name: str = "QuantConfig") -> dict[str, Any] | None:
     """Normalise an hqq ``BaseQuantizeConfig`` dict (or a flat dict) into our flat settings."""
     if cfg is None:
         return None
-    w = cfg.get("weight_quant_params", cfg)
-    nbits = int(w["nbits"])
-    group_size = int(w["group_size"])
-    axis = int(w.get("axis", 1))
-    scale_group = zero_group = None
-    quant_scale = quant_zero = True
-    sp = cfg.get("scale_quant_params")
-    zp = cfg.get("zero_quant_params")
-    if "scale_quant_params" in cfg:
-        quant_scale = sp is not None
-        scale_group = sp.get("group_size") if sp else None
-    if "zero_quant_params" in cfg:
-        quant_zero = zp is not None
-        zero_group = zp.get("group_size") if zp else None
-    if nbits not in (1, 2, 3, 4, 8):
-        raise ValueError(f"quantization nbits={nbits} is not supported: use 1, 2, 3, 4 or 8")
-    if axis not in (0, 1):
-        raise ValueError(f"quantization axis={axis} is not supported: use 0 or 1")
+    cfg = _dict(cfg, name)
+    wname = f"{name}['weight_quant_params']" if "weight_quant_params" in cfg else name
+    w = _dict(cfg.get("weight_quant_params", cfg), wname)
+    for key in ("nbits", "group_size"):
+        if key not in w:
+            raise ValueError(f"{wname} has no {key!r}: pass e.g. BaseQuantizeConfig(nbits=2, group_size=16)")
+    nbits = w["nbits"]
+    if isinstance(nbits, bool) or not isinstance(nbits, numbers.Integral) or int(nbits) not in NBITS:
+        raise ValueError(f"{wname}['nbits']={nbits!r} is not supported: use one of {', '.join(map(str, NBITS))}")
+    group_size = check_int(w["group_size"], f"{wname}['group_size']", 1)
+    axis = w.get("axis", 1)
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or int(axis) not in (0, 1):
+        raise ValueError(f"{wname}['axis']={axis!r} is not supported: use 0 or 1")
+    optimize = check_bool(w.get("optimize", True), f"{wname}['optimize']")
+    quant_scale, scale_group = _meta(cfg, "scale_quant_params", name)
+    quant_zero, zero_group = _meta(cfg, "zero_quant_params", name)
     return {
-        "nbits": nbits,
+        "nbits": int(nbits),
         "group_size": group_size,
-        "axis": axis,
+        "axis": int(axis),
         "quant_scale": quant_scale,
         "scale_group": scale_group if scale_group is not None else 128,
         "quant_zero": quant_zero,
         "zero_group": zero_group,  # None: one scale/zero for the whole tensor, as hqq 0.1.1 did
-        "optimize": bool(w.get("optimize", True)),
+        "optimize": optimize,
     }
 
 
@@ -116,8 +214,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         self.ffn_config = copy.deepcopy(self.ffn_config)
         self.attn_config = copy.deepcopy(self.attn_config)
-        self.ffn = _quant_params(self.ffn_config)
-        self.attn = _quant_params(self.attn_config)
+        self.ffn = _quant_params(self.ffn_config, "QuantConfig.ffn_config")
+        self.attn = _quant_params(self.attn_config, "QuantConfig.attn_config")
 
     def to_json(self) -> dict[str, Any]:
         """The normalised settings, as stored in a checkpoint manifest."""
@@ -126,9 +224,14 @@ class QuantConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "QuantConfig":
         """Inverse of :meth:`to_json`."""
-        def back(p: dict[str, Any] | None) -> dict[str, Any] | None:
+        def back(p: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
             if p is None:
                 return None
+            p = _dict(p, f"QuantConfig.from_json: {name!r}")
+            missing = [k for k in ("nbits", "group_size", "axis", "scale_group", "quant_scale", "zero_group", "quant_zero")
+                       if k not in p]
+            if missing:
+                raise ValueError(f"QuantConfig.from_json: {name!r} lacks {missing}: pass what QuantConfig.to_json() wrote")
             return {
                 "weight_quant_params": {
                     "nbits": p["nbits"], "group_size": p["group_size"], "axis": p["axis"],
@@ -137,7 +240,8 @@ class QuantConfig:
                 "scale_quant_params": {"nbits": 8, "group_size": p["scale_group"]} if p["quant_scale"] else None,
                 "zero_quant_params": {"nbits": 8, "group_size": p["zero_group"]} if p["quant_zero"] else None,
             }
-        return cls(ffn_config=back(data.get("ffn")), attn_config=back(data.get("attn")))
+        data = _dict(data, "QuantConfig.from_json's argument")
+        return cls(ffn_config=back(data.get("ffn"), "ffn"), attn_config=back(data.get("attn"), "attn"))
 
 
 def article_quant_config() -> QuantConfig:

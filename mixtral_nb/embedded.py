@@ -36,6 +36,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .paths import cache_root
+
 # Bump when the layout or contents of the built folder change: old caches are then ignored.
 EMBEDDED_VERSION = "v1"
 MARKER_NAME = ".build_complete.json"
@@ -104,8 +106,7 @@ def load_dense(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, obj
 
 def default_cache_dir() -> pathlib.Path:
     """``$MIXTRAL_NB_CACHE`` if set, else ``~/.cache/mixtral_nb``."""
-    env = os.environ.get("MIXTRAL_NB_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "mixtral_nb"
+    return cache_root()
 
 
 def _folder_name(num_experts: int, top_k: int, seed: int) -> str:

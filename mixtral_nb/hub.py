@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .units import GB, GiB
 
-GB = 1e9
-DISK_MARGIN = 1 * 1024**3  # leave this much free: a full disk breaks more than the download
+DISK_MARGIN = 1 * GiB  # leave this much free: a full disk breaks more than the download
 
 
 class NotEnoughDiskError(CheckpointError):

@@ -7,22 +7,20 @@ same notebook runs on a Colab T4 and on a laptop or CI machine.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .build import build_model
+from .build import build_model, parse_devices
 from .config import OffloadConfig, QuantConfig
+from .paths import cache_root
+
+__all__ = ["EMBEDDED", "MIXTRAL_REPO", "cache_root", "default_device", "embedded_checkpoint", "embedded_quant_config",
+           "load", "resolve", "tokenizer_for"]
 
 MIXTRAL_REPO = "lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo"
 EMBEDDED = "embedded"
-
-
-def cache_root() -> Path:
-    """Where built and downloaded models go: ``$MIXTRAL_NB_CACHE`` or ``~/.cache/mixtral_nb``."""
-    return Path(os.environ.get("MIXTRAL_NB_CACHE") or Path.home() / ".cache" / "mixtral_nb")
 
 
 def default_device() -> torch.device:
@@ -78,10 +76,10 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
     if isinstance(device, (list, tuple)) and len(device) == 1:
         device = device[0]
     if isinstance(device, (list, tuple)):  # several GPUs: build_model splits the layers across them
-        devs = [torch.device(d) for d in device]
+        devs = parse_devices(device)
         dev, target_all = devs[0], devs
     else:
-        dev = torch.device(device) if device is not None else default_device()
+        dev = parse_devices(device)[0] if device is not None else default_device()
         target_all = None
     name = resolve(model)
     if name == EMBEDDED:
@@ -89,13 +87,13 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
         from .embedded import build_embedded
 
         tok_dir = build_embedded()
-        cfg = offload_config or OffloadConfig(main_size=0, offload_size=0, buffer_size=2, offload_per_layer=4, prefetch=1)
-        from .checkpoint import load_config
+        cfg = offload_config
+        if cfg is None:
+            from .checkpoint import load_config
 
-        L = load_config(folder).num_hidden_layers
-        E = load_config(folder).num_local_experts
-        cfg.main_size = max(cfg.main_size, L * (E - cfg.offload_per_layer))
-        cfg.offload_size = L * cfg.offload_per_layer
+            c = load_config(folder)
+            cfg = OffloadConfig.for_model(c.num_hidden_layers, c.num_local_experts, offload_per_layer=4, buffer_size=2,
+                                          prefetch=1)
         return build_model(target_all or dev, None, cfg, folder), tokenizer_for(tok_dir)
     folder = Path(name)
     if not folder.exists():

@@ -15,9 +15,9 @@ from typing import Any
 import psutil
 import torch
 
-__all__ = ["ResourceMonitor", "SAMPLE_FIELDS"]
+from .units import GiB as GIB
 
-GIB = 1024**3
+__all__ = ["ResourceMonitor", "SAMPLE_FIELDS"]
 
 # Fields every sample has (None when not measurable here); cache counters come on top as cache_*.
 SAMPLE_FIELDS = (

@@ -1,6 +1,6 @@
 """Memory planning: which OffloadConfig fits a machine, and a clear error when one does not.
 
-The byte math (FACTS.md): an expert blob's size comes from our own layout (2-bit g16 with 8-bit
+The byte math: an expert blob's size comes from our own layout (2-bit g16 with 8-bit
 meta: ~66.4 MB for Mixtral-8x7B), 4-bit g64 attention ~22.3 MB/layer, fp16 embeddings + lm_head
 0.52 GB, plus a CUDA context (~0.5 GB), the KV cache for ``context`` tokens and a workspace for
 dequantizing one expert matrix (the pure-torch path) and activations. The planner keeps as many
@@ -17,15 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import OffloadConfig, QuantConfig, article_quant_config
+from .config import OffloadConfig, QuantConfig, article_quant_config, check_int
 from .expert import ExpertFormat
 from .quant import QSpec
+from .units import GiB, MiB, fmt_bytes
 
-GiB = 1024**3
-CUDA_CONTEXT = 512 * 1024**2  # what the CUDA runtime and kernels take before any tensor
+CUDA_CONTEXT = 512 * MiB  # what the CUDA runtime and kernels take before any tensor
 HOST_OVERHEAD = int(2.5 * GiB)  # Python, torch, transformers, the tokenizer, page cache headroom
 HOST_MARGIN = int(1.5 * GiB)  # spare RAM required before choosing host-mirror mode
-ACT_MARGIN = 256 * 1024**2  # activations, logits, allocator fragmentation
+ACT_MARGIN = 256 * MiB  # activations, logits, allocator fragmentation
+MAX_BYTES = 1 << 60  # bound on memory sizes given to the planner (an exbibyte): catches unit mix-ups
 
 
 class MemoryPlanError(ValueError):
@@ -40,6 +41,7 @@ MIXTRAL_8X7B = {"num_hidden_layers": 32, "num_local_experts": 8, "hidden_size": 
                 "vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
                 "tie_word_embeddings": False}
 MODELS = {"mixtral-8x7b": MIXTRAL_8X7B}
+_COUNTS = ("num_hidden_layers", "num_local_experts", "num_attention_heads", "num_key_value_heads")
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,33 @@ class ModelSizes:
             c = dict(MODELS[model])
         elif isinstance(model, dict):
             c = dict(model)
-        else:
+        elif callable(getattr(model, "to_dict", None)):
             c = model.to_dict()
+        else:
+            raise ValueError(f"model must be a name in {sorted(MODELS)}, a config dict or a transformers config, "
+                             f"got {type(model).__name__}")
+        if quant is not None and not isinstance(quant, QuantConfig):
+            raise ValueError(f"quant must be a QuantConfig or None, got {type(quant).__name__}")
         quant = quant if quant is not None else article_quant_config()
-        L, E, H, inter = c["num_hidden_layers"], c["num_local_experts"], c["hidden_size"], c["intermediate_size"]
-        hd = c.get("head_dim") or H // c["num_attention_heads"]
-        q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+        dims = {}
+        for key in ("num_hidden_layers", "num_local_experts", "hidden_size", "intermediate_size", "vocab_size",
+                    "num_attention_heads", "num_key_value_heads"):
+            if key not in c:
+                raise ValueError(f"model config lacks {key!r}: pass a Mixtral config (see planner.MIXTRAL_8X7B)")
+            dims[key] = check_int(c[key], f"model config {key}", 1, 1 << 12 if key in _COUNTS else 1 << 24)
+        L, E, H, inter = (dims[k] for k in ("num_hidden_layers", "num_local_experts", "hidden_size", "intermediate_size"))
+        if c.get("head_dim") is not None:
+            hd = check_int(c["head_dim"], "model config head_dim", 1, 1 << 24)
+        elif H % dims["num_attention_heads"]:
+            raise ValueError(f"model config: hidden_size={H} is not a multiple of num_attention_heads="
+                             f"{dims['num_attention_heads']}: set head_dim")
+        else:
+            hd = H // dims["num_attention_heads"]
+        q, kv = dims["num_attention_heads"] * hd, dims["num_key_value_heads"] * hd
+        c["vocab_size"] = dims["vocab_size"]
+        dtype_bytes = check_int(dtype_bytes, "dtype_bytes", 1, 8)
+        if expert_bytes is not None:
+            expert_bytes = check_int(expert_bytes, "expert_bytes", 1, MAX_BYTES)
         blob = expert_bytes or ExpertFormat.make(H, inter, quant.ffn, _dtype(dtype_bytes)).layout.total_bytes
         attn = 0
         for shape in ((q, H), (kv, H), (kv, H), (H, q)):
@@ -139,10 +162,9 @@ class Plan:
 
     def offload_config(self) -> OffloadConfig:
         """The article-style OffloadConfig of this plan."""
-        L, E = self.sizes.num_layers, self.sizes.num_experts
-        return OffloadConfig(main_size=L * (E - self.offload_per_layer), offload_size=L * self.offload_per_layer,
-                             buffer_size=self.buffer_size, offload_per_layer=self.offload_per_layer,
-                             prefetch=self.prefetch, host_mirror=self.host_mirror)
+        return OffloadConfig.for_model(self.sizes.num_layers, self.sizes.num_experts,
+                                       offload_per_layer=self.offload_per_layer, buffer_size=self.buffer_size,
+                                       prefetch=self.prefetch, host_mirror=self.host_mirror)
 
     def explain(self) -> str:
         """A few lines a notebook can print: what goes where and why."""
@@ -171,7 +193,7 @@ class Plan:
 
 
 def _g(n: int | float | None) -> str:
-    return "?" if n is None else f"{n / GiB:.1f} GiB"
+    return fmt_bytes(n, "GiB")
 
 
 def _needs(sizes: ModelSizes, opl: int, buffers: int, mirror: bool, cuda: bool, context: int,
@@ -194,6 +216,14 @@ def plan(vram_bytes: int, host_ram_bytes: int, disk_bytes: int | None = None, nu
     ``vram_bytes`` is the usable memory of one GPU (0: CPU only); ``host_ram_bytes`` the RAM the
     process may use. Raises :class:`MemoryPlanError` when no setting fits.
     """
+    vram_bytes = check_int(vram_bytes, "vram_bytes", 0, MAX_BYTES, why=" (0: CPU only)")
+    host_ram_bytes = check_int(host_ram_bytes, "host_ram_bytes", 0, MAX_BYTES)
+    if disk_bytes is not None:
+        disk_bytes = check_int(disk_bytes, "disk_bytes", 0, MAX_BYTES)
+    num_gpus = check_int(num_gpus, "num_gpus", 0, 1024)
+    context = check_int(context, "context", 1, 1 << 24)
+    buffer_size = check_int(buffer_size, "buffer_size", 1, why=" (a miss needs a spare GPU buffer)")
+    prefetch = check_int(prefetch, "prefetch", 0)
     sizes = ModelSizes.of(model, quant)
     L, E = sizes.num_layers, sizes.num_experts
     notes: list[str] = []
@@ -280,9 +310,9 @@ class Machine:
 
 
 PRESETS: dict[str, Machine] = {
-    "colab-t4": Machine(15095 * 1024**2, int(12.7e9), 1, int(78e9), "free Colab: T4 (15,095 MiB usable), 12.7 GB RAM"),
+    "colab-t4": Machine(15095 * MiB, int(12.7e9), 1, int(78e9), "free Colab: T4 (15,095 MiB usable), 12.7 GB RAM"),
     "12gb": Machine(int(11.5 * GiB), 32 * GiB, 1, None, "12 GB card (RTX 3060/4070), 32 GB RAM"),
-    "kaggle-2xt4": Machine(15095 * 1024**2, int(29e9), 2, int(73e9), "Kaggle: 2 x T4, 29 GB RAM"),
+    "kaggle-2xt4": Machine(15095 * MiB, int(29e9), 2, int(73e9), "Kaggle: 2 x T4, 29 GB RAM"),
     "24gb": Machine(int(23.5 * GiB), 64 * GiB, 1, None, "24 GB card (RTX 3090/4090, A10/L4 class), 64 GB RAM"),
     "a100-40gb": Machine(int(39.4 * GiB), 85 * GiB, 1, None, "A100 40 GB, 85 GB RAM"),
     "a100-80gb": Machine(int(79.1 * GiB), 117 * GiB, 1, None, "A100 80 GB, 117 GB RAM"),
@@ -292,7 +322,7 @@ PRESETS: dict[str, Machine] = {
 
 def preset(name: str, **kw: Any) -> Plan:
     """The plan for a named machine in :data:`PRESETS`."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
     return PRESETS[name].plan(**kw)
 
@@ -334,16 +364,27 @@ def check_fits(what: Plan | OffloadConfig, vram_bytes: int | None, ram_bytes: in
     ``loaded=True`` counts only the expert cache and runtime (the trunk is already in memory, as in
     build_model just before the cache is created).
     """
+    if vram_bytes is not None:
+        vram_bytes = check_int(vram_bytes, "vram_bytes", 0, MAX_BYTES, why=" (None: a CPU run)")
+    ram_bytes = check_int(ram_bytes, "ram_bytes", 0, MAX_BYTES)
+    context = check_int(context, "context", 1, 1 << 24)
+    if host_mirror is not None and not isinstance(host_mirror, bool):
+        raise ValueError(f"host_mirror must be True, False or None, got {host_mirror!r}")
+    if sizes is not None and not isinstance(sizes, ModelSizes):
+        raise ValueError(f"sizes must be a ModelSizes (planner.ModelSizes.of(...)), got {type(sizes).__name__}")
     extra = 0
     if isinstance(what, Plan):
         sizes, opl, buffers, context = per_gpu(what.sizes, what.num_gpus), what.offload_per_layer, what.buffer_size, \
             what.context
         mirror = what.host_mirror if host_mirror is None else host_mirror
-    else:
+    elif isinstance(what, OffloadConfig):
         sizes = sizes or ModelSizes.of()
+        what.gpu_slots_per_layer(sizes.num_experts)  # offload_per_layer must leave a GPU slot
         opl, buffers, extra = what.offload_per_layer, what.buffer_size, what.extra_host_slots
         mirror = what.host_mirror if host_mirror is None else host_mirror
         mirror = True if mirror is None else mirror
+    else:
+        raise ValueError(f"check_fits needs a Plan or an OffloadConfig, got {type(what).__name__}")
     cuda = vram_bytes is not None
     E = sizes.num_experts
     gpu, pinned, host = _needs(sizes, opl, buffers, mirror, cuda, context, loaded, extra)

@@ -90,7 +90,7 @@ def _key(name: str, n_tokens: int) -> str:
 
 
 def _cache_file() -> Path:
-    from .load import cache_root
+    from .paths import cache_root
 
     return cache_root() / "quality" / "results.json"
 
@@ -141,7 +141,7 @@ def measure(name: str, n_tokens: int = 256, keep_checkpoint: bool = False,
     from .chat import ChatSession
     from .checkpoint import load_config, quantize
     from .embedded import build_embedded
-    from .load import cache_root
+    from .paths import cache_root
 
     t0 = time.perf_counter()
     src = build_embedded()
@@ -152,8 +152,8 @@ def measure(name: str, n_tokens: int = 256, keep_checkpoint: bool = False,
     sizes = _checkpoint_bytes(dst)
     cfg = load_config(dst)
     L, E = cfg.num_hidden_layers, cfg.num_local_experts
-    offload = OffloadConfig(main_size=L * (E - offload_per_layer), offload_size=L * offload_per_layer, buffer_size=2,
-                            offload_per_layer=offload_per_layer, prefetch=1 if offload_per_layer else 0)
+    offload = OffloadConfig.for_model(L, E, offload_per_layer=offload_per_layer, buffer_size=2,
+                                      prefetch=1 if offload_per_layer else 0)
     model = build_model("cpu", None, offload, dst)
     tokenizer = AutoTokenizer.from_pretrained(src)
     ppl = _perplexity(model, tokenizer, n_tokens)

@@ -17,17 +17,19 @@ import platform
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .paths import cache_root
+from .units import GiB
+
 __all__ = ["NotebookSettings", "describe_folder", "environment_report", "find_libcuda_dir", "fix_triton_libcuda",
            "format_report", "in_colab", "memory_plan", "model_summary", "notebook_settings", "prepare_model"]
 
-GiB = 1024**3
 LIBCUDA = "libcuda.so.1"
 # Where the driver library lives when `ldconfig -p` does not list it (Colab, containers, WSL).
 LIBCUDA_CANDIDATES = ("/usr/lib64-nvidia", "/usr/local/nvidia/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib64",
@@ -82,7 +84,6 @@ def environment_report() -> dict[str, Any]:
     import psutil
 
     from . import __version__
-    from .load import cache_root
 
     vm = psutil.virtual_memory()
     cache = cache_root()
@@ -234,8 +235,15 @@ class NotebookSettings:
     model: str  # the Mixtral repo id, "embedded", or a folder
     device: torch.device
     max_new_tokens: int
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never shown (see __repr__)
     device_given: bool = False  # DEVICE was set: plan for that GPU only, not all of them
+
+    def __repr__(self) -> str:
+        """Displaying the settings in a notebook must not save the Hugging Face token into it."""
+        return (f"NotebookSettings(model={self.model!r}, device={self.device!r}, max_new_tokens={self.max_new_tokens!r}, "
+                f"token={mask_secret(self.token)}, device_given={self.device_given!r})")
+
+    __str__ = __repr__
 
     @property
     def embedded(self) -> bool:
@@ -248,6 +256,11 @@ class NotebookSettings:
         return f"model: {what}\ndevice: {self.device}\nmax_new_tokens: {self.max_new_tokens}"
 
 
+def mask_secret(secret: str | None) -> str:
+    """What a repr or log line shows for a token: whether one is set, never any of its characters."""
+    return "None" if secret is None else "'***'"
+
+
 def notebook_settings(model: str = "auto", device: str | torch.device | None = None, max_new_tokens: int | None = None,
                       token: str | None = None) -> NotebookSettings:
     """Resolve a notebook's parameters: "auto" is Mixtral-8x7B-Instruct on a CUDA GPU, the embedded model on CPU.
@@ -256,11 +269,10 @@ def notebook_settings(model: str = "auto", device: str | torch.device | None = N
     that every stage runs). ``token`` is optional: the Mixtral tokenizer ships with mistral-common
     and the pre-quantized repo is public; ``HF_TOKEN`` from the environment is used when set.
     """
+    from .build import parse_devices
     from .load import EMBEDDED, default_device, resolve
 
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = parse_devices(device)[0] if device is not None else default_device()  # a bad name: one clear ValueError
     name = EMBEDDED if model == "auto" and dev.type != "cuda" else resolve(model)
     if max_new_tokens is None:
         max_new_tokens = GPU_MAX_NEW_TOKENS if dev.type == "cuda" else CPU_MAX_NEW_TOKENS
@@ -271,7 +283,7 @@ def notebook_settings(model: str = "auto", device: str | torch.device | None = N
 def prepare_model(settings: NotebookSettings) -> Path:
     """Get the model's files ready: download the pre-quantized repo (with its free-disk check), or
     build the embedded model (first run ~1 min on CPU, then cached). Returns the folder."""
-    from .load import EMBEDDED, cache_root, embedded_checkpoint
+    from .load import EMBEDDED, embedded_checkpoint
 
     if settings.model == EMBEDDED:
         return embedded_checkpoint(progress=True)
@@ -295,6 +307,7 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
     import dataclasses
 
     from . import planner
+    from .config import check_int
 
     if preset is not None:
         p = planner.preset(preset, context=context)
@@ -316,8 +329,7 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
         p = planner.detect(where, **kw)
     if offload_per_layer is not None and offload_per_layer != p.offload_per_layer:
         E = p.sizes.num_experts
-        if not 0 <= offload_per_layer < E:
-            raise ValueError(f"offload_per_layer must be between 0 and {E - 1}, got {offload_per_layer}")
+        check_int(offload_per_layer, "offload_per_layer", 0, E - 1, why=f" (a layer of {E} experts keeps one on the GPU)")
         p = dataclasses.replace(p, offload_per_layer=offload_per_layer, buffer_size=max(p.buffer_size, 2),
                                 prefetch=max(p.prefetch, 1) if offload_per_layer else 0,
                                 host_mirror=bool(offload_per_layer),
