@@ -361,3 +361,70 @@ def test_offloaded_engine_model(tok, tmp_path, engine):
     assert fresh.send("Again") == second
     last = monitor.samples[-1]
     assert last["cache_hits"] + last["cache_misses"] > 0 and 0 <= last["cache_hit_rate"] <= 1
+
+
+# --------------------------------------------------------------------------- issue 17: bad input, budgets, idle streams
+
+
+def test_untokenizable_message_is_refused_and_history_unchanged(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=4)
+    session.send("Hello")
+    before = [dict(m) for m in session.history]
+    with pytest.raises(ValueError, match="surrogate"):
+        session.send("bad \ud800 text")
+    assert session.history == before and not session.generating
+    assert session.send("Still fine?")  # later turns work
+    assert len(session.history) == 4
+
+
+def test_max_new_tokens_over_the_budget_is_refused_and_transcript_kept(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=8, context_budget=200)
+    session.send("Hello")
+    session.send("Again")
+    before = [dict(m) for m in session.history]
+    session.max_new_tokens = 200
+    with pytest.raises(ValueError, match=r"max_new_tokens=200.*context_budget=200|context_budget=200.*max_new_tokens=200"):
+        session.send("Third")
+    assert session.history == before
+    assert json.loads(session.export("json"))["messages"] == before
+
+
+def test_trimming_never_deletes_the_transcript(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=8, context_budget=70)
+    sent = [f"Message number {i}" for i in range(6)]
+    for text in sent:
+        session.send(text)
+    users = [m["content"] for m in session.history if m["role"] == "user"]
+    assert users == sent  # the exported conversation is whole; only the model's view was trimmed
+    assert [m["content"] for m in json.loads(session.export("json"))["messages"] if m["role"] == "user"] == sent
+
+
+def test_stream_never_iterated_does_not_hold_the_session(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=4)
+    session.stream("never read")
+    errors = []
+
+    def other() -> None:
+        try:
+            session.send("from another thread")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert not session.generating
+
+
+def test_stop_frees_a_suspended_stream(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=30)
+    gen = session.stream("Hello")
+    next(gen)
+    session.stop()
+    assert not session.generating
+    t = threading.Thread(target=lambda: session.send("from another thread"))
+    t.start()
+    t.join()
+    assert session.history[-2] == U("from another thread")
+    assert list(gen) == []  # the stopped stream is over
