@@ -67,7 +67,7 @@ def tokenizer_for(folder: Path) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder)
-    from .chat import mixtral_tokenizer
+    from .tokenizer import mixtral_tokenizer
 
     return mixtral_tokenizer()
 
