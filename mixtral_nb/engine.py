@@ -99,6 +99,7 @@ class HFEngine:
         self._length = 0
         self._dirty = False  # a forward or cut may have been interrupted: layers may hold more than _length
         self._kv = self._new_cache()
+        self._device = input_device(model)
 
     @property
     def length(self) -> int:
@@ -110,7 +111,7 @@ class HFEngine:
 
     @property
     def device(self) -> torch.device:
-        return input_device(self.model)
+        return self._device
 
     @property
     def kv(self) -> Any:
@@ -139,7 +140,7 @@ class HFEngine:
             kwargs["logits_to_keep"] = 1
         try:
             with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(self.device), **kwargs).logits[:, -1]
+                logits = self.model(input_ids=ids.to(self._device), **kwargs).logits[:, -1]
         except BaseException:
             self._cut(self._length)  # drop whatever the unfinished forward appended
             raise
