@@ -405,6 +405,8 @@ class ChatSession:
                 if len(safe) > len(emitted) and safe.startswith(emitted):
                     piece, emitted = safe[len(emitted):], safe
                     yield piece
+            if not reply_ids:  # an end-of-sequence right after the prefill
+                prefill_s = time.perf_counter() - t_start
             final = message["content"]
             if final.startswith(emitted) and len(final) > len(emitted):
                 yield final[len(emitted):]
