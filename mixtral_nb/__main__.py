@@ -35,9 +35,13 @@ def _chat(args: argparse.Namespace) -> int:
             for piece in session.stream(text):
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
-            session.stop()
+            session.stop()  # the partial reply stays in the conversation
+        except ValueError as exc:  # a message or setting the session refuses; nothing was changed
+            print(f"error: {exc}", file=sys.stderr)
+            continue
         print()
-        print(f"[{session.last_stats.get('tok_s', 0):.1f} tok/s]", file=sys.stderr)
+        if session.last_stats:
+            print(f"[{session.last_stats.get('tok_s', 0):.1f} tok/s]", file=sys.stderr)
     return 0
 
 

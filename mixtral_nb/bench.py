@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import inspect
 import json
 import math
 import statistics
@@ -261,59 +260,31 @@ class IIDRouting:
 # one run
 
 
-def _new_kv_cache(model: Any) -> Any:
-    from transformers import DynamicCache
+def _generate(engine: Any, prompt: Tensor, new_tokens: int, device: torch.device,
+              between: Any = None) -> tuple[float, float, Tensor]:
+    """Greedy run of :func:`~mixtral_nb.generate.generate_tokens` on a fresh sequence: timed prefill (which
+    yields the first token), then ``new_tokens`` timed one-token steps. Tokens stay on the device: no
+    host sync in the loop."""
+    from .generate import generate_tokens
 
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
-def _cache_kwarg(model: Any) -> str:
-    """transformers 5.x renamed ``past_key_values`` to ``cache`` in forward; accept either."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _generate(model: Any, prompt: Tensor, new_tokens: int, device: torch.device,
-              between: Any = None, decoder: Any = None) -> tuple[float, float, Tensor]:
-    """Manual greedy loop: timed prefill, then ``new_tokens`` timed one-token steps.
-
-    With ``decoder`` (a :class:`~mixtral_nb.decoder.Decoder`) the steps go through it, else through
-    transformers' forward with a DynamicCache.
-    """
-    if decoder is not None:
-        decoder.reset()
-
-        def step(ids: Tensor, first: bool = False) -> Tensor:
-            return decoder.forward(ids).argmax(-1, keepdim=True)
-    else:
-        kv = _new_kv_cache(model)
-        kw = _cache_kwarg(model)
-
-        def step(ids: Tensor, first: bool = False) -> Tensor:
-            extra = {"logits_to_keep": 1} if first else {}
-            return model(input_ids=ids, use_cache=True, **{kw: kv}, **extra).logits[:, -1:].argmax(-1)
+    engine.reset()
     _sync(device)
     t0 = time.perf_counter()
-    nxt = step(prompt, first=True)
+    steps = generate_tokens(engine, prompt, new_tokens + 1)
+    tokens = [next(steps)]
     _sync(device)
     t_prefill = time.perf_counter() - t0
     if between is not None:
         between()
-    tokens = [nxt]
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        nxt = step(nxt)  # stays on the device: no host sync in the loop
-        tokens.append(nxt)
+    tokens.extend(steps)
     _sync(device)
     t_decode = time.perf_counter() - t0
-    return t_prefill, t_decode, torch.cat(tokens, dim=1)
+    return t_prefill, t_decode, torch.cat(tokens).reshape(1, -1)
 
 
-def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str, decoder: Any = None) -> None:
+def _profile_decode(engine: Any, prompt: Tensor, device: torch.device, path: str) -> None:
     """Where a decode step's time goes: host (cProfile) and device (torch.profiler), 16 tokens."""
     import cProfile
     import io
@@ -321,7 +292,7 @@ def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str,
 
     prof = cProfile.Profile()
     prof.enable()
-    _generate(model, prompt[:, :16], 16, device, decoder=decoder)
+    _generate(engine, prompt[:, :16], 16, device)
     prof.disable()
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf)
@@ -331,7 +302,7 @@ def _profile_decode(model: Any, prompt: Tensor, device: torch.device, path: str,
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as tp:
-        _generate(model, prompt[:, :16], 8, device, decoder=decoder)
+        _generate(engine, prompt[:, :16], 8, device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     buf.write(tp.key_averages().table(sort_by=sort, row_limit=40))
     tp.export_chrome_trace(path + ".trace.json")
@@ -410,29 +381,27 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     vocab = cfg["vocab_size"]
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
 
-    decoder = None
-    if args.engine == "decoder" and mode != "baseline":
-        from .decoder import Decoder, DecoderConfig
+    from .engine import make_engine
 
-        decoder = Decoder(model, DecoderConfig(max_len=args.prompt_len + args.new_tokens + 1))
-        if routing is not None:
-            decoder.routing = routing.route
+    kind = "transformers" if mode == "baseline" else args.engine  # the article's code runs transformers' forward
+    engine = make_engine(model, kind, max_length=args.prompt_len + args.new_tokens + 1)
+    if routing is not None and kind == "decoder":
+        engine.routing = routing.route  # the Decoder computes routing without the gate module's hook
     with torch.inference_mode():
         # warm-up (allocator, launchers); the decoder's is the measured run itself, so it captures the
         # graphs of every cache length that run reaches
-        if decoder is not None:
-            _generate(model, prompt, args.new_tokens, device, decoder=decoder)
+        if kind == "decoder":
+            _generate(engine, prompt, args.new_tokens, device)
         else:
-            _generate(model, prompt, 4, device)
-            _generate(model, prompt[:, : min(8, args.prompt_len)], 4, device)
+            _generate(engine, prompt, 4, device)
+            _generate(engine, prompt[:, : min(8, args.prompt_len)], 4, device)
         if args.profile:
-            _profile_decode(model, prompt, device, args.profile, decoder=decoder)
+            _profile_decode(engine, prompt, device, args.profile)
         prefill_times, decode_times = [], []
         totals: dict[str, float] = {}
         finite = True
         for _ in range(args.repeat):
-            t_p, t_d, toks = _generate(model, prompt, args.new_tokens, device, between=cache.reset_stats,
-                                       decoder=decoder)
+            t_p, t_d, toks = _generate(engine, prompt, args.new_tokens, device, between=cache.reset_stats)
             st = cache.stats(wait=True)
             st.update(pred_correct=cache.pred_correct, pred_total=cache.pred_total, actual_total=cache.actual_total)
             for k, v in st.items():
@@ -486,7 +455,7 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     if routing is not None:
         routing.remove()
     model.expert_cache = None
-    del model, cache
+    del model, cache, engine
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -47,14 +47,15 @@ class DecoderConfig:
 
 
 class Decoder:
-    """Runs a ``build_model`` Mixtral token by token; see the module docstring.
+    """Runs a ``build_model`` Mixtral token by token; see the module docstring. An :class:`~.engine.Engine`.
 
-    ``forward(ids)`` appends ``ids`` [1, T] at position ``pos`` and returns the logits [1, vocab] of
-    the last one; ``truncate(n)`` forgets everything from position n on (chat regenerate), ``reset()``
-    starts a new sequence.
+    ``forward(ids)`` appends ``ids`` [1, T] at position ``pos`` (= ``length``) and returns the logits
+    [1, vocab] of the last one; ``truncate(n)`` forgets everything from position n on (chat
+    regenerate), ``reset()`` starts a new sequence. ``pos`` only advances once a forward has finished,
+    so an interrupted one leaves the sequence as it was (its writes past ``pos`` are overwritten later).
     """
 
-    is_croppable = True  # like transformers' DynamicCache: ChatSession rewinds it with truncate()
+    kind = "decoder"
 
     def __init__(self, model: Any, config: DecoderConfig | None = None) -> None:
         self.config = config = config or DecoderConfig()
@@ -105,9 +106,20 @@ class Decoder:
             raise ValueError(f"truncate({n}): the sequence has {self.pos} positions")
         self.pos = n
 
-    def get_seq_length(self) -> int:
-        """Positions held (the name of transformers' cache method, so callers can treat both alike)."""
+    @property
+    def length(self) -> int:
+        """Positions held."""
         return self.pos
+
+    @property
+    def max_length(self) -> int:
+        """Positions the static KV cache holds."""
+        return self.config.max_len
+
+    @property
+    def device(self) -> torch.device:
+        """Where input ids go (the first layer's device)."""
+        return self.devs[0]
 
     def _bucket(self, length: int) -> int:
         b = self.config.bucket
@@ -273,16 +285,3 @@ class Decoder:
             layer.mlp.experts.cache.hits = h
         return stages
 
-
-def generate(decoder: Decoder, prompt: Tensor, max_new_tokens: int, eos: int | None = None) -> Tensor:
-    """Greedy continuation of ``prompt`` [1, T] from a fresh sequence: the new token ids [1, n]."""
-    decoder.reset()
-    logits = decoder.forward(prompt)
-    out = []
-    for _ in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        out.append(nxt)
-        if eos is not None and int(nxt) == eos:
-            break
-        logits = decoder.forward(nxt)
-    return torch.stack(out, dim=1) if out else prompt[:, :0]

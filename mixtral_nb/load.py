@@ -65,7 +65,7 @@ def tokenizer_for(folder: Path) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder)
-    from .chat import mixtral_tokenizer
+    from .tokenizer import mixtral_tokenizer
 
     return mixtral_tokenizer()
 

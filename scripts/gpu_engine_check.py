@@ -134,11 +134,12 @@ def decoder(quantized: str | None) -> dict:
     Both run in fp16; the yardstick is transformers' forward on the model built in fp32, so the
     Decoder's error is shown next to transformers' own fp16 error.
     """
-    from mixtral_nb.bench import _generate
     from mixtral_nb.decoder import Decoder, DecoderConfig
+    from mixtral_nb.engine import HFEngine
+    from mixtral_nb.generate import generate
 
     def greedy(model, decoder=None):  # no min_new_tokens: transformers' generate() would mask eos
-        return _generate(model, ids[:, :8], 31, torch.device("cuda:0"), decoder=decoder)[2]
+        return generate(decoder or HFEngine(model, max_length=96), ids[:, :8], 32)
 
     d = quantized
     if d is None:
@@ -217,7 +218,7 @@ def chat(quantized: str | None, device: str) -> dict:
     for engine in ("transformers", "decoder"):
         s = ChatSession(model, tok, system_prompt="sys", max_new_tokens=12, engine=engine)
         out = [s.send("Hello there"), s.send("And again"), s.regenerate()]
-        consistent = s.cache_ids == s.encoded_history() and s.cache.get_seq_length() == len(s.cache_ids)
+        consistent = s.cache_ids == s.encoded_history() and s.cache.length == len(s.cache_ids)
         replies[engine] = {"replies": out, "cache_consistent": consistent, "tok_s": s.last_stats["tok_s"],
                            "engine": s.engine}
         print(engine, replies[engine])

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from mixtral_nb.decoder import Decoder
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from mixtral_nb.chat import ChatSession, SessionBusy, encode_conversation, is_mixtral_tokenizer, mixtral_tokenizer
+from mixtral_nb.chat import ChatSession, SessionBusy
+from mixtral_nb.tokenizer import encode_conversation, is_mixtral_tokenizer, mixtral_tokenizer
 
 
 def tiny_mixtral(vocab: int = 32000, seed: int = 0) -> MixtralForCausalLM:
@@ -63,13 +63,13 @@ def engine(request):
 
 
 def assert_cache_consistent(session: ChatSession) -> None:
+    """The engine holds exactly the encoded conversation (keys and values of every layer alike)."""
     target = session.encoded_history()
     assert session.cache_ids == target
-    assert session.cache.get_seq_length() == len(target)
-    if isinstance(session.cache, Decoder):
-        assert session.cache.pos == len(target)
-    else:
-        assert all(layer.get_seq_length() == len(target) for layer in session.cache.layers)
+    assert session.cache.length == len(target)
+    kv = getattr(session.cache, "kv", None)  # the transformers engine's DynamicCache
+    if kv is not None:
+        assert all(layer.keys.shape[-2] == layer.values.shape[-2] == len(target) for layer in kv.layers)
 
 
 def U(text):
@@ -276,14 +276,15 @@ def test_history_is_trimmed_oldest_pair_first(tok, model, engine):
     session = ChatSession(model, tok, system_prompt="Keep me.", max_new_tokens=8, context_budget=70, engine=engine)
     for i in range(6):
         session.send(f"Message number {i}")
-        prompt = encode_conversation(tok, session.messages[:-1])
+        seen = session.messages[:1] + session.history[session.trimmed_messages:-1]  # what the model was shown
+        prompt = encode_conversation(tok, seen)
         assert len(prompt) + 8 <= 70
-        assert session.history[0]["role"] == "user"
+        assert session.history[session.trimmed_messages]["role"] == "user"
         assert_cache_consistent(session)
-    assert session.trimmed_messages > 0
+    assert session.trimmed_messages > 0 and session.trimmed_messages % 2 == 0
     assert session.messages[0] == S("Keep me.")
     assert session.history[-2] == U("Message number 5")
-    assert len(session.history) < 12 and len(session.history) % 2 == 0
+    assert len(session.history) == 12  # the transcript keeps everything
     before = list(session.history)
     with pytest.raises(ValueError):
         session.send("word " * 100)
@@ -311,7 +312,7 @@ def test_regenerate_reset_export(tok, model, engine):
     assert len(data["stats"]) == len(session.stats) == 5
 
     session.reset()
-    assert session.history == [] and session.cache is None and session.last_stats is None
+    assert session.history == [] and session.cache_ids == [] and session.last_stats is None
     with pytest.raises(ValueError):
         session.regenerate()
     assert session.send("Hello again")
@@ -321,11 +322,11 @@ def test_decoder_grows_with_the_context_budget(tok, model):
     """Raising context_budget mid-conversation re-creates the Decoder's KV cache and replays the prompt."""
     session = ChatSession(model, tok, max_new_tokens=6, context_budget=64, engine="decoder")
     session.send("Hello")
-    assert session.cache.config.max_len == 64
+    assert session.cache.max_length == 64
     session.context_budget = 200
     before = [dict(m) for m in session.history]
     reply = session.send("And now a longer conversation")
-    assert session.cache.config.max_len == 200 and session.last_stats["cached_tokens"] == 0
+    assert session.cache.max_length == 200 and session.last_stats["cached_tokens"] == 0
     assert_cache_consistent(session)
     fresh = ChatSession(model, tok, max_new_tokens=6, context_budget=200, engine="decoder")
     fresh.history = before
@@ -361,3 +362,70 @@ def test_offloaded_engine_model(tok, tmp_path, engine):
     assert fresh.send("Again") == second
     last = monitor.samples[-1]
     assert last["cache_hits"] + last["cache_misses"] > 0 and 0 <= last["cache_hit_rate"] <= 1
+
+
+# --------------------------------------------------------------------------- issue 17: bad input, budgets, idle streams
+
+
+def test_untokenizable_message_is_refused_and_history_unchanged(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=4)
+    session.send("Hello")
+    before = [dict(m) for m in session.history]
+    with pytest.raises(ValueError, match="surrogate"):
+        session.send("bad \ud800 text")
+    assert session.history == before and not session.generating
+    assert session.send("Still fine?")  # later turns work
+    assert len(session.history) == 4
+
+
+def test_max_new_tokens_over_the_budget_is_refused_and_transcript_kept(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=8, context_budget=200)
+    session.send("Hello")
+    session.send("Again")
+    before = [dict(m) for m in session.history]
+    session.max_new_tokens = 200
+    with pytest.raises(ValueError, match=r"max_new_tokens=200.*context_budget=200|context_budget=200.*max_new_tokens=200"):
+        session.send("Third")
+    assert session.history == before
+    assert json.loads(session.export("json"))["messages"] == before
+
+
+def test_trimming_never_deletes_the_transcript(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=8, context_budget=70)
+    sent = [f"Message number {i}" for i in range(6)]
+    for text in sent:
+        session.send(text)
+    users = [m["content"] for m in session.history if m["role"] == "user"]
+    assert users == sent  # the exported conversation is whole; only the model's view was trimmed
+    assert [m["content"] for m in json.loads(session.export("json"))["messages"] if m["role"] == "user"] == sent
+
+
+def test_stream_never_iterated_does_not_hold_the_session(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=4)
+    session.stream("never read")
+    errors = []
+
+    def other() -> None:
+        try:
+            session.send("from another thread")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert not session.generating
+
+
+def test_stop_frees_a_suspended_stream(tok, model):
+    session = ChatSession(model, tok, max_new_tokens=30)
+    gen = session.stream("Hello")
+    next(gen)
+    session.stop()
+    assert not session.generating
+    t = threading.Thread(target=lambda: session.send("from another thread"))
+    t.start()
+    t.join()
+    assert session.history[-2] == U("from another thread")
+    assert list(gen) == []  # the stopped stream is over

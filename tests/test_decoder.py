@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mixtral_nb import QuantConfig, build_model
-from mixtral_nb.decoder import Decoder, DecoderConfig, generate
+from mixtral_nb.decoder import Decoder, DecoderConfig
+from mixtral_nb.generate import generate
 
 from test_engine import PROMPT, offload
 
@@ -29,7 +30,7 @@ def test_decoder_matches_transformers(tiny_dir, ref_steps, slots, prefetch, buck
     got = [dec.forward(PROMPT[:, :40])]
     for t in range(40, 64):
         got.append(dec.forward(PROMPT[:, t:t + 1]))
-    assert dec.pos == 64
+    assert dec.pos == dec.length == 64
     want = torch.cat([logits[39:40], logits[40:64]])
     assert (torch.cat(got) - want).abs().max().item() <= 1e-5
     assert torch.equal(generate(dec, PROMPT[:, :8], 24), tokens)
@@ -47,6 +48,7 @@ def test_truncate_and_reuse(tiny_dir, ref_steps):
     assert (out - logits[29:30]).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="truncate"):
         dec.truncate(31)
+    assert dec.length == 30
 
 
 def test_too_long_is_refused_before_work(tiny_dir):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from mixtral_nb.chat import ChatSession, mixtral_tokenizer
+from mixtral_nb.chat import ChatSession
+from mixtral_nb.tokenizer import mixtral_tokenizer
 from mixtral_nb.ui import ChatUI, _simple_markdown, render_markdown
 
 
@@ -106,7 +107,7 @@ def test_stop_mid_reply(ui, model):
     assert reply == session.history[-1]["content"]
     assert "(stopped)" in ui.transcript.children[-1].value
     target = session.encoded_history()
-    assert session.cache_ids == target and session.cache.get_seq_length() == len(target)
+    assert session.cache_ids == target and session.cache.length == len(target)
     assert not ui.send_button.disabled and ui.stop_button.disabled
     # the chat goes on normally afterwards
     assert ui.send("And now?")
