@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .build import build_model
+from .checkpoint import download, load_config, quantize
 from .config import OffloadConfig, QuantConfig
 
 MIXTRAL_REPO = "lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo"
@@ -48,7 +49,6 @@ def embedded_quant_config() -> QuantConfig:
 
 def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False) -> Path:
     """The embedded model quantized into the project format (built once, then reused)."""
-    from .checkpoint import quantize
     from .embedded import build_embedded
 
     quant = quant or embedded_quant_config()
@@ -90,8 +90,6 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
 
         tok_dir = build_embedded()
         cfg = offload_config or OffloadConfig(main_size=0, offload_size=0, buffer_size=2, offload_per_layer=4, prefetch=1)
-        from .checkpoint import load_config
-
         L = load_config(folder).num_hidden_layers
         E = load_config(folder).num_local_experts
         cfg.main_size = max(cfg.main_size, L * (E - cfg.offload_per_layer))
@@ -99,8 +97,6 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
         return build_model(target_all or dev, None, cfg, folder), tokenizer_for(tok_dir)
     folder = Path(name)
     if not folder.exists():
-        from .hub import download
-
         folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
     target: Any = target_all or dev
     if offload_config is None:

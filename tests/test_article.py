@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from mixtral_nb import CheckpointError, OffloadConfig, QuantConfig, build_model, open_checkpoint
-from mixtral_nb.article import converted_path, unpack_hqq
+from mixtral_nb.checkpoint.article import converted_path, unpack_hqq
 from mixtral_nb.qlinear import QuantLinear
 from mixtral_nb.tiny import tiny_config
 
