@@ -95,7 +95,7 @@ def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.
 
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
                 state_path: str | os.PathLike | Any, dtype: torch.dtype | None = None,
-                host_mirror: bool | None = None, separate_streams: bool = True):
+                host_mirror: bool | None = None, separate_streams: bool = True, verify: bool | None = None):
     """Load a Mixtral checkpoint with offloaded experts; see the module docstring.
 
     ``state_path`` is anything :func:`mixtral_nb.checkpoint.resolve_checkpoint` accepts: a
@@ -104,13 +104,14 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     as it is read, with ``quant_config``), a hub id, or an opened checkpoint object with
     ProjectCheckpoint's interface (the benchmark's synthetic model). ``device`` is "cpu" or any
     "cuda:N". ``separate_streams=False`` queues expert copies on the compute stream (the article's baseline).
+    ``verify``: check a project folder's file digests (None: unless checked since the files last changed).
     """
     from transformers import MixtralForCausalLM
 
     devices = parse_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(device)
-    ck = resolve_checkpoint(state_path, quant_config, device=device, dtype=dtype)
+    ck = resolve_checkpoint(state_path, quant_config, device=device, dtype=dtype, verify=verify)
     config, quant, fmt = ck.config, ck.quant, ck.fmt
 
     L, E = config.num_hidden_layers, config.num_local_experts

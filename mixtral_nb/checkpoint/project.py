@@ -51,7 +51,7 @@ from .errors import CheckpointError, CorruptFileError, read_json
 from .files import SafetensorsFiles
 from .hub import check_disk
 from .integrity import ALGO, FolderLock, DigestRun, atomic_text, bytes_digest, blob_digest, digest_files, stat_key
-from .structure import load_config
+from .structure import ATTN, load_config
 
 FORMAT = "mixtral_nb"
 VERSION = 1
@@ -119,15 +119,15 @@ class ProjectCheckpoint:
                     f"{path} has {path.stat().st_size} bytes, the manifest says {size}: truncated or corrupt; {FIX_PROJECT}"
                 )
         self.config = load_config(folder)
+        self.files = SafetensorsFiles(folder)
         try:
             self.quant = QuantConfig.from_json(m["quant"])
             self.fmt = ExpertFormat.from_json(m["expert_format"])
             self.attn_specs: dict[str, dict[str, Any]] = m["attn_specs"]  # QSpec fields, as build_model reads them
             specs = {k: QSpec(**v) for k, v in self.attn_specs.items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            self._check_files(specs)
+        except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
             raise CheckpointError(f"{folder / 'manifest.json'} is malformed ({e!r}): {FIX_PROJECT}") from None
-        self.files = SafetensorsFiles(folder)
-        self._check_files(specs)
         if verify is not False:
             self._verify(force=bool(verify))
 
@@ -176,6 +176,11 @@ class ProjectCheckpoint:
     def _check_files(self, attn_specs: dict[str, QSpec]) -> None:
         """Headers against the manifest: expert blobs and attention segments have the shapes it promises."""
         c = self.config
+        bases = {f"model.layers.{i}.self_attn.{p}" for i in range(c.num_hidden_layers) for p in ATTN}
+        if (self.quant.ffn is None) != (self.fmt.specs is None) or set(attn_specs) != (
+                set() if self.quant.attn is None else bases):
+            raise CheckpointError(f"{self.folder / 'manifest.json'}: its quant settings, expert format and attention "
+                                  f"specs disagree: {FIX_PROJECT}")
         if (self.fmt.hidden, self.fmt.intermediate) != (c.hidden_size, c.intermediate_size):
             raise CheckpointError(f"{self.folder / 'manifest.json'}: expert shapes disagree with config.json; {FIX_PROJECT}")
         blob = [c.num_local_experts, self.fmt.layout.total_bytes]

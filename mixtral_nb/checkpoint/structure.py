@@ -24,6 +24,9 @@ INT_FIELDS = (("vocab_size", 1, 10**7), ("hidden_size", 1, 10**6), ("intermediat
               ("num_hidden_layers", 1, MAX_LAYERS), ("num_attention_heads", 1, 10**5),
               ("num_key_value_heads", 1, 10**5), ("num_local_experts", 1, MAX_EXPERTS),
               ("num_experts_per_tok", 1, MAX_EXPERTS), ("max_position_embeddings", 1, 10**8))
+BOOL_FIELDS = ("tie_word_embeddings", "use_cache", "output_router_logits", "output_attentions", "output_hidden_states",
+               "return_dict", "is_encoder_decoder")
+NONNEG_FLOAT_FIELDS = ("attention_dropout", "initializer_range", "router_aux_loss_coef", "router_jitter_noise")
 
 
 def _bad(path: Path, what: str) -> CheckpointError:
@@ -58,9 +61,16 @@ def check_config_dict(data: dict[str, Any], path: Path) -> None:
         v = data.get(name)
         if v is not None and (type(v) not in (int, float) or not 0 < v < math.inf):
             raise _bad(path, f"{name} is {v!r}, expected a positive number")
-    for name in ("tie_word_embeddings",):
+    for name in BOOL_FIELDS:
         if name in data and type(data[name]) is not bool:
             raise _bad(path, f"{name} is {data[name]!r}, expected true or false")
+    for name in NONNEG_FLOAT_FIELDS:
+        v = data.get(name, 0.0)
+        if type(v) not in (int, float) or not 0 <= v < math.inf:
+            raise _bad(path, f"{name} is {v!r}, expected a number >= 0")
+    sw = data.get("sliding_window")
+    if sw is not None and (type(sw) is not int or sw < 1):
+        raise _bad(path, f"sliding_window is {sw!r}, expected a positive integer or null")
     act = data.get("hidden_act", "silu")
     from transformers.activations import ACT2FN  # transformers is heavy: imported when a config is read
 
