@@ -35,8 +35,8 @@ DIGEST_SIZE = 32
 
 
 def workers() -> int:
-    """Hashing threads: every core but one (at least one)."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
+    """Hashing threads: one per core (verification runs before anything else starts), at most 16."""
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 def _chunk_digest(path: Path, start: int, length: int) -> bytes:
