@@ -312,3 +312,27 @@ def test_two_concurrent_quantize_calls_into_one_folder(src, tmp_path):
         first.communicate(timeout=120)
     assert first.returncode == 0 and (dst / "COMPLETE").exists()
     open_checkpoint(dst)
+
+
+def test_verify_compares_a_downloaded_original_with_the_hub_digests(src, tmp_path, capsys):
+    """huggingface_hub records each file's etag (sha256 for LFS files, the git blob id for small ones)
+    in ``.cache/huggingface/download/<name>.metadata``; verify compares the files with them."""
+    import hashlib
+
+    from mixtral_nb.__main__ import main
+
+    folder = copy(src, tmp_path / "hf")
+    meta = folder / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    for p in folder.glob("*.safetensors"):
+        (meta / f"{p.name}.metadata").write_text(f"{'0' * 40}\n{hashlib.sha256(p.read_bytes()).hexdigest()}\n1.0\n")
+    cfg = (folder / "config.json").read_bytes()
+    blob_id = hashlib.sha1(f"blob {len(cfg)}\0".encode() + cfg).hexdigest()
+    (meta / "config.json.metadata").write_text(f"{'0' * 40}\n{blob_id}\n1.0\n")
+    report = verify(folder)
+    assert report.ok and set(report.files.values()) == {"ok"} and len(report.files) == 3
+    shard = folder / "model-00002-of-00002.safetensors"
+    flip(shard, data_start(shard) + 3)
+    assert main(["verify", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "model-00002-of-00002.safetensors: CORRUPT" in out and "config.json: OK" in out and "download them again" in out

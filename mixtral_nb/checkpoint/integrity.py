@@ -137,6 +137,45 @@ def memo_digests(folder: Path, names: Iterable[str], memo: dict[str, Any]) -> tu
 
 
 # ---------------------------------------------------------------------------------------------
+# folders downloaded from the hub
+
+
+def _hub_digest(path: Path, etag: str) -> str:
+    if len(etag) == 64:  # an LFS file: the etag is the sha256 of its content
+        h = hashlib.sha256()
+    else:  # a small file kept in git: the etag is its git blob id
+        h = hashlib.sha1()
+        h.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hub_expected(folder: Path, names: Iterable[str]) -> dict[str, str]:
+    """The hub's digests (etags) of files ``huggingface_hub`` downloaded into ``folder``, where it recorded them
+    (``.cache/huggingface/download/<name>.metadata``: commit, etag, time, one per line)."""
+    out = {}
+    for name in names:
+        meta = Path(folder) / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+        try:
+            lines = meta.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        etag = lines[1].strip().strip('"') if len(lines) > 1 else ""
+        if len(etag) in (40, 64) and all(c in "0123456789abcdef" for c in etag):
+            out[name] = etag
+    return out
+
+
+def hub_check(folder: Path, expected: dict[str, str]) -> dict[str, bool]:
+    """Whether each file's content matches the hub's digest (files hashed in parallel)."""
+    with ThreadPoolExecutor(workers()) as pool:
+        got = dict(zip(expected, pool.map(lambda n: _hub_digest(Path(folder) / n, expected[n]), expected)))
+    return {n: got[n] == expected[n] for n in expected}
+
+
+# ---------------------------------------------------------------------------------------------
 # the writer's lock
 
 

@@ -21,6 +21,7 @@ from ..paths import cache_root
 from .article import ArticleCheckpoint, ensure_converted
 from .errors import CheckpointError
 from .hf import HFCheckpoint
+from .integrity import hub_check, hub_expected
 from . import hub
 from .layout import detect_layout
 from .project import ProjectCheckpoint, check_quant
@@ -102,19 +103,27 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     """Hash every file of a project folder against its manifest (ignoring the VERIFIED marker).
 
     Structure is checked first (a structural error raises :class:`CheckpointError`). Original and
-    article folders carry no digests: only their structure is checked.
+    article folders carry no digests of ours: their files are compared with the hub's digests where
+    ``huggingface_hub`` recorded them at download.
     """
     folder = _folder(path)
     kind = detect_layout(folder)
     t0 = time.perf_counter()
-    if kind == "article":
-        ArticleCheckpoint(folder, device="cpu")
-        return VerifyReport(folder, kind, seconds=time.perf_counter() - t0,
-                            note="the article's files carry no checksums: structure checked")
-    if kind == "hf":
-        HFCheckpoint(folder)
-        return VerifyReport(folder, kind, seconds=time.perf_counter() - t0,
-                            note="an original checkpoint carries no checksums: structure checked")
+    if kind in ("article", "hf"):
+        opened = ArticleCheckpoint(folder, device="cpu") if kind == "article" else HFCheckpoint(folder)
+        names = ["config.json", *sorted(set(opened.weight_map.values()))]
+        expected = hub_expected(folder, names)
+        report = VerifyReport(folder, kind)
+        report.files = {n: "ok" if good else "corrupt" for n, good in hub_check(folder, expected).items()}
+        report.files.update({n: "no digest" for n in names if n not in expected})
+        report.bytes = sum((folder / n).stat().st_size for n in expected)
+        report.seconds = time.perf_counter() - t0
+        what = "the article's files" if kind == "article" else "an original checkpoint"
+        report.note = (f"{what}: structure checked; " + ("files compared with the hub's digests recorded by the download"
+                       if expected else "no digests recorded (not downloaded with huggingface_hub)"))
+        if not report.ok:
+            report.note += "; corrupt files: download them again (delete them first)"
+        return report
     ck = ProjectCheckpoint(folder, verify=False)
     hashes = ck.manifest.get("hashes")
     if hashes is None:
