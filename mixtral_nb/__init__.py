@@ -6,13 +6,12 @@ Quantized experts live in host RAM and an LRU cache of GPU slots; the rest is a 
 
 from .build import build_model
 from .cache import ExpertCache
-from .checkpoint import CheckpointError, open_checkpoint, quantize
+from .checkpoint import CheckpointError, NotEnoughDiskError, download, open_checkpoint, quantize, verify
 from .config import OffloadConfig, QuantConfig, article_quant_config
-from .hub import NotEnoughDiskError, download
 from .moe import OffloadedExperts
 from .planner import PRESETS, MemoryPlanError, check_fits, detect, plan
 
 __all__ = ["build_model", "ExpertCache", "CheckpointError", "open_checkpoint", "quantize", "OffloadConfig",
            "QuantConfig", "article_quant_config", "OffloadedExperts", "download", "NotEnoughDiskError", "PRESETS",
-           "MemoryPlanError", "check_fits", "detect", "plan"]
+           "MemoryPlanError", "check_fits", "detect", "plan", "verify"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .cache import CacheGroup, ExpertCache
-from .checkpoint import CheckpointError, HFCheckpoint, attn_key, layer_of, open_checkpoint
+from .checkpoint import CheckpointError, attn_key, layer_of, resolve_checkpoint
 from .config import OffloadConfig, QuantConfig
 from .expert import ExpertFormat
 from .moe import OffloadedExperts
@@ -27,13 +27,6 @@ from .quant import QSpec
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp32 on CPU (exact and fast enough), fp16 on GPUs (T4 has no bf16)."""
     return torch.float32 if device.type == "cpu" else torch.float16
-
-
-def _same_quant(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    keys = ("nbits", "group_size")  # the axis is a storage detail (hqq 0.2.8 defaults to 1, the article's files are 0)
-    if a is None or b is None:
-        return a is b
-    return all(a[k] == b[k] for k in keys)
 
 
 def _check_memory(config, quant: QuantConfig, fmt: ExpertFormat, offload_config: OffloadConfig, device: torch.device,
@@ -129,14 +122,16 @@ def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.
 
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
                 state_path: str | os.PathLike | Any, dtype: torch.dtype | None = None,
-                host_mirror: bool | None = None, separate_streams: bool = True):
-    """Load a Mixtral checkpoint folder with offloaded experts; see the module docstring.
+                host_mirror: bool | None = None, separate_streams: bool = True, verify: bool | None = None):
+    """Load a Mixtral checkpoint with offloaded experts; see the module docstring.
 
-    ``state_path`` may be a project-format folder (settings come from its manifest; a
-    ``quant_config`` that disagrees is an error) or an original HF folder (quantized on the fly
-    with ``quant_config``). ``device`` is "cpu" or any "cuda:N". ``state_path`` may also be an
-    opened checkpoint object with ProjectCheckpoint's interface (the benchmark's synthetic model).
-    ``separate_streams=False`` queues expert copies on the compute stream (the article's baseline).
+    ``state_path`` is anything :func:`mixtral_nb.checkpoint.resolve_checkpoint` accepts: a
+    project-format folder (settings come from its manifest; a ``quant_config`` that disagrees is an
+    error), the article's pre-quantized folder (converted once), an original HF folder (quantized
+    as it is read, with ``quant_config``), a hub id, or an opened checkpoint object with
+    ProjectCheckpoint's interface (the benchmark's synthetic model). ``device`` is "cpu" or any
+    "cuda:N". ``separate_streams=False`` queues expert copies on the compute stream (the article's baseline).
+    ``verify``: check a project folder's file digests (None: unless checked since the files last changed).
     """
     from transformers import MixtralForCausalLM
 
@@ -153,21 +148,8 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     devices = parse_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(device)
-    ck = (open_checkpoint(state_path, quant_config=quant_config) if isinstance(state_path, (str, os.PathLike))
-          else state_path)
-    config = ck.config
-    if ck.kind == "project":
-        if quant_config is not None and not (_same_quant(quant_config.ffn, ck.quant.ffn)
-                                             and _same_quant(quant_config.attn, ck.quant.attn)):
-            raise CheckpointError(
-                f"{state_path} was quantized with {ck.quant.to_json()}, but build_model was given "
-                f"{quant_config.to_json()}: pass quant_config=None to use the checkpoint's settings, or re-quantize"
-            )
-        quant = ck.quant
-        fmt = ck.fmt
-    else:
-        quant = quant_config or QuantConfig(None, None)
-        fmt = ExpertFormat.make(config.hidden_size, config.intermediate_size, quant.ffn, dtype)
+    ck = resolve_checkpoint(state_path, quant_config, device=device, dtype=dtype, verify=verify)
+    config, quant, fmt = ck.config, ck.quant, ck.fmt
 
     L, E = config.num_hidden_layers, config.num_local_experts
     if len(devices) > L:
@@ -224,22 +206,12 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
             module_path, _, proj = base.rpartition(".")
             attn = model.get_submodule(module_path)
             dev = layer_dev[layer_of(base)]
-            if "weight" in parts:  # original checkpoint: quantize now, on the target device
-                ql = QuantLinear.from_weight(parts["weight"], quant.attn, dev)
-            else:
-                spec = QSpec(**ck.attn_specs[base])
-                ql = QuantLinear(spec, parts)
+            ql = QuantLinear(QSpec(**ck.attn_specs[base]), parts)
             setattr(attn, proj, ql.to(dev))
 
     # experts
-    if isinstance(ck, HFCheckpoint):
-        enc_dev = device if device.type == "cuda" else torch.device("cpu")
-
-        def load_blob(layer: int, e: int) -> torch.Tensor:
-            return fmt.encode(*(w.to(enc_dev) for w in ck.expert(layer, e)))
-    else:
-        def load_blob(layer: int, e: int) -> torch.Tensor:
-            return ck.blob(layer, e)
+    def load_blob(layer: int, e: int) -> torch.Tensor:
+        return ck.blob(layer, e)
 
     from transformers.activations import ACT2FN
 

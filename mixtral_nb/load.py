@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .build import build_model, parse_devices
+from .checkpoint import download, load_config, quantize
 from .config import OffloadConfig, QuantConfig
 from .paths import cache_root
 
@@ -46,7 +47,6 @@ def embedded_quant_config() -> QuantConfig:
 
 def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False) -> Path:
     """The embedded model quantized into the project format (built once, then reused)."""
-    from .checkpoint import quantize
     from .embedded import build_embedded
 
     quant = quant or embedded_quant_config()
@@ -89,16 +89,12 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
         tok_dir = build_embedded()
         cfg = offload_config
         if cfg is None:
-            from .checkpoint import load_config
-
             c = load_config(folder)
             cfg = OffloadConfig.for_model(c.num_hidden_layers, c.num_local_experts, offload_per_layer=4, buffer_size=2,
                                           prefetch=1)
         return build_model(target_all or dev, None, cfg, folder), tokenizer_for(tok_dir)
     folder = Path(name)
     if not folder.exists():
-        from .hub import download
-
         folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
     target: Any = target_all or dev
     if offload_config is None:

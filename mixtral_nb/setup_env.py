@@ -290,7 +290,7 @@ def prepare_model(settings: NotebookSettings) -> Path:
     folder = Path(settings.model)
     if folder.exists():
         return folder
-    from .hub import download
+    from .checkpoint import download
 
     return download(settings.model, cache_root() / "hub" / settings.model.replace("/", "--"), token=settings.token)
 

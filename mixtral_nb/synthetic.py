@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .checkpoint import CheckpointError
-from .hub import DISK_MARGIN, check_disk
+from .checkpoint.hub import DISK_MARGIN, check_disk
 
 MARKER = "synthetic.json"
 INDEX = "model.safetensors.index.json"

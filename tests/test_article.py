@@ -1,8 +1,8 @@
-"""The article's pre-quantized layout: a tiny checkpoint written here from FACTS.md's description.
+"""The article's pre-quantized layout: a tiny checkpoint written here from the documented hqq 0.1.1 format.
 
-The writer below packs codes the way FACTS.md documents hqq 0.1.1 (step order, axis 0, 8-bit meta
+The writer below packs codes the way hqq 0.1.1 stores them (step order, axis 0, 8-bit meta
 with meta groups strided by M/gs, unprefixed keys inside expert files), independently of hqq's
-code and of mixtral_nb.article. The conversion must reproduce the weights exactly (same fp32
+code and of mixtral_nb.checkpoint.article. The conversion must reproduce the weights exactly (same fp32
 arithmetic) and build_model must match transformers loaded with those weights.
 """
 
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from mixtral_nb import CheckpointError, OffloadConfig, QuantConfig, build_model, open_checkpoint
-from mixtral_nb.article import converted_path, unpack_hqq
+from mixtral_nb.checkpoint.article import converted_path, unpack_hqq
 from mixtral_nb.qlinear import QuantLinear
 from mixtral_nb.tiny import tiny_config
 
@@ -41,7 +41,7 @@ def article_quant(expert_bits: int) -> QuantConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# a writer from FACTS.md
+# a writer of hqq 0.1.1's format
 
 
 def pack_step(q: torch.Tensor, nbits: int) -> torch.Tensor:
@@ -57,13 +57,13 @@ def pack_step(q: torch.Tensor, nbits: int) -> torch.Tensor:
     per = 8 // nbits
     rows = q.shape[0] // per
     out = torch.zeros(rows, q.shape[1], dtype=torch.int32)
-    for j in range(per):  # FACTS: q[i, c] = (W_q[i mod P, c] >> (8 - b*(1 + i div P))) & (2^b - 1)
+    for j in range(per):  # hqq 0.1.1: q[i, c] = (W_q[i mod P, c] >> (8 - b*(1 + i div P))) & (2^b - 1)
         out |= q[j * rows:(j + 1) * rows].to(torch.int32) << (8 - nbits * (j + 1))
     return out.to(torch.uint8)
 
 
 def make_linear(n: int, k: int, nbits: int, g: int, gs: int, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
-    """Random hqq 0.1.1 tensors of a [n, k] weight, and the weight they decode to (FACTS' formula, fp32)."""
+    """Random hqq 0.1.1 tensors of a [n, k] weight, and the weight they decode to (hqq 0.1.1's formula, fp32)."""
     m = n * k // g
     q = torch.randint(0, 2**nbits, (g, m), generator=gen, dtype=torch.uint8)
     step = 1.0 / (math.sqrt(k) * 2 ** (nbits - 1))  # weights ~ 1/sqrt(k): sane logits
@@ -235,3 +235,29 @@ def test_converted_copy_goes_to_the_cache_when_the_folder_is_read_only(tmp_path,
     monkeypatch.setattr(os, "access", lambda p, mode: False)
     monkeypatch.setenv("MIXTRAL_NB_CACHE", str(tmp_path / "cache"))
     assert converted_path(folder) == tmp_path / "cache" / "converted" / "demo-mixtral_nb"
+
+
+def test_converted_copy_is_tied_to_the_source_content(tmp_path, capsys):
+    """A converted copy is reused only for the same source bytes; one written before digests existed
+    (progress.json recording file sizes) is still reused."""
+    folder = tmp_path / "demo"
+    write_article(folder, 2)
+    dst = converted_path(folder)
+    open_checkpoint(folder)
+    assert "lossless conversion" in capsys.readouterr().out
+    prog = json.loads((dst / "progress.json").read_text())
+    assert all(len(v) == 64 for v in prog["source"]["files"].values())  # content digests
+    # the format of the previous version: sizes, no memo
+    old = dict(prog, source={**prog["source"], "files": {n: (folder / n).stat().st_size for n in prog["source"]["files"]
+                                                         if n.endswith(".safetensors")}})
+    (dst / "progress.json").write_text(json.dumps(old))
+    (dst / "source-memo.json").unlink()
+    assert open_checkpoint(folder).folder == dst and "lossless conversion" not in capsys.readouterr().out
+    (dst / "progress.json").write_text(json.dumps(prog))
+    # other weights, same file sizes and the same config: refused, not mixed
+    other = tmp_path / "other"
+    write_article(other, 2, seed=5)
+    for p in other.glob("*.safetensors"):
+        (folder / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(CheckpointError, match=r"holds a conversion of another checkpoint.*delete"):
+        open_checkpoint(folder)

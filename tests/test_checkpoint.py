@@ -39,7 +39,8 @@ def offload(layers: int, experts: int, opl: int = 1) -> OffloadConfig:
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file's bytes, but VERIFIED (it records the files' inodes, which differ between folders)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "VERIFIED"}
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +204,15 @@ def test_built_model_from_quantized_folder_matches_on_the_fly(small_src, small_q
 # errors, raised before long work starts
 
 
+def write_manifest(folder: Path, m: dict) -> None:
+    """Replace a manifest and the digest of it in COMPLETE (a consistent folder whose manifest lies)."""
+    from mixtral_nb.checkpoint.integrity import bytes_digest
+
+    text = json.dumps(m)
+    (folder / "manifest.json").write_text(text)
+    (folder / "COMPLETE").write_text(json.dumps({"manifest": bytes_digest(text.encode())}))
+
+
 def copy_src(src: Path, dst: Path) -> Path:
     import shutil
 
@@ -271,7 +281,10 @@ def test_quant_settings_that_disagree_with_the_files(small_q, tmp_path):
     m = json.loads((bad / "manifest.json").read_text())
     m["attn_specs"]["model.layers.0.self_attn.q_proj"]["group_size"] = 32
     (bad / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CheckpointError, match=r"trunk\.safetensors.*q_proj.*re-create the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"manifest\.json does not match the digest recorded in COMPLETE"):
+        open_checkpoint(bad)  # an edited manifest
+    write_manifest(bad, m)
+    with pytest.raises(CheckpointError, match=r"trunk\.safetensors.*q_proj.*re-create it"):
         open_checkpoint(bad)
 
 
@@ -279,7 +292,7 @@ def test_manifest_with_missing_fields(small_q, tmp_path):
     bad = copy_src(small_q, tmp_path / "bad")
     m = json.loads((bad / "manifest.json").read_text())
     del m["expert_format"]
-    (bad / "manifest.json").write_text(json.dumps(m))
+    write_manifest(bad, m)
     with pytest.raises(CheckpointError, match=r"manifest\.json has no 'expert_format' field.*overwrite=True"):
         open_checkpoint(bad)
 
@@ -295,7 +308,7 @@ def test_project_file_truncated(small_q, tmp_path):
 def test_not_enough_disk(small_src, tmp_path, monkeypatch):
     import shutil
 
-    from mixtral_nb.hub import NotEnoughDiskError
+    from mixtral_nb.checkpoint.hub import NotEnoughDiskError
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
     with pytest.raises(NotEnoughDiskError, match=r"needs \d+\.\d GB .* only 0\.0 GB is free.*larger disk"):
@@ -310,7 +323,7 @@ def test_not_enough_disk(small_src, tmp_path, monkeypatch):
 def test_check_disk_counts_only_missing_files(tmp_path, monkeypatch):
     import shutil
 
-    from mixtral_nb.hub import NotEnoughDiskError, check_disk
+    from mixtral_nb.checkpoint.hub import NotEnoughDiskError, check_disk
 
     (tmp_path / "a.bin").write_bytes(b"x" * 100)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 0, 5 * 10**8))
@@ -328,7 +341,7 @@ def _response(code: int):
 def test_download_explains_gated_and_offline(tmp_path, monkeypatch):
     from huggingface_hub import errors
 
-    from mixtral_nb import hub
+    from mixtral_nb.checkpoint import hub
 
     def gated(*a, **k):
         raise errors.GatedRepoError("403 gated", response=_response(403))
@@ -355,7 +368,7 @@ def test_download_explains_gated_and_offline(tmp_path, monkeypatch):
 def test_download_checks_disk_before_fetching(tmp_path, monkeypatch):
     import shutil
 
-    from mixtral_nb import hub
+    from mixtral_nb.checkpoint import hub
 
     monkeypatch.setattr(hub, "repo_sizes", lambda *a, **k: {"model-00001-of-00002.safetensors": 30 * 10**9,
                                                             "config.json": 1000})
@@ -370,7 +383,7 @@ def test_download_checks_disk_before_fetching(tmp_path, monkeypatch):
 
 
 def test_quantize_accepts_a_hub_id(small_src, tmp_path, monkeypatch):
-    from mixtral_nb import hub
+    from mixtral_nb.checkpoint import hub
 
     asked = []
 

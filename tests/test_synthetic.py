@@ -18,10 +18,10 @@ import torch
 from mixtral_nb import OffloadConfig, build_model
 from mixtral_nb import synthetic
 from mixtral_nb.__main__ import main
-from mixtral_nb.article import ArticleCheckpoint, converted_path
+from mixtral_nb.checkpoint import ArticleCheckpoint, converted_path
 from mixtral_nb.checkpoint import CheckpointError, HFCheckpoint
 from mixtral_nb.config import article_quant_config
-from mixtral_nb.hub import NotEnoughDiskError
+from mixtral_nb.checkpoint import NotEnoughDiskError
 from mixtral_nb.synthetic import (
     article_layout, file_sizes, hf_layout, safetensors_header, write_article_checkpoint, write_hf_checkpoint,
 )

@@ -8,26 +8,18 @@ typos). The pure parts (:func:`check_disk`, :func:`explain_error`) are what the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .units import GB, GiB
+from ..units import GB, GiB
+from .errors import CheckpointError, HubError, HubUnreachableError, NotEnoughDiskError
+
+__all__ = ["NotEnoughDiskError", "HubError", "HubUnreachableError", "check_disk", "explain_error", "repo_sizes",
+           "download"]
 
 DISK_MARGIN = 1 * GiB  # leave this much free: a full disk breaks more than the download
-
-
-class NotEnoughDiskError(CheckpointError):
-    """The destination's disk cannot hold what is about to be written."""
-
-
-class HubError(CheckpointError):
-    """A download failed for a reason the user can fix (gated repo, offline, wrong name)."""
-
-
-class HubUnreachableError(HubError):
-    """The hub cannot be reached (offline mode or no network); a finished local folder still works."""
 
 
 def _existing_parent(path: Path) -> Path:
@@ -138,8 +130,9 @@ def _looks_downloaded(folder: Path) -> bool:
         return False
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        import json
-
-        names = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        return all((folder / n).exists() for n in names)
+        try:
+            names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, AttributeError, TypeError, OSError):
+            return False
+        return all(isinstance(n, str) and (folder / n).exists() for n in names)
     return (folder / "model.safetensors").exists()

@@ -6,7 +6,7 @@ full names (``model.layers.L.block_sparse_moe.experts.E.w1.W_q``) to files, whil
 expert file are unprefixed (``w1.W_q``, ``w1.meta.scale_q``, ...). Only tensors are stored, so the
 settings are read off their shapes (bits, group size, meta group sizes); the axis is 0 (hqq 0.1.1's).
 
-Per linear W [N, K] with b bits, group g, M = N*K/g (see FACTS.md, "The pre-quantized checkpoint"):
+Per linear W [N, K] with b bits, group g, M = N*K/g (hqq 0.1.1's packing, read off its source and files):
 ``W_q`` packs the codes q [g, M] in hqq's "step" order: with R packed rows, row r holds rows r, r+R,
 r+2R, ... from the most significant bits down (uint8 for 1/2/4 bits; for 3 bits int32 words of ten
 3-bit values in bits 29..0, g padded to a multiple of 10). ``W[f] = (q[f div M, f mod M] - z) * s``
@@ -16,7 +16,6 @@ strided by M/gs), so conversion only re-packs the codes into our bit planes: it 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -25,31 +24,23 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import (
-    CheckpointError, FIX_FILE, _Files, _read_json, attn_shapes, check_quant, config_fingerprint, load_config,
-    write_project,
-)
-from .config import QuantConfig
-from .paths import cache_root
-from .expert import NAMES, ExpertFormat
-from .quant import QSpec, pack_planes
+from ..config import QuantConfig
+from ..expert import NAMES, ExpertFormat
+from ..paths import cache_root
+from ..quant import QSpec, pack_planes
+from .errors import FIX_FILE, CheckpointError, read_json
+from .files import SafetensorsFiles
+from .hf import read_weight_map
+from .layout import INDEX, is_article_folder
+from .project import check_quant, write_project
+from .structure import attn_shapes, check_extra, config_fingerprint, layer_of, load_config
+from .integrity import memo_digests
 
-INDEX = "model.safetensors.index.json"
+__all__ = ["ArticleCheckpoint", "convert", "converted_path", "ensure_converted", "is_article_folder", "unpack_hqq",
+           "infer_params", "convert_linear"]
 META = ("meta.scale_q", "meta.meta_scale.scale", "meta.meta_scale.zero", "meta.zero_q", "meta.meta_zero.scale",
         "meta.meta_zero.zero")
 SUFFIX = "-mixtral_nb"
-
-
-def is_article_folder(folder: Path) -> bool:
-    """An index whose names end in ``.W_q``: hqq-quantized tensors, the article's layout."""
-    index = Path(folder) / INDEX
-    if not index.exists():
-        return False
-    try:
-        wm = json.loads(index.read_text()).get("weight_map", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    return any(k.endswith(".W_q") for k in wm)
 
 
 def converted_path(folder: Path) -> Path:
@@ -59,8 +50,7 @@ def converted_path(folder: Path) -> Path:
     sibling = folder.with_name(folder.name + SUFFIX)
     if sibling.exists() or os.access(folder.parent, os.W_OK):
         return sibling
-    root = cache_root()
-    return root / "converted" / (folder.name + SUFFIX)
+    return cache_root() / "converted" / (folder.name + SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +146,8 @@ class ArticleCheckpoint:
     def __init__(self, folder: Path, device: torch.device | str | None = None) -> None:
         self.folder = folder = Path(folder)
         self.config = c = load_config(folder)
-        self.weight_map: dict[str, str] = _read_json(folder / INDEX).get("weight_map") or {}
-        self.files = _Files(folder)
+        self.weight_map: dict[str, str] = read_weight_map(folder / INDEX)
+        self.files = SafetensorsFiles(folder)
         self.dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         L, E, H, inter = c.num_hidden_layers, c.num_local_experts, c.hidden_size, c.intermediate_size
         for name in sorted(set(self.weight_map.values())):
@@ -188,6 +178,8 @@ class ArticleCheckpoint:
                 self._entry(key)
         for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
             self._entry(key)
+        beyond = {k for k in self.weight_map if (layer_of(k) or 0) >= L}
+        check_extra(c, beyond, set(), folder)
 
     # header lookups ------------------------------------------------------------------------
 
@@ -273,13 +265,20 @@ class ArticleCheckpoint:
     def close(self) -> None:
         self.files.close()
 
-    def fingerprint(self) -> dict[str, Any]:
-        names = sorted(set(self.weight_map.values()))
-        return {"kind": "article", "config_sha256": config_fingerprint(self.folder),
-                "files": {n: (self.folder / n).stat().st_size for n in names}}
+    def fingerprint(self, memo: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The digests of every file read (see :mod:`.integrity`; ``memo`` makes unchanged files a ``stat``),
+        and the updated memo."""
+        names = ["config.json", INDEX, *sorted(set(self.weight_map.values()))]
+        digests, memo = memo_digests(self.folder, names, memo or {})
+        return {"kind": "article", "config_sha256": config_fingerprint(self.folder), "files": digests}, memo
 
     def trunk_bytes(self) -> int:
         return self.files.folder.joinpath(self._file("model.embed_tokens.weight")).stat().st_size
+
+
+def _memo(dst: Path) -> dict[str, Any]:
+    path = dst / "source-memo.json"
+    return read_json(path) if path.is_file() else {}
 
 
 def convert(folder: str | os.PathLike, dst: str | os.PathLike | None = None, quant_config: QuantConfig | None = None,
@@ -292,20 +291,35 @@ def convert(folder: str | os.PathLike, dst: str | os.PathLike | None = None, qua
     ck = ArticleCheckpoint(Path(folder), device=device)
     check_quant(ck.quant, quant_config, Path(folder))
     out = Path(dst) if dst is not None else converted_path(Path(folder))
-    return write_project(ck, out, quant=ck.quant, fmt=ck.fmt, attn_specs=ck.attn_specs, fingerprint=ck.fingerprint(),
+    fingerprint, memo = ck.fingerprint({} if overwrite else _memo(out))
+    return write_project(ck, out, quant=ck.quant, fmt=ck.fmt, attn_specs=ck.attn_specs, fingerprint=fingerprint,
                          trunk_bytes=ck.trunk_bytes(), overwrite=overwrite, progress=progress,
-                         desc="converting experts", on_layer=on_layer)
+                         desc="converting experts", on_layer=on_layer, source_memo=memo)
+
+
+def _same_source(done: Any, folder: Path, dst: Path) -> bool:
+    """Whether a conversion's recorded source is ``folder``'s content (cheap: stat-keyed digests).
+
+    Conversions written before digests existed recorded file sizes: those are compared as they were.
+    """
+    if not isinstance(done, dict) or done.get("config_sha256") != config_fingerprint(folder):
+        return False
+    files = done.get("files")
+    if isinstance(files, dict) and files and all(type(v) is int for v in files.values()):
+        return all((folder / n).is_file() and (folder / n).stat().st_size == v for n, v in files.items())
+    names = ["config.json", INDEX, *sorted(set(read_weight_map(folder / INDEX).values()))]
+    digests, _ = memo_digests(folder, names, _memo(dst))
+    return files == digests
 
 
 def ensure_converted(folder: Path, quant_config: QuantConfig | None = None, progress: bool = True) -> Path:
     """The converted copy of an article folder, converting it first if needed (with a message)."""
     folder = Path(folder)
     dst = converted_path(folder)
-    if (dst / "progress.json").exists():
-        done = _read_json(dst / "progress.json").get("source", {})
-        if done.get("config_sha256") != config_fingerprint(folder):
-            raise CheckpointError(f"{dst} holds a conversion of another checkpoint (its config differs from "
-                                  f"{folder / 'config.json'}): delete {dst} and run again")
+    if (dst / "progress.json").is_file():
+        if not _same_source(read_json(dst / "progress.json").get("source"), folder, dst):
+            raise CheckpointError(f"{dst} holds a conversion of another checkpoint (its source files differ from "
+                                  f"those in {folder}): delete {dst} and run again")
         if (dst / "COMPLETE").exists():
             return dst
     ck_note = "resuming the" if (dst / "progress.json").exists() else "one-time"
