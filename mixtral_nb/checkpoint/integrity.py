@@ -152,12 +152,15 @@ def _hub_digest(path: Path, etag: str) -> str:
     return h.hexdigest()
 
 
+HF_DOWNLOAD_META = ".cache/huggingface/download"  # where huggingface_hub records a local_dir download
+
+
 def hub_expected(folder: Path, names: Iterable[str]) -> dict[str, str]:
     """The hub's digests (etags) of files ``huggingface_hub`` downloaded into ``folder``, where it recorded them
     (``.cache/huggingface/download/<name>.metadata``: commit, etag, time, one per line)."""
     out = {}
     for name in names:
-        meta = Path(folder) / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+        meta = Path(folder) / HF_DOWNLOAD_META / f"{name}.metadata"
         try:
             lines = meta.read_text().splitlines()
         except (OSError, UnicodeDecodeError):
