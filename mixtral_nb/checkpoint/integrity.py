@@ -27,10 +27,11 @@ from typing import Any, Callable, Iterable
 
 from torch import Tensor
 
+from ..units import MiB
 from .errors import CheckpointError
 
 ALGO = "blake2b-64MiB"  # recorded next to the digests, so another scheme can be told apart later
-CHUNK = 64 * 2**20
+CHUNK = 64 * MiB
 DIGEST_SIZE = 32
 
 
