@@ -656,9 +656,11 @@ def rehearse_notebook(folder: Path, device: str = "cpu", new_tokens: int = 16, v
     nb.cells.append(nbformat.v4.new_code_cell(_DRIVER.replace("__STOP__", str(max(2, new_tokens // 4)))))
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=True,
                             resources={"metadata": {"path": str(path.parent)}})
+    root = str(Path(__file__).resolve().parent.parent)  # the kernel imports this checkout's mixtral_nb
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     error = None
     try:
-        client.execute()
+        client.execute(env=env)
     except CellExecutionError as e:
         error = e
     finally:
