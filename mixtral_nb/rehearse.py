@@ -587,7 +587,7 @@ _DRIVER = '''
 import asyncio, gc, json, threading, time
 from mixtral_nb.ui import ChatUI
 
-_ui = [o for o in gc.get_objects() if isinstance(o, ChatUI)][-1]
+_ui = [o for o in gc.get_objects() if type(o) is ChatUI][-1]  # type(): weak proxies raise on isinstance
 
 async def _idle(limit=1800.0):
     t0 = time.monotonic()
@@ -611,6 +611,7 @@ for _name, _act, _stop in (("send", lambda: _ui.send("Tell me about lighthouses.
                            ("stop", lambda: _ui.send("Count from one to one thousand."), __STOP__),
                            ("regenerate", _ui.regenerate, None)):
     if _stop is not None:
+        _sess.progress = {"tokens": 0, "seconds": 0.0, "tok_s": 0.0}  # not the last reply's count
         _press_stop(_stop)
     _t0 = time.perf_counter()
     _act()
@@ -620,8 +621,9 @@ for _name, _act, _stop in (("send", lambda: _ui.send("Tell me about lighthouses.
     _s = dict(_sess.last_stats or {})
     _out[_name] = {"tokens": _s.get("tokens"), "stop_reason": _s.get("stop_reason"), "tok_s": _s.get("tok_s"),
                    "wall_s": time.perf_counter() - _t0}
-assert _out["stop"]["stop_reason"] == "stop", _out
+assert _out["stop"]["stop_reason"] == "stop" and _out["stop"]["tokens"] < _sess.max_new_tokens, _out
 assert _out["regenerate"]["tokens"], _out
+_out["max_new_tokens"] = _sess.max_new_tokens  # the widget's slider (its minimum is 16)
 print("REHEARSE_WIDGET " + json.dumps(_out))
 '''
 
@@ -691,7 +693,10 @@ def rehearse_notebook(folder: Path, device: str = "cpu", new_tokens: int = 16, v
     if error is not None:
         bad = next((c for c in cells if c["error"]), None)
         where = f"cell {bad['cell']} ({bad['first_line']!r})" if bad else "a cell"
-        raise RehearsalError(f"notebook {path.name}: {where} raised: {str(error).strip().splitlines()[-1][:300]}")
+        import re
+
+        last = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()[-1]
+        raise RehearsalError(f"notebook {path.name}: {where} raised: {last[:300]}")
     if widget is None:
         raise RehearsalError("the widget driver cell printed no REHEARSE_WIDGET line")
     return {"cells": cells, "widget": widget}
