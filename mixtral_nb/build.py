@@ -13,7 +13,7 @@ import gc
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -101,6 +101,14 @@ def model_bytes(model: Any) -> dict[str, int]:
     return {"slots": sum(c.gpu_bytes for c in caches), "host": sum(c.host_bytes for c in caches), "trunk": trunk}
 
 
+def on_release(model: Any, fn: Callable[[], None]) -> None:
+    """Call ``fn`` when ``model`` is released: what is built on a model and holds memory of its own
+    (a Decoder's KV cache and CUDA graphs) frees it with the model. ``fn`` is held weakly when it is a
+    bound method, so registering does not keep its object alive."""
+    hooks = model.__dict__.setdefault("mixtral_nb_on_release", [])
+    hooks.append(weakref.WeakMethod(fn) if hasattr(fn, "__self__") else (lambda: fn))
+
+
 def release_model(model: Any) -> None:
     """Free a build_model model's memory now (expert-cache slots and host buffers, trunk weights).
 
@@ -111,6 +119,10 @@ def release_model(model: Any) -> None:
         return
     from .qlinear import QuantLinear
 
+    for ref in model.__dict__.pop("mixtral_nb_on_release", []):
+        fn = ref()
+        if fn is not None:
+            fn()
     released = _ReleasedCache()
     for cache in _caches(model):
         empty = torch.empty(0, cache.blob_bytes, dtype=torch.uint8, device=cache.device)

@@ -104,7 +104,7 @@ def _pinned_bytes() -> int:
     """Pinned host memory: torch's pinned allocator (blocks in use and cached), or at least the live
     models' expert-cache host buffers when those are pinned."""
     torch_pinned = 0
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # never start CUDA from the sampler thread
         with contextlib.suppress(Exception):
             torch_pinned = int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
     from .build import _caches, live_models
@@ -728,6 +728,9 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"chat ({chat['engine']}): {chat['tok_s']:.2f} tok/s, time to first token "
               f"{'-' if ttft is None else f'{ttft:.2f}'} s, expert-cache hit rate "
               f"{'-' if hit is None else f'{hit:.1%}'}")
+    for st in report.get("stages", []):
+        for c in (st.info or {}).get("cells", []) if st.name == "notebook" else []:
+            print(f"  notebook cell {c['cell']:>3}: {c['wall_s'] or 0:7.2f} s  {c['first_line']}")
     if "vram" in report:
         v = report["vram"]
         print(f"VRAM cap {v['cap_bytes'] / MiB:,.0f} MiB = CUDA context {v['context_bytes'] / MiB:,.0f} MiB + torch "
