@@ -268,7 +268,7 @@ class Recorder:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
         rec = StageRecord(name)
-        cuda = self.watch.device.type == "cuda"
+        cuda = self.watch.device.type == "cuda" and torch.cuda.is_initialized()  # the cuda-init stage starts it
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.watch.device)
         io0, size0 = _write_bytes(), _folder_bytes(self.folders())
@@ -288,7 +288,7 @@ class Recorder:
         finally:
             rec.wall_s = time.perf_counter() - t0
             self.watch.sample()
-            if cuda:
+            if cuda or self.watch.device.type == "cuda" and torch.cuda.is_initialized():
                 rec.torch_max_reserved = int(torch.cuda.max_memory_reserved(self.watch.device))
                 if self.watch.nvml is None:
                     rec.peak_vram = max(rec.peak_vram or 0, rec.torch_max_reserved)
@@ -506,7 +506,7 @@ def rehearse(article: Path | None = None, synthetic: Path | None = None, layers:
                                                 vram_cap_mib=vram_cap_mib if cap is not None else None)
                 finally:
                     watch.children_only = False
-    except (RehearsalError, ValueError) as e:
+    except Exception as e:
         e.report = report  # type: ignore[attr-defined]
         raise
     finally:
@@ -774,6 +774,11 @@ def rehearse_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         report = getattr(e, "report", {})
         report.update(ok=False, error=str(e))
+        code = 1
+    except Exception as e:  # outside any stage: still a table, a JSON and a traceback
+        report = getattr(e, "report", {})
+        report.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        traceback.print_exc()
         code = 1
     _print_report(report)
     if a.json is not None:
