@@ -151,3 +151,16 @@ def test_walkthrough_notebook_runs_against_a_local_folder_with_the_widget_driven
     assert all(c["wall_s"] is not None and not c["error"] for c in result["cells"])
     sources = [c["first_line"] for c in result["cells"]]
     assert sources[-1].startswith("# rehearsal: drive the chat widget")
+
+
+def test_an_error_inside_a_stage_names_the_stage(article, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(article, bad)
+    next(iter(sorted(bad.glob("model-*.safetensors")))).unlink()  # an incomplete download
+    out = tmp_path / "r.json"
+    assert rehearse_main(["--article", str(bad), "--device", "cpu", "--json", str(out)]) == 1
+    assert "stage 'convert' failed: CheckpointError" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["ok"] is False and report["stages"][-1]["name"] == "convert" and report["stages"][-1]["error"]
