@@ -1,4 +1,4 @@
-"""Command line: ``python -m mixtral_nb {demo,chat,bench,quantize,verify,synthetic,plan,notebooks,check-notebooks}``."""
+"""Command line: ``python -m mixtral_nb {demo,chat,bench,rehearse,quantize,verify,synthetic,plan,notebooks,check-notebooks}``."""
 
 from __future__ import annotations
 
@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "rehearse":
+        from .rehearse import rehearse_main
+
+        return rehearse_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m mixtral_nb", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("chat", help="answer one --prompt, or chat in the terminal")
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(fn=_verify)
     sub.add_parser("plan", help="print the memory plan for this machine").set_defaults(fn=_plan)
     sub.add_parser("bench", help="benchmark (see `bench --help`)")
+    sub.add_parser("rehearse", help="the Colab journey at Mixtral size within Colab's limits (see `rehearse --help`)")
     sub.add_parser("notebooks", help="execute every notebook to artifacts/*.html").set_defaults(fn=_notebooks)
     sub.add_parser("check-notebooks", help="fail if a notebook has outputs").set_defaults(fn=_check_notebooks)
     nv = sub.add_parser("nbval-prepare", help="copy the notebooks with their expected check outputs, for nbval")

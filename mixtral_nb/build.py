@@ -9,8 +9,11 @@ stock transformers model, so ``generate()``, streamers and KV caches work as usu
 from __future__ import annotations
 
 import copy
+import gc
 import os
-from typing import Any
+import weakref
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,6 +25,149 @@ from .expert import ExpertFormat
 from .moe import OffloadedExperts
 from .qlinear import QuantLinear
 from .quant import QSpec
+
+
+class ReleasedModelError(RuntimeError):
+    """A model whose memory was handed to a newer build_model call of the same checkpoint was used."""
+
+
+RELEASED = ("this model was released because build_model was called again for the same checkpoint on the same "
+            "device (its memory went to the new model): use the new model (and a new ChatSession on it), or pass "
+            "keep_previous=True to build_model / load to keep both")
+
+
+class _ReleasedCache:
+    """Stands in for a released model's ExpertCache: statistics read as empty (monitors keep running),
+    anything that would compute raises :class:`ReleasedModelError`."""
+
+    released = True
+    _COUNTERS = frozenset(("hits", "misses", "prefetch_issued", "prefetch_used", "bytes_h2d", "bytes_d2h",
+                           "host_syncs", "pred_correct", "pred_total", "actual_total", "gpu_bytes", "host_bytes"))
+
+    def stats(self, wait: bool = False) -> dict[str, float]:
+        return {}
+
+    def reset_stats(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in self._COUNTERS:
+            return 0
+        raise ReleasedModelError(RELEASED)
+
+
+def _raise_released(*_args: Any, **_kwargs: Any) -> None:
+    raise ReleasedModelError(RELEASED)
+
+
+# Models build_model made, as (checkpoint key, devices, weak reference): a re-run notebook cell
+# builds the same checkpoint again while the old model is still bound to a variable.
+_BUILT: list[tuple[str, frozenset[str], weakref.ref]] = []
+
+
+def _key(state_path: Any, ck: Any) -> str:
+    folder = getattr(ck, "folder", None)
+    if folder is None:
+        folder = state_path if isinstance(state_path, (str, os.PathLike)) else f"object-{id(ck)}"
+    return str(Path(folder).resolve()) if isinstance(folder, (str, os.PathLike)) else str(folder)
+
+
+def _caches(model: Any) -> list[ExpertCache]:
+    cache = getattr(model, "expert_cache", None)
+    if isinstance(cache, CacheGroup):
+        return list(cache.caches)
+    return [cache] if isinstance(cache, ExpertCache) else []
+
+
+def live_models() -> list[Any]:
+    """The models built by build_model that are still alive and not released (oldest first)."""
+    out = []
+    for _, _, ref in _BUILT:
+        m = ref()
+        if m is not None and not getattr(m, "mixtral_nb_released", False):
+            out.append(m)
+    return out
+
+
+def model_bytes(model: Any) -> dict[str, int]:
+    """What one build_model model holds: expert-cache slots, expert-cache host buffers, trunk tensors."""
+    caches = _caches(model)
+    trunk = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta":
+            trunk += t.numel() * t.element_size()
+    return {"slots": sum(c.gpu_bytes for c in caches), "host": sum(c.host_bytes for c in caches), "trunk": trunk}
+
+
+def on_release(model: Any, fn: Callable[[], None]) -> None:
+    """Call ``fn`` when ``model`` is released: what is built on a model and holds memory of its own
+    (a Decoder's KV cache and CUDA graphs) frees it with the model. ``fn`` is held weakly when it is a
+    bound method, so registering does not keep its object alive."""
+    hooks = model.__dict__.setdefault("mixtral_nb_on_release", [])
+    hooks.append(weakref.WeakMethod(fn) if hasattr(fn, "__self__") else (lambda: fn))
+
+
+def release_model(model: Any) -> None:
+    """Free a build_model model's memory now (expert-cache slots and host buffers, trunk weights).
+
+    The object stays, but using it raises :class:`ReleasedModelError` (one clear message) instead
+    of computing on freed memory; its monitors read empty cache statistics. Idempotent.
+    """
+    if getattr(model, "mixtral_nb_released", False):
+        return
+    from .qlinear import QuantLinear
+
+    for ref in model.__dict__.pop("mixtral_nb_on_release", []):
+        fn = ref()
+        if fn is not None:
+            fn()
+    released = _ReleasedCache()
+    for cache in _caches(model):
+        empty = torch.empty(0, cache.blob_bytes, dtype=torch.uint8, device=cache.device)
+        cache.gpu, cache.gpu_rows, cache.gpu_views, cache.host = empty, [], [], []
+        cache._dense, cache._slot_table, cache.graph_pool = {}, None, None
+        cache.lru = [type(lru)() for lru in cache.lru]
+    for m in model.modules():
+        if isinstance(m, OffloadedExperts):
+            m._cache = (released,)
+            m._graphs, m._staging = {}, None
+            m._next_gate, m._next_module = (), ()
+        elif isinstance(m, QuantLinear):
+            m._dense = None
+    model.expert_cache = released
+    model.to_empty(device="meta")  # every parameter and buffer: storage freed, shapes kept
+    model.register_forward_pre_hook(_raise_released)
+    model.model.embed_tokens.register_forward_pre_hook(_raise_released)  # the Decoder enters here
+    model.mixtral_nb_released = True
+    gc.collect()
+    if any(d.type == "cuda" for d in _model_devices(model)) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):  # pinned blocks torch keeps for reuse
+            fn = getattr(torch._C, name, None)
+            if fn is not None:
+                fn()
+                break
+
+
+def _model_devices(model: Any) -> set[torch.device]:
+    return getattr(model, "mixtral_nb_devices", set())
+
+
+def _release_previous(key: str, devices: list[torch.device]) -> None:
+    """Release the live models built from the same checkpoint on any of ``devices`` (a re-run cell)."""
+    names = {str(d) for d in devices}
+    keep = []
+    for k, devs, ref in _BUILT:
+        m = ref()
+        if m is None:
+            continue
+        if k == key and devs & names:
+            release_model(m)
+            continue
+        keep.append((k, devs, ref))
+    _BUILT[:] = keep
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -122,7 +268,8 @@ def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.
 
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
                 state_path: str | os.PathLike | Any, dtype: torch.dtype | None = None,
-                host_mirror: bool | None = None, separate_streams: bool = True, verify: bool | None = None):
+                host_mirror: bool | None = None, separate_streams: bool = True, verify: bool | None = None, *,
+                keep_previous: bool = False):
     """Load a Mixtral checkpoint with offloaded experts; see the module docstring.
 
     ``state_path`` is anything :func:`mixtral_nb.checkpoint.resolve_checkpoint` accepts: a
@@ -132,6 +279,10 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     ProjectCheckpoint's interface (the benchmark's synthetic model). ``device`` is "cpu" or any
     "cuda:N". ``separate_streams=False`` queues expert copies on the compute stream (the article's baseline).
     ``verify``: check a project folder's file digests (None: unless checked since the files last changed).
+
+    A model built earlier from the same checkpoint on the same device is released first (its
+    memory goes to the new one; using it raises :class:`ReleasedModelError`), so re-running a
+    notebook's load cell does not hold two copies; ``keep_previous=True`` keeps it.
     """
     from transformers import MixtralForCausalLM
 
@@ -155,6 +306,10 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     if len(devices) > L:
         raise ValueError(f"{len(devices)} devices for {L} layers: give at most one device per layer")
     offload_config.check_model(L, E)  # main_size/offload_size must describe this model
+
+    key = _key(state_path, ck)
+    if not keep_previous:
+        _release_previous(key, devices)
 
     config.dtype = dtype
     with torch.device("meta"):
@@ -237,4 +392,6 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         _hop_devices(model, layer_dev, devices)
     model.expert_cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
     model.eval()
+    model.mixtral_nb_devices = set(devices)
+    _BUILT.append((key, frozenset(str(d) for d in devices), weakref.ref(model)))
     return model

@@ -71,8 +71,13 @@ def tokenizer_for(folder: Path) -> Any:
 
 
 def load(model: str = "auto", device: str | torch.device | list | None = None, offload_config: OffloadConfig | None = None,
-         quant_config: QuantConfig | None = None, token: str | None = None) -> tuple[Any, Any]:
-    """Build the chat model named by ``model`` ("auto", "embedded", a folder or a hub id) and its tokenizer."""
+         quant_config: QuantConfig | None = None, token: str | None = None, *,
+         keep_previous: bool = False) -> tuple[Any, Any]:
+    """Build the chat model named by ``model`` ("auto", "embedded", a folder or a hub id) and its tokenizer.
+
+    A model loaded earlier from the same files on the same device is released first (a re-run cell
+    must not hold two copies); ``keep_previous=True`` keeps it (see ``build_model``).
+    """
     if isinstance(device, (list, tuple)) and len(device) == 1:
         device = device[0]
     if isinstance(device, (list, tuple)):  # several GPUs: build_model splits the layers across them
@@ -92,7 +97,7 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
             c = load_config(folder)
             cfg = OffloadConfig.for_model(c.num_hidden_layers, c.num_local_experts, offload_per_layer=4, buffer_size=2,
                                           prefetch=1)
-        return build_model(target_all or dev, None, cfg, folder), tokenizer_for(tok_dir)
+        return build_model(target_all or dev, None, cfg, folder, keep_previous=keep_previous), tokenizer_for(tok_dir)
     folder = Path(name)
     if not folder.exists():
         folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
@@ -104,4 +109,5 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
         offload_config = p.offload_config()
         if device is None:
             target = p.devices()
-    return build_model(target, quant_config, offload_config, folder), tokenizer_for(folder)
+    return (build_model(target, quant_config, offload_config, folder, keep_previous=keep_previous),
+            tokenizer_for(folder))
