@@ -74,7 +74,7 @@ def _key(state_path: Any, ck: Any) -> str:
     return str(Path(folder).resolve()) if isinstance(folder, (str, os.PathLike)) else str(folder)
 
 
-def _caches(model: Any) -> list[ExpertCache]:
+def expert_caches(model: Any) -> list[ExpertCache]:
     cache = getattr(model, "expert_cache", None)
     if isinstance(cache, CacheGroup):
         return list(cache.caches)
@@ -93,7 +93,7 @@ def live_models() -> list[Any]:
 
 def model_bytes(model: Any) -> dict[str, int]:
     """What one build_model model holds: expert-cache slots, expert-cache host buffers, trunk tensors."""
-    caches = _caches(model)
+    caches = expert_caches(model)
     trunk = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type != "meta":
@@ -124,7 +124,7 @@ def release_model(model: Any) -> None:
         if fn is not None:
             fn()
     released = _ReleasedCache()
-    for cache in _caches(model):
+    for cache in expert_caches(model):
         empty = torch.empty(0, cache.blob_bytes, dtype=torch.uint8, device=cache.device)
         cache.gpu, cache.gpu_rows, cache.gpu_views, cache.host = empty, [], [], []
         cache._dense, cache._slot_table, cache.graph_pool = {}, None, None

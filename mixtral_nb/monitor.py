@@ -43,7 +43,7 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
-def _nvml_index(torch_index: int) -> int:
+def nvml_index(torch_index: int) -> int:
     """NVML numbers all GPUs; CUDA_VISIBLE_DEVICES may renumber them for torch."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     parts = [p.strip() for p in visible.split(",") if p.strip()]
@@ -78,7 +78,7 @@ class ResourceMonitor:
             import pynvml
 
             pynvml.nvmlInit()
-            self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(self.device.index or 0))
+            self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(self.device.index or 0))
             self._nvml = pynvml
         except Exception:  # no driver, no library, no such device: report None instead
             self._nvml = self._nvml_handle = None

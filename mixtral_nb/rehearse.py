@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -34,13 +35,22 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
 import torch
+
+from . import planner
+from .build import ReleasedModelError, expert_caches, live_models, release_model
+from .chat import ChatSession
+from .checkpoint import detect_layout, ensure_converted, load_config, open_checkpoint
+from .load import load
+from .monitor import nvml_index
+from .synthetic import write_article_checkpoint
+from .tokenizer import encode_conversation
+from .units import GB, MiB
 
 __all__ = ["COLAB_HOST_LIMIT_GB", "COLAB_VRAM_MIB", "LimitExceeded", "MemoryWatch", "RehearsalError",
            "StageRecord", "format_table", "rehearse", "rehearse_main", "rehearse_notebook"]
 
-MiB = 1024**2
-GB = 1e9
 COLAB_VRAM_MIB = 15095  # a free Colab T4's usable memory, CUDA context included
 COLAB_HOST_LIMIT_GB = 11.0  # of Colab's 12.7 GB, what one process may take before the runtime dies
 REBUILD_SLACK = 0.10  # a second build may peak this much above the first (allocator noise), no more
@@ -68,7 +78,6 @@ def _status(pid: int | str = "self") -> dict[str, int]:
                 if key in out:
                     out[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        import psutil
 
         try:
             out["VmRSS"] = psutil.Process(None if pid == "self" else int(pid)).memory_info().rss
@@ -107,11 +116,10 @@ def _pinned_bytes() -> int:
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # never start CUDA from the sampler thread
         with contextlib.suppress(Exception):
             torch_pinned = int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
-    from .build import _caches, live_models
 
     caches = 0
     for m in live_models():
-        for c in _caches(m):
+        for c in expert_caches(m):
             if c.s.cuda and c.config.pin_memory:
                 caches += c.host_bytes
     return max(torch_pinned, caches)
@@ -123,11 +131,10 @@ class _Nvml:
     def __init__(self, device: torch.device) -> None:
         import pynvml
 
-        from .monitor import _nvml_index
 
         pynvml.nvmlInit()
         self.nv = pynvml
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device.index or 0))
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device.index or 0))
         self.total = int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).total)
         self.baseline = int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)  # before this run's CUDA work
         self.method = "process"
@@ -345,8 +352,6 @@ def cap_vram(device: torch.device, cap_bytes: int) -> dict[str, Any]:
 def _plan_for(folder: Path, device: torch.device) -> Any:
     """The "colab-t4" plan for the model in ``folder``: planned for the full depth of Mixtral-8x7B when
     the folder holds fewer of its layers (a quicker rehearsal keeps the per-layer settings)."""
-    from . import planner
-    from .checkpoint import load_config, open_checkpoint
 
     ck = open_checkpoint(folder, progress=False)
     cfg = load_config(folder).to_dict()
@@ -364,7 +369,6 @@ def _plan_for(folder: Path, device: torch.device) -> Any:
 def _overflow_message(session: Any, new_tokens: int) -> str:
     """A user message that fits the context budget alone but not after the history: the turn that
     makes the session drop its oldest messages."""
-    from .chat import encode_conversation
 
     tok, budget = session.tokenizer, session.context_budget
     head = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
@@ -421,8 +425,6 @@ def rehearse(article: Path | None = None, synthetic: Path | None = None, layers:
              interval: float = 0.05) -> dict[str, Any]:
     """Run the journey; returns the report (stages, chat figures). Raises LimitExceeded or
     RehearsalError (the message names the stage) with the report so far in ``exc.report``."""
-    from .build import ReleasedModelError
-    from .load import load
 
     if (article is None) == (synthetic is None):
         raise ValueError("give exactly one of --article PATH (an existing article-layout folder) or --synthetic DIR")
@@ -449,16 +451,13 @@ def rehearse(article: Path | None = None, synthetic: Path | None = None, layers:
                 report["vram"] = st.info = cap_vram(dev, cap)
         if synthetic is not None and "synthetic" not in skip:
             with rec.stage("synthetic") as st:
-                from .synthetic import write_article_checkpoint
 
                 folder = Path(write_article_checkpoint(synthetic, num_layers=layers, progress=True))
         if not folder.is_dir():
             raise ValueError(f"{folder} does not exist: write it first (--synthetic DIR) or give an article folder")
         with rec.stage("convert") as st:
-            from .checkpoint import detect_layout
 
             if detect_layout(folder) == "article":
-                from .article import ensure_converted
 
                 st.info["converted"] = str(ensure_converted(folder, progress=False))
         with rec.stage("plan") as st:
@@ -494,7 +493,6 @@ def rehearse(article: Path | None = None, synthetic: Path | None = None, layers:
                                         f"{a / GB:.2f} GB: the second build did not free the first model")
             del session
         if notebook:
-            from .build import live_models, release_model
 
             del model, chat
             for m in live_models():  # the kernel runs alone, as on Colab: this process gives its memory back
@@ -526,7 +524,6 @@ def _check_vocab(model: Any, tokenizer: Any) -> None:
 
 
 def _session(model: Any, tokenizer: Any, new_tokens: int) -> Any:
-    from .chat import ChatSession
 
     session = ChatSession(model, tokenizer, max_new_tokens=new_tokens)  # engine "auto": the Decoder on a GPU
     session.rehearse_forced = _force_length(session)
@@ -693,7 +690,6 @@ def rehearse_notebook(folder: Path, device: str = "cpu", new_tokens: int = 16, v
     if error is not None:
         bad = next((c for c in cells if c["error"]), None)
         where = f"cell {bad['cell']} ({bad['first_line']!r})" if bad else "a cell"
-        import re
 
         last = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()[-1]
         raise RehearsalError(f"notebook {path.name}: {where} raised: {last[:300]}")

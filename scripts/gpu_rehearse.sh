@@ -35,7 +35,7 @@ case "$PHASE" in
     step "write + convert $SYNTH ($LAYERS layers)"
     timeout "$LIMIT" $PY - "$SYNTH" "$LAYERS" <<'PYEOF' 2>&1 | tee "$OUT/prepare.txt"
 import sys, time
-from mixtral_nb.article import ensure_converted
+from mixtral_nb.checkpoint import ensure_converted
 from mixtral_nb.synthetic import write_article_checkpoint
 t = time.time()
 folder = write_article_checkpoint(sys.argv[1], num_layers=int(sys.argv[2]), progress=True)

@@ -14,7 +14,8 @@ import torch
 import test_article
 from mixtral_nb import OffloadConfig, QuantConfig
 from mixtral_nb.build import ReleasedModelError, build_model, live_models, model_bytes, on_release
-from mixtral_nb.chat import ChatSession, mixtral_tokenizer
+from mixtral_nb.chat import ChatSession
+from mixtral_nb.tokenizer import mixtral_tokenizer
 from mixtral_nb.rehearse import rehearse_main, rehearse_notebook
 from mixtral_nb.tiny import write_tiny
 
