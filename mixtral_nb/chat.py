@@ -118,6 +118,7 @@ class ChatSession:
         context_budget: int | None = None,
         seed: int | None = None,
         engine: str = "auto",
+        min_new_tokens: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -125,6 +126,7 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.min_new_tokens = min_new_tokens  # replies end at end-of-sequence only after this many tokens
         self.engine = engine_kind(model, engine)
         self.context_budget = int(context_budget or default_max_length(model, self.engine))
         self.history: list[dict] = []
@@ -377,7 +379,7 @@ class ChatSession:
             tokens = generate_tokens(
                 engine, torch.tensor(ids[reused:]), min(self.max_new_tokens, self.context_budget - len(ids)),
                 Sampler(self.temperature, self.top_p, self.generator), self._stop_ids, self._stop.is_set,
-                self.prefill_chunk)
+                self.prefill_chunk, self.min_new_tokens)
             emitted = ""
             while True:
                 try:

@@ -62,20 +62,25 @@ def prefill(engine: Engine, ids: Tensor, chunk: int | None = None) -> Tensor:
 def generate_tokens(engine: Engine, prompt_ids: Tensor, max_new_tokens: int,
                     sampler: Callable[[Tensor], Tensor] = greedy, stop_ids: Collection[int] = (),
                     should_stop: Callable[[], bool] | None = None,
-                    prefill_chunk: int | None = None) -> Generator[Tensor, None, str]:
+                    prefill_chunk: int | None = None, min_new_tokens: int = 0) -> Generator[Tensor, None, str]:
     """Continue the engine's sequence with ``prompt_ids`` and yield up to ``max_new_tokens`` new tokens.
 
     The first ``next()`` runs the prefill. A token in ``stop_ids`` ends the loop without being
     yielded or run; ``should_stop()`` is asked after each yielded token, before its forward. Every
     yielded token except the last has been run, so afterwards ``engine.length`` is the prompt plus
-    all yielded tokens but the last (fewer if interrupted). Returns why it ended: "eos", "length"
+    all yielded tokens but the last (fewer if interrupted). Before ``min_new_tokens`` tokens the
+    stop ids cannot be sampled (their logits are masked). Returns why it ended: "eos", "length"
     or "stop".
     """
     if max_new_tokens <= 0:
         return "length"
     logits = prefill(engine, prompt_ids, prefill_chunk)
     n = 0
+    masked = sorted(stop_ids)
     while True:
+        if n < min_new_tokens and masked:
+            logits = logits.clone()
+            logits[..., masked] = float("-inf")
         token = sampler(logits)
         if stop_ids and int(token) in stop_ids:
             return "eos"

@@ -385,18 +385,10 @@ def _overflow_message(session: Any, new_tokens: int) -> str:
     return unit * n
 
 
-def _force_length(session: Any) -> str:
-    """Make every reply run to max_new_tokens (random weights may pick end-of-sequence early).
-
-    ChatSession has no public option for that; its end-of-sequence ids are cleared where it keeps
-    them, and a session without them is reported (tokens counted per turn either way)."""
-    if hasattr(session, "min_new_tokens"):
-        session.min_new_tokens = session.max_new_tokens
-        return "min_new_tokens"
-    if isinstance(getattr(session, "_stop_ids", None), set):
-        session._stop_ids = set()
-        return "eos ignored"
-    return "not forced"
+def _force_length(session: ChatSession) -> str:
+    """Make every reply run to max_new_tokens (random weights may pick end-of-sequence early)."""
+    session.min_new_tokens = session.max_new_tokens
+    return "min_new_tokens"
 
 
 def _turn(session: Any, make: Callable[[], Iterator[str]], stop_after: int | None = None) -> dict[str, Any]:
@@ -601,8 +593,7 @@ def _press_stop(after):
     threading.Thread(target=run, daemon=True).start()
 
 _sess = _ui.session
-if isinstance(getattr(_sess, "_stop_ids", None), set):
-    _sess._stop_ids = set()  # random weights: run every reply to its length
+_sess.min_new_tokens = 10**6  # random weights: every reply runs to its length (the slider's max_new_tokens)
 _out = {}
 for _name, _act, _stop in (("send", lambda: _ui.send("Tell me about lighthouses."), None),
                            ("stop", lambda: _ui.send("Count from one to one thousand."), __STOP__),

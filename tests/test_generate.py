@@ -84,6 +84,15 @@ def test_stop_ids_and_should_stop(engine, reference):
     assert list(generate_tokens(engine, PROMPT, 0)) == []
 
 
+def test_min_new_tokens_masks_the_stop_ids(engine, reference):
+    first = int(reference[0, 0])
+    engine.reset()
+    assert list(generate_tokens(engine, PROMPT, 8, stop_ids={first})) == []  # the first pick ends it
+    engine.reset()
+    out = [int(t) for t in generate_tokens(engine, PROMPT, 8, stop_ids={first}, min_new_tokens=4)]
+    assert len(out) >= 4 and first not in out[:4]
+
+
 def test_sampler_is_seeded_and_top_p_narrows(model):
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
     assert int(greedy(logits)) == 1 and int(Sampler()(logits)) == 1
