@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from .build import on_release
 from .fused import rms_norm, rope_and_cache, route_topk
 from .graphs import CapturedGraph, GraphPool
 
@@ -93,6 +94,14 @@ class Decoder:
         probe = torch.zeros(1, c.hidden_size, dtype=self.dtype, device=first)
         self.static = self.use_graphs and all(
             hasattr(e, "static") and e.static() and e.grouped(probe.to(d)) for e, d in zip(experts, self.devs))
+        on_release(model, self.release)  # a re-run notebook cell frees this KV cache and these graphs too
+
+    def release(self) -> None:
+        """Free the KV cache and the captured graphs (the model was released; this Decoder is done)."""
+        self.k, self.v = [], []
+        self._graphs, self._pool = {}, GraphPool()
+        self.rope, self.arange, self.pos_t = {}, {}, {}
+        self.pos = 0
 
     # ------------------------------------------------------------------ sequence state
 

@@ -11,6 +11,8 @@ import psutil
 import pytest
 import torch
 
+from mixtral_nb.decoder import Decoder, DecoderConfig
+
 import test_article
 from mixtral_nb import OffloadConfig, QuantConfig
 from mixtral_nb.build import ReleasedModelError, build_model, live_models, model_bytes, on_release
@@ -96,6 +98,7 @@ def test_second_build_of_a_checkpoint_releases_the_first(tmp_path):
     tok = mixtral_tokenizer(cache_dir=tmp_path / "tok")
     old_session = ChatSession(model, tok, max_new_tokens=4)
     old_session.send("Hello")
+    decoder = Decoder(model, DecoderConfig(max_len=64))
     before = _rss()
     first = model
     model = build_model("cpu", QuantConfig(None, None), off(), folder)
@@ -104,6 +107,7 @@ def test_second_build_of_a_checkpoint_releases_the_first(tmp_path):
     assert sum(sum(model_bytes(m).values()) for m in live_models()) == one  # not two copies
     assert grew < 0.4 * one, f"RSS grew by {grew / 1e6:.0f} MB on the second build of a {one / 1e6:.0f} MB model"
     assert first.mixtral_nb_released and sum(model_bytes(first).values()) == 0
+    assert decoder.k == [] and decoder.v == []  # a Decoder built on the old model freed its KV cache too
     with pytest.raises(ReleasedModelError, match="build_model was called again"):
         first(input_ids=torch.tensor([[1, 2, 3]]))
     with pytest.raises(ReleasedModelError, match="use the new model"):
