@@ -228,6 +228,18 @@ def test_article_missing_and_truncated_files(tmp_path):
     assert not converted_path(folder).exists()
 
 
+def test_config_with_other_sizes_than_the_files_is_refused(tmp_path):
+    """Twice the intermediate size makes 2-bit g16 expert codes read as 1-bit g32: never a silent model."""
+    folder = tmp_path / "demo"
+    write_article(folder, 2)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json's sizes probably do not match"):
+        open_checkpoint(folder)
+    assert not converted_path(folder).exists()
+
+
 def test_converted_copy_goes_to_the_cache_when_the_folder_is_read_only(tmp_path, monkeypatch):
     folder = tmp_path / "ro" / "demo"
     folder.mkdir(parents=True)

@@ -99,6 +99,9 @@ def infer_params(entries: dict[str, dict[str, Any]], shape: tuple[int, int]) -> 
         nbits = (count * 8) // (n * k)
     else:
         raise ValueError(f"W_q {wq['dtype']} {wq['shape']} is not an hqq packing of a {n}x{k} weight")
+    if nbits == 1:  # shapes alone cannot tell 1-bit g2x of a weight twice as large from the article's 2-bit gx
+        raise ValueError(f"W_q {wq['shape']} would be 1-bit codes of a {n}x{k} weight; the article's checkpoints hold "
+                         "2, 3 or 4 bits, so config.json's sizes probably do not match these files")
     scale_group = 128
     if quant_scale:
         scale_group = sq["shape"][0] if len(sq["shape"]) == 2 else m
