@@ -240,7 +240,7 @@ class IIDRouting:
         """The same draw for the Decoder (``Decoder.routing``), which computes routing without the gate
         module: random logits, then the fused softmax/top-k (two launches instead of the router's eight
         plus this hook's eight)."""
-        from .fused import route_topk
+        from .kernels import route_topk
 
         return route_topk(torch.randn(h.shape[0], self.E, device=h.device, dtype=torch.float32), None, self.k)
 

@@ -8,7 +8,7 @@ of the ~20 kernels per layer costs a launch. This file drives the same modules o
 - K and V live in preallocated [kv_heads, max_len, head_dim] tensors per layer, written in place at
   the token's position, so no address changes from one step to the next;
 - attention reads the cache up to a bucket (a multiple of ``bucket`` positions) and masks the rest;
-- the router is one fused kernel on ``gate.weight`` (``fused.route_topk``; ``Decoder.routing``
+- the router is one fused kernel on ``gate.weight`` (``kernels.route_topk``; ``Decoder.routing``
   replaces it, e.g. with the benchmark's random routing), and q, k and v share one quantization of
   their input;
 - on CUDA a decode step replays CUDA graphs, captured once per bucket: one per device when every
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .fused import rms_norm, rope_and_cache, route_topk
+from .kernels import rms_norm, rope_and_cache, route_topk
 from .graphs import CapturedGraph, GraphPool
 
 

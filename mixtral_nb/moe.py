@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import kernels
 from .cache import ExpertCache
 from .expert import expert_forward
-from .fused import route_topk, weighted_sum
+from .kernels import route_topk, weighted_sum
 from .graphs import CapturedGraph
 
 
