@@ -102,14 +102,13 @@ def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.
 
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
                 state_path: str | os.PathLike | Any, dtype: torch.dtype | None = None,
-                host_mirror: bool | None = None, separate_streams: bool = True):
+                host_mirror: bool | None = None):
     """Load a Mixtral checkpoint folder with offloaded experts; see the module docstring.
 
     ``state_path`` may be a project-format folder (settings come from its manifest; a
     ``quant_config`` that disagrees is an error) or an original HF folder (quantized on the fly
     with ``quant_config``). ``device`` is "cpu" or any "cuda:N". ``state_path`` may also be an
     opened checkpoint object with ProjectCheckpoint's interface (the benchmark's synthetic model).
-    ``separate_streams=False`` queues expert copies on the compute stream (the article's baseline).
     """
     from transformers import MixtralForCausalLM
 
@@ -219,7 +218,7 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
         cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
                             lambda j, e, layers=layers: load_blob(layers[j], e),
-                            host_mirror=mirror, separate_streams=separate_streams)
+                            host_mirror=mirror)
         caches.append(cache)
         for j, i in enumerate(layers):
             mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],

@@ -24,6 +24,7 @@ forward (tests/test_decoder.py).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -236,11 +237,16 @@ class Decoder:
         return self.head(x)
 
     def _capture(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
-        """The graphs of one decode step for cache length ``length``."""
+        """The graphs of one decode step for cache length ``length``; their warm-up runs are not uses."""
+        with contextlib.ExitStack() as stack:
+            for cache in {id(c): c for c in (layer.mlp.experts.cache for layer in self.layers)}.values():
+                stack.enter_context(cache.uncounted())
+            return self._capture_stages(length)
+
+    def _capture_stages(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
         H = self.model.config.hidden_size
         stages: list[tuple[str, int, int, CapturedGraph]] = []
 
-        hits = [layer.mlp.experts.cache.hits for layer in self.layers]
         preps: dict[torch.device, CapturedGraph] = {}
         i = 0
         while i < len(self.layers):
@@ -269,8 +275,6 @@ class Decoder:
                     return (x, *self.route(k, x))
                 stages.append(("attention", i, j, CapturedGraph(attn_route, [x], self._pool)))
             i = j
-        for layer, h in zip(self.layers, hits):  # warm-up runs are not uses
-            layer.mlp.experts.cache.hits = h
         return stages
 
 
