@@ -1,8 +1,8 @@
 """Small fused kernels for the Decoder's step: RMSNorm, rotary embedding + KV-cache write, the
 router's top-k, and the weighted sum of expert outputs.
 
-Why: in a one-token step every PyTorch op is its own launch of ~1-3 us (plus ~1 us between kernels
-even inside a CUDA graph), and the math between the big matrix products is many such ops:
+Why: in a one-token step every PyTorch op is its own kernel launch (with a gap between kernels even
+inside a CUDA graph), and the math between the big matrix products is many such ops:
 transformers' RMSNorm is 7 (cast, square, mean, add, rsqrt, multiply, cast), the rotary embedding
 with the cache write another ~10, the router ~8 (linear, cast, softmax, top-k, sum, divide) and
 the weighted sum of the experts' outputs ~5. With offloaded experts these kernels sit between one
