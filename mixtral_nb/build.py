@@ -268,8 +268,7 @@ def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.
 
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
                 state_path: str | os.PathLike | Any, dtype: torch.dtype | None = None,
-                host_mirror: bool | None = None, separate_streams: bool = True, verify: bool | None = None, *,
-                keep_previous: bool = False):
+                host_mirror: bool | None = None, verify: bool | None = None, *, keep_previous: bool = False):
     """Load a Mixtral checkpoint with offloaded experts; see the module docstring.
 
     ``state_path`` is anything :func:`mixtral_nb.checkpoint.resolve_checkpoint` accepts: a
@@ -277,8 +276,8 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     error), the article's pre-quantized folder (converted once), an original HF folder (quantized
     as it is read, with ``quant_config``), a hub id, or an opened checkpoint object with
     ProjectCheckpoint's interface (the benchmark's synthetic model). ``device`` is "cpu" or any
-    "cuda:N". ``separate_streams=False`` queues expert copies on the compute stream (the article's baseline).
-    ``verify``: check a project folder's file digests (None: unless checked since the files last changed).
+    "cuda:N". ``verify``: check a project folder's file digests (None: unless checked since the files
+    last changed).
 
     A model built earlier from the same checkpoint on the same device is released first (its
     memory goes to the new one; using it raises :class:`ReleasedModelError`), so re-running a
@@ -379,7 +378,7 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
         cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
                             lambda j, e, layers=layers: load_blob(layers[j], e),
-                            host_mirror=mirror, separate_streams=separate_streams)
+                            host_mirror=mirror)
         caches.append(cache)
         for j, i in enumerate(layers):
             mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],

@@ -18,15 +18,19 @@
 - The host work of a miss delays its copy (the copy engine idles meanwhile), so the CUDA calls are
   the cheap ones: events record on named streams, copies switch streams with ``set_stream`` and
   back to ``main`` (the compute stream, looked up once per step by the caller), not through
-  ``torch.cuda.stream()`` contexts, which cost ~20 us each (H200 machine, torch 2.11).
+  ``torch.cuda.stream()`` contexts, which cost far more host time.
+- The counters (``CacheStats``) are written by the cache alone: callers report what it cannot see
+  (``note_uses``, ``note_host_sync``) through its methods.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -36,21 +40,34 @@ from .expert import ExpertFormat
 from .graphs import GraphPool
 
 
+@dataclasses.dataclass
+class CacheStats:
+    """One ExpertCache's counters since its last ``reset_stats``; only the cache writes them."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    bytes_h2d: int = 0
+    bytes_d2h: int = 0
+    host_syncs: int = 0
+    pred_correct: int = 0  # routing guesses for the next layer that were right
+    pred_total: int = 0  # guesses made
+    actual_total: int = 0  # experts the scored layers really used
+
+
 class _Streams:
     """CUDA streams and events for one device; every method is a no-op on CPU."""
 
-    def __init__(self, device: torch.device, separate: bool = True) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
         self.h2d = self.d2h = None  # copy streams (CPU: none, copies are plain)
         if self.cuda:
-            # an int index: torch.cuda.current_stream(torch.device) spends ~10 us resolving the device
+            # an int index: torch.cuda.current_stream(torch.device) spends host time resolving the device
             self.index = device.index if device.index is not None else torch.cuda.current_device()
-            if separate:
-                self.h2d = torch.cuda.Stream(device=device)
-                self.d2h = torch.cuda.Stream(device=device)
-            else:  # the article's behaviour: copies queue behind (and block) the compute kernels
-                self.h2d = self.d2h = torch.cuda.current_stream(device)
+            self.h2d = torch.cuda.Stream(device=device)
+            self.d2h = torch.cuda.Stream(device=device)
 
     def event(self, timing: bool = False) -> torch.cuda.Event | None:
         return torch.cuda.Event(enable_timing=timing) if self.cuda else None
@@ -66,7 +83,7 @@ class ExpertCache:
 
     def __init__(self, fmt: ExpertFormat, num_layers: int, num_experts: int, config: OffloadConfig,
                  device: torch.device | str, load_blob: Callable[[int, int], Tensor],
-                 host_mirror: bool | None = None, separate_streams: bool = True) -> None:
+                 host_mirror: bool | None = None) -> None:
         self.fmt = fmt
         self.layout = fmt.layout
         self.blob_bytes = self.layout.total_bytes
@@ -77,7 +94,7 @@ class ExpertCache:
         self.mirror = config.host_mirror if host_mirror is None else host_mirror
         if self.mirror is None:
             self.mirror = True
-        self.s = _Streams(self.device, separate_streams)
+        self.s = _Streams(self.device)
         pin = self.s.cuda and config.pin_memory
 
         n_gpu = self.L * self.slots + config.buffer_size
@@ -85,9 +102,6 @@ class ExpertCache:
         self.gpu_rows = list(self.gpu.unbind(0))  # one view per buffer, made once (indexing costs a dispatch)
         self.gpu_views = [fmt.views(row) for row in self.gpu_rows]
         self.loaded = [self.s.event() for _ in range(n_gpu)]  # after the H2D copy into the buffer
-        # split copies: w1+w3 first (event loaded_up), then w2, so the first products need not wait for w2
-        self.split_at = fmt.w2_start if config.split_copies and fmt.specs is not None else 0
-        self.loaded_up = [self.s.event() for _ in range(n_gpu)] if self.split_at else []
         self.last_use = [self.s.event() for _ in range(n_gpu)]  # after the last kernel reading it
         self.written_back = [self.s.event() for _ in range(n_gpu)]  # after its D2H copy
         self.pending: set[int] = set()  # buffers whose H2D copy the compute stream has not waited on
@@ -134,10 +148,7 @@ class ExpertCache:
 
     def reset_stats(self) -> None:
         """Zero the counters (the benchmark calls this between prefill and decode)."""
-        self.hits = self.misses = self.prefetch_issued = self.prefetch_used = 0
-        self.bytes_h2d = self.bytes_d2h = 0
-        self.host_syncs = 0
-        self.pred_correct = self.pred_total = self.actual_total = 0
+        self._stats = CacheStats()
         self._recent = (0.0, 0.0)  # decayed (right, guessed) counts behind prefetch_useful()
         self._timings: list[tuple[str, object, object]] = []  # (kind, start, end) events or seconds
         self._done = {"wait": 0.0, "h2d": 0.0, "d2h": 0.0}
@@ -170,16 +181,59 @@ class ExpertCache:
         """Counters so far. Copy timings count once their copies finish; ``wait=True`` waits for all
         (benchmarks), the default never blocks (live monitors read this while the model runs)."""
         self._fold(block=wait)
-        uses = self.hits + self.misses
+        c = self._stats
+        uses = c.hits + c.misses
         return {
-            "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / uses if uses else 0.0,
-            "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
-            "prefetch_precision": self.pred_correct / self.pred_total if self.pred_total else 0.0,
-            "prefetch_recall": self.pred_correct / self.actual_total if self.actual_total else 0.0,
-            "bytes_h2d": self.bytes_h2d, "bytes_d2h": self.bytes_d2h,
+            "hits": c.hits, "misses": c.misses, "hit_rate": c.hits / uses if uses else 0.0,
+            "prefetch_issued": c.prefetch_issued, "prefetch_used": c.prefetch_used,
+            "prefetch_precision": c.pred_correct / c.pred_total if c.pred_total else 0.0,
+            "prefetch_recall": c.pred_correct / c.actual_total if c.actual_total else 0.0,
+            "bytes_h2d": c.bytes_h2d, "bytes_d2h": c.bytes_d2h,
             "wait_s": self._done["wait"], "h2d_s": self._done["h2d"], "d2h_s": self._done["d2h"],
-            "host_syncs": self.host_syncs,
+            "host_syncs": c.host_syncs,
         }
+
+    @property
+    def counters(self) -> CacheStats:
+        """A copy of the counters (the cache's own object is written by the cache alone)."""
+        return dataclasses.replace(self._stats)
+
+    # read-only views of single counters (monitors and probes read these per layer call)
+    hits = property(lambda self: self._stats.hits)
+    misses = property(lambda self: self._stats.misses)
+    prefetch_issued = property(lambda self: self._stats.prefetch_issued)
+    prefetch_used = property(lambda self: self._stats.prefetch_used)
+    bytes_h2d = property(lambda self: self._stats.bytes_h2d)
+    bytes_d2h = property(lambda self: self._stats.bytes_d2h)
+    host_syncs = property(lambda self: self._stats.host_syncs)
+    pred_correct = property(lambda self: self._stats.pred_correct)
+    pred_total = property(lambda self: self._stats.pred_total)
+    actual_total = property(lambda self: self._stats.actual_total)
+
+    def note_uses(self, n: int) -> None:
+        """Count ``n`` expert uses served without a ``fetch`` call, all hits: a replayed CUDA graph of
+        the all-resident path runs the expert kernels but not the Python that fetches."""
+        self._stats.hits += n
+
+    def note_host_sync(self) -> None:
+        """Count one host sync a caller made to learn which experts to fetch."""
+        self._stats.host_syncs += 1
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Uses, copies and syncs inside the block are not counted (warm-up runs, graph captures)."""
+        saved = dataclasses.replace(self._stats)
+        try:
+            yield
+        finally:
+            self._stats = saved
+
+    def copy_on_compute_stream(self) -> None:
+        """Queue every later copy on the compute stream, behind (and blocking) the compute kernels:
+        the article's behaviour, which the benchmark's baseline measures. Call it before the first
+        forward (no copy may be in flight); a no-op on CPU."""
+        if self.s.cuda:
+            self.s.h2d = self.s.d2h = torch.cuda.current_stream(self.device)
 
     # ------------------------------------------------------------------ cache operations
 
@@ -210,10 +264,10 @@ class ExpertCache:
         if expert in lru:
             if not prefetch:
                 lru.move_to_end(expert)
-                self.hits += 1
+                self._stats.hits += 1
                 if expert in self.prefetched[layer]:
                     self.prefetched[layer].discard(expert)
-                    self.prefetch_used += 1
+                    self._stats.prefetch_used += 1
             return lru[expert]
         victim = None
         if len(lru) >= self.slots:
@@ -224,9 +278,9 @@ class ExpertCache:
                 self._evict(layer, victim, main)
                 victim = None
         if not prefetch:
-            self.misses += 1
+            self._stats.misses += 1
         else:
-            self.prefetch_issued += 1
+            self._stats.prefetch_issued += 1
             self.prefetched[layer].add(expert)
         buf, ready = self.gpu_free.popleft()
         h = self.host_of[layer][expert]
@@ -260,11 +314,10 @@ class ExpertCache:
         return first
 
     def _copy_in(self, h: int, buf: int, ready: torch.cuda.Event | None, main: torch.cuda.Stream | None) -> None:
-        self.bytes_h2d += self.blob_bytes
+        self._stats.bytes_h2d += self.blob_bytes
         self._dense.pop(buf, None)
-        row, blob, cut = self.gpu_rows[buf], self.host[h], self.split_at
-        parts = [(row[:cut], blob[:cut], self.loaded_up[buf]), (row[cut:], blob[cut:], None)] if cut else [(row, blob, None)]
-        self._queue_copy("h2d", self.s.h2d, main, (ready,), parts, (self.loaded[buf], self.host_read[h]))
+        self._queue_copy("h2d", self.s.h2d, main, (ready,), self.gpu_rows[buf], self.host[h],
+                         (self.loaded[buf], self.host_read[h]))
         if self.s.cuda:
             self.pending.add(buf)
 
@@ -275,22 +328,21 @@ class ExpertCache:
             self.gpu_free.append((buf, self.last_use[buf]))
             return
         h, ready = self.host_free.popleft()  # the oldest freed blob: its last reader is long done
-        self.bytes_d2h += self.blob_bytes
+        self._stats.bytes_d2h += self.blob_bytes
         # after a prefetched copy into the buffer (it may still be arriving) and the buffer's last reader
         self._queue_copy("d2h", self.s.d2h, main, (self.loaded[buf], self.last_use[buf], ready),
-                         [(self.host[h], self.gpu_rows[buf], None)], (self.written_back[buf],))
+                         self.host[h], self.gpu_rows[buf], (self.written_back[buf],))
         self.gpu_free.append((buf, self.written_back[buf]))
         self.host_of[layer][expert] = h
 
     def _queue_copy(self, kind: str, stream: torch.cuda.Stream | None, main: torch.cuda.Stream | None,
-                    waits: tuple, parts: list[tuple[Tensor, Tensor, torch.cuda.Event | None]], done: tuple) -> None:
-        """Copy each ``(dst, src, mark)`` of ``parts`` in order, timed as ``kind``. On CUDA: on ``stream``
-        once it has waited for ``waits``, recording ``mark`` after its part and ``done`` after all; the
-        copies enqueue through ``set_stream`` and back to ``main`` (looked up if None). On CPU: plain copies."""
+                    waits: tuple, dst: Tensor, src: Tensor, done: tuple) -> None:
+        """Copy ``src`` into ``dst``, timed as ``kind``. On CUDA: on ``stream`` once it has waited for
+        ``waits``, recording ``done`` after it; the copy enqueues through ``set_stream`` and back to
+        ``main`` (looked up if None). On CPU: a plain copy."""
         if not self.s.cuda:
             t0 = time.perf_counter()
-            for dst, src, _ in parts:
-                dst.copy_(src)
+            dst.copy_(src)
             self._time(kind, t0, time.perf_counter())
             return
         main = main or self.s.compute()
@@ -301,24 +353,13 @@ class ExpertCache:
         start.record(stream)
         torch.cuda.set_stream(stream)  # copy_ enqueues on the current stream
         try:
-            for dst, src, mark in parts:
-                dst.copy_(src, non_blocking=True)
-                if mark is not None:
-                    mark.record(stream)
+            dst.copy_(src, non_blocking=True)
         finally:
             torch.cuda.set_stream(main)
         end.record(stream)
         for ev in done:
             ev.record(stream)
         self._time(kind, start, end)
-
-    def use_up(self, buf: int, main: torch.cuda.Stream | None = None) -> None:
-        """With split copies: make the compute stream wait for w1 and w3 of ``buf`` only (w2 may still
-        be arriving); ``use`` later waits for the rest."""
-        if buf in self.pending and self.split_at and self.s.cuda:
-            ev = self.loaded_up[buf]
-            if not ev.query():
-                (main or self.s.compute()).wait_event(ev)
 
     def use(self, buf: int, dtype: torch.dtype = torch.float32,
             main: torch.cuda.Stream | None = None) -> tuple[tuple, tuple | None]:
@@ -353,9 +394,9 @@ class ExpertCache:
     def note_prediction(self, predicted: set[int], actual: set[int]) -> None:
         """Score a next-layer routing guess once the real routing is known."""
         right = len(predicted & actual)
-        self.pred_correct += right
-        self.pred_total += len(predicted)
-        self.actual_total += len(actual)
+        self._stats.pred_correct += right
+        self._stats.pred_total += len(predicted)
+        self._stats.actual_total += len(actual)
         self._recent = (0.98 * self._recent[0] + right, 0.98 * self._recent[1] + len(predicted))
 
     def prefetch_useful(self) -> bool:
@@ -391,6 +432,10 @@ class CacheGroup:
                     "pred_correct", "pred_total", "actual_total"):
             return sum(getattr(c, name) for c in self.caches)
         raise AttributeError(name)
+
+    def copy_on_compute_stream(self) -> None:
+        for c in self.caches:
+            c.copy_on_compute_stream()
 
     def stats(self, wait: bool = False) -> dict[str, float]:
         parts = [c.stats(wait) for c in self.caches]

@@ -61,9 +61,6 @@ class OffloadConfig:
     ``clean_window``: eviction may pass over up to this many - 1 least recently used experts to pick
     one that still has its host copy (no write-back); 1 is the article's strict LRU. Simulated over
     32 layers with 45 spare blobs: 3 cuts write-backs per miss from 0.65 to 0.25 at the same hit rate.
-    ``split_copies``: copy a missed expert in two parts (w1+w3, then w2), so on a GPU its w1/w3
-    products run while w2 still arrives (one-token grouped path). Off by default: no faster at the
-    T4 budget on the H200 machine (19.44 vs 19.70 tok/s, BENCHMARKS.md session 4).
     """
 
     main_size: int
@@ -75,7 +72,6 @@ class OffloadConfig:
     pin_memory: bool = True
     extra_host_slots: int = 0
     clean_window: int = 3
-    split_copies: bool = False
 
     def __post_init__(self) -> None:
         ints = {

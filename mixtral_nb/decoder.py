@@ -8,7 +8,7 @@ of the ~20 kernels per layer costs a launch. This file drives the same modules o
 - K and V live in preallocated [kv_heads, max_len, head_dim] tensors per layer, written in place at
   the token's position, so no address changes from one step to the next;
 - attention reads the cache up to a bucket (a multiple of ``bucket`` positions) and masks the rest;
-- the router is one fused kernel on ``gate.weight`` (``fused.route_topk``; ``Decoder.routing``
+- the router is one fused kernel on ``gate.weight`` (``kernels.route_topk``; ``Decoder.routing``
   replaces it, e.g. with the benchmark's random routing), and q, k and v share one quantization of
   their input;
 - on CUDA a decode step replays CUDA graphs, captured once per bucket: one per device when every
@@ -24,6 +24,7 @@ forward (tests/test_decoder.py).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from . import kernels
 from .build import on_release
-from .fused import rms_norm, rope_and_cache, route_topk
+from .kernels import rms_norm, rope_and_cache, route_topk
 from .graphs import CapturedGraph, GraphPool
 
 
@@ -257,11 +258,16 @@ class Decoder:
         return self.head(x)
 
     def _capture(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
-        """The graphs of one decode step for cache length ``length``."""
+        """The graphs of one decode step for cache length ``length``; their warm-up runs are not uses."""
+        with contextlib.ExitStack() as stack:
+            for cache in {id(c): c for c in (layer.mlp.experts.cache for layer in self.layers)}.values():
+                stack.enter_context(cache.uncounted())
+            return self._capture_stages(length)
+
+    def _capture_stages(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
         H = self.model.config.hidden_size
         stages: list[tuple[str, int, int, CapturedGraph]] = []
 
-        hits = [layer.mlp.experts.cache.hits for layer in self.layers]
         preps: dict[torch.device, CapturedGraph] = {}
         i = 0
         while i < len(self.layers):
@@ -290,7 +296,5 @@ class Decoder:
                     return (x, *self.route(k, x))
                 stages.append(("attention", i, j, CapturedGraph(attn_route, [x], self._pool)))
             i = j
-        for layer, h in zip(self.layers, hits):  # warm-up runs are not uses
-            layer.mlp.experts.cache.hits = h
         return stages
 

@@ -1,7 +1,7 @@
 """CapturedGraph: a function of static tensors recorded once as a CUDA graph, then replayed.
 
-Why: replaying a graph launches all its kernels for ~10 us of host time, where launching them one by
-one from Python costs ~10-80 us each (Triton's launcher is the slowest). Used by the Decoder (a
+Why: replaying a graph launches all its kernels for the host cost of about one launch, where launching
+them one by one from Python costs that per kernel (Triton's launcher is the slowest). Used by the Decoder (a
 layer's attention and router, or every layer when experts are resident) and by OffloadedExperts (one
 token through a group of experts).
 """

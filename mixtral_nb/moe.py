@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import kernels
 from .cache import ExpertCache
 from .expert import expert_forward
-from .fused import route_topk, weighted_sum
+from .kernels import route_topk, weighted_sum
 from .graphs import CapturedGraph
 
 
@@ -77,27 +77,18 @@ class OffloadedExperts(nn.Module):
         nothing to prefetch): the layer can then be captured in a CUDA graph."""
         return self.cache.slots == self.num_experts
 
-    def run_group(self, x: Tensor, bufs: Tensor, weights: Tensor) -> Tensor:
-        """``sum_i weights[i] * expert_i(x)`` for one token x [1, H], experts at GPU buffers ``bufs``
-        (int32 [n], on the device): w1 and w3 of all n in one launch, w2 of all n in another."""
-        return self.run_down(self.run_up(x, bufs), bufs, weights)
-
-    def run_up(self, x: Tensor, bufs: Tensor) -> Tensor:
-        """``act(x @ w1.T) * (x @ w3.T)`` of the n experts at ``bufs``: [n, intermediate]."""
+    def run_group(self, x: Tensor, bufs: Tensor, weights: Tensor, cols: Tensor | None = None) -> Tensor:
+        """``sum_i weights[cols[i]] * expert_i(x)`` (cols None: i) for one token x [1, H], experts at GPU
+        buffers ``bufs`` (int32 [n], on the device): w1 and w3 of all n in one launch, w2 of all n in
+        another; [1, H] in x's dtype."""
         cache = self.cache
+        s1, s2 = cache.fmt.specs[0], cache.fmt.specs[2]
         n = bufs.numel()
-        y13 = kernels.qgemv_grouped(x, cache.gpu_views[0][0], cache.fmt.specs[0], bufs, cache.blob_bytes, 2,
+        y13 = kernels.qgemv_grouped(x, cache.gpu_views[0][0], s1, bufs, cache.blob_bytes, 2,
                                     cache.fmt.w3_offset).view(n, 2, -1)
-        return self.act_fn(y13[:, 0]) * y13[:, 1]
-
-    def run_down(self, h: Tensor, bufs: Tensor, weights: Tensor, cols: Tensor | None = None) -> Tensor:
-        """``sum_i weights[cols[i]] * h[i] @ w2_i.T`` over the experts at ``bufs`` (cols None: i):
-        [1, H] in h's dtype."""
-        cache = self.cache
-        s2 = cache.fmt.specs[2]
-        n = bufs.numel()
+        h = self.act_fn(y13[:, 0]) * y13[:, 1]
         # w2 is short and wide ([H, I]): K may be split so enough programs run (fp32 partial sums [split, n, H])
-        split = kernels.grouped_split(s2)
+        split = kernels.grouped_split(s2, h.device)
         y = kernels.qgemv_grouped(h, cache.gpu_views[0][2], s2, bufs, cache.blob_bytes,
                                   split=split).view(-1, n, s2.out_features)
         return weighted_sum(y, weights, cols, h.dtype)
@@ -105,7 +96,7 @@ class OffloadedExperts(nn.Module):
     def count_static_step(self) -> None:
         """Count one token's expert uses on the all-resident path (every use is a hit). The Decoder
         calls it per graph replay, since a replay runs the kernels but not this Python."""
-        self.cache.hits += self.top_k
+        self.cache.note_uses(self.top_k)
 
     def _decode_static(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         bufs = self.cache.slot_table()[self.cache_layer].index_select(0, top_k_index.view(-1))
@@ -125,59 +116,37 @@ class OffloadedExperts(nn.Module):
             self._staging = (host, torch.zeros(cache.L, 2, 2 * k, dtype=torch.int32, device=x.device), host.numpy())
         _, dev, host_np = self._staging
         arriving = [e for e in order if bufs[e] in cache.pending]
-        groups = [(g, g is arriving) for g in ([e for e in order if bufs[e] not in cache.pending], arriving) if g]
+        groups = [g for g in ([e for e in order if bufs[e] not in cache.pending], arriving) if g]
         out: Tensor | None = None
         w = top_k_weights.view(-1)
-        for gi, (group, copying) in enumerate(groups):
+        for gi, group in enumerate(groups):
             n = len(group)
             host_np[self.cache_layer, gi, :n] = [bufs[e] for e in group]
             host_np[self.cache_layer, gi, k:k + n] = [col[e] for e in group]
             # read by the GPU before this layer's next sync, one token later: safe to overwrite then
             dev[self.cache_layer, gi].copy_(self._staging[0][self.cache_layer, gi], non_blocking=True)
-            if cache.split_at and copying:
-                # split copies: w1/w3 of the arriving experts run while their w2 still copies
-                for e in group:
-                    cache.use_up(bufs[e], main)
-                up, down = self._group_graph(gi, n, x, w, split=True)
-                h = up(x)
-                for e in group:
-                    cache.use(bufs[e], x.dtype, main)
-                y = down(h, w)
-            else:
-                for e in group:
-                    cache.use(bufs[e], x.dtype, main)
-                y = self._group_graph(gi, n, x, w)(x, w)
+            for e in group:
+                cache.use(bufs[e], x.dtype, main)
+            y = self._group_graph(gi, n, x, w)(x, w)
             cache.release(*(bufs[e] for e in group), main=main)
             out = y if out is None else out + y
         assert out is not None
         return out
 
-    def _group_graph(self, gi: int, n: int, x: Tensor, w: Tensor, split: bool = False) -> Any:
-        """The captured ``run_group`` for group ``gi`` of size ``n`` (eager when graphs are off); with
-        ``split``, two: ``run_up`` (x -> h) and ``run_down`` (h, w -> y), replayed around a copy wait."""
-        key = (gi, n, x.dtype, w.dtype, split)
+    def _group_graph(self, gi: int, n: int, x: Tensor, w: Tensor) -> Any:
+        """The captured ``run_group`` for group ``gi`` of size ``n`` (eager when graphs are off)."""
+        key = (gi, n, x.dtype, w.dtype)
         g = self._graphs.get(key)
         if g is None:
             row = self._staging[1][self.cache_layer, gi]
             k = self.top_k
 
-            def up(x: Tensor) -> Tensor:
-                return self.run_up(x, row[:n])
-
-            def down(h: Tensor, w: Tensor) -> Tensor:
-                return self.run_down(h, row[:n], w, row[k:k + n])
-
             def fn(x: Tensor, w: Tensor) -> Tensor:
-                return down(up(x), w)
-            g = (up, down) if split else fn
+                return self.run_group(x, row[:n], w, row[k:k + n])
+            g = fn
             if self.graphs:
                 try:
-                    pool = self.cache.graph_pool
-                    if split:
-                        gu = CapturedGraph(up, [torch.zeros_like(x)], pool)
-                        g = (gu, CapturedGraph(down, [gu.out, torch.zeros_like(w)], pool))
-                    else:
-                        g = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)], pool)
+                    g = CapturedGraph(fn, [torch.zeros_like(x), torch.zeros_like(w)], pool=self.cache.graph_pool)
                 except RuntimeError as e:  # cannot capture here: launch the same kernels one by one
                     warnings.warn(f"CUDA graph capture failed ({e}); expert groups run without graphs",
                                   RuntimeWarning, stacklevel=2)
@@ -208,7 +177,7 @@ class OffloadedExperts(nn.Module):
                 parts.append(torch.bincount(torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1), minlength=E))
         main = cache.s.compute()  # looked up once, before the sync: every cache call below needs it
         host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync of this layer
-        cache.host_syncs += 1
+        cache.note_host_sync()
         n = self.top_k if decode else E
         if decode:
             slot_of = {e: j for j, e in enumerate(host[:n])}

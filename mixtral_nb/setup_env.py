@@ -212,8 +212,8 @@ def fix_triton_libcuda() -> str | None:
     folder = find_libcuda_dir()
     if folder is None:
         raise RuntimeError(f"{LIBCUDA} was found neither by `ldconfig -p` nor in {', '.join(LIBCUDA_CANDIDATES)}: "
-                           "is a GPU attached and its driver installed? Set TRITON_LIBCUDA_PATH to its folder, or "
-                           "set MIXTRAL_NB_NO_TRITON=1 before importing mixtral_nb to use the pure-torch kernels")
+                           "is a GPU attached and its driver installed? Set TRITON_LIBCUDA_PATH to its folder (without "
+                           "it the Triton kernels fail to build and mixtral_nb runs its slower pure-torch path)")
     os.environ["TRITON_LIBCUDA_PATH"] = folder
     _prepend("LIBRARY_PATH", folder)
     if os.path.isdir(CUDA_STUBS):

@@ -26,9 +26,9 @@ from mixtral_nb import OffloadConfig, QuantConfig, build_model
 from mixtral_nb.tiny import write_tiny
 
 
-def offload(slots: int, prefetch: int, layers: int, experts: int = 8, split: bool = False) -> OffloadConfig:
+def offload(slots: int, prefetch: int, layers: int, experts: int = 8) -> OffloadConfig:
     return OffloadConfig(main_size=layers * slots, offload_size=layers * (experts - slots), buffer_size=2,
-                         offload_per_layer=experts - slots, prefetch=prefetch, split_copies=split)
+                         offload_per_layer=experts - slots, prefetch=prefetch)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,13 +155,13 @@ def decoder(quantized: str | None) -> dict:
     devices = [["cuda:0"]] + ([["cuda:0", "cuda:1"]] if torch.cuda.device_count() > 1 else [])
     res = []
     for devs in devices:
-        for slots, prefetch, split in ((8, 0, False), (3, 2, False), (2, 0, False), (2, 0, True)):
-            m = build_model(devs if len(devs) > 1 else devs[0], quant, offload(slots, prefetch, 4, split=split), d,
+        for slots, prefetch in ((8, 0), (3, 2), (2, 0)):
+            m = build_model(devs if len(devs) > 1 else devs[0], quant, offload(slots, prefetch, 4), d,
                             dtype=torch.float16)
             with torch.no_grad():
                 hf = m(ids).logits[0]
             g_hf = greedy(m)
-            row = {"devices": devs, "slots": slots, "prefetch": prefetch, "split": split, "engine": "transformers",
+            row = {"devices": devs, "slots": slots, "prefetch": prefetch, "engine": "transformers",
                    "rel": rel(hf[39:64], ref[39:64]), "agree_fp32_greedy": float((g_hf == g32).float().mean())}
             res.append(row)
             print(row)
@@ -169,7 +169,7 @@ def decoder(quantized: str | None) -> dict:
                 dec = Decoder(m, DecoderConfig(max_len=96, bucket=32, cuda_graphs=graphs))
                 got = [dec.forward(ids[:, :40])] + [dec.forward(ids[:, t:t + 1]) for t in range(40, 64)]
                 toks = greedy(m, dec)
-                row = {"devices": devs, "slots": slots, "prefetch": prefetch, "split": split, "engine": "decoder",
+                row = {"devices": devs, "slots": slots, "prefetch": prefetch, "engine": "decoder",
                        "graphs": graphs,
                        "static": dec.static, "rel": rel(torch.cat(got), ref[39:64]),
                        "rel_vs_fp16_transformers": rel(torch.cat(got), hf[39:64]),

@@ -3,11 +3,11 @@
     python scripts/kernel_bench.py compile [--arch 75 --arch 90] [--out DIR]   # no GPU needed
     python scripts/kernel_bench.py bench [--sweep]                             # needs CUDA
 
-``compile`` builds every kernel variant the engine launches with ``triton.compile`` for the given
-compute capabilities (Triton bundles ptxas, so this runs on a CPU-only machine too) and prints
-registers/spills from the bundled cuobjdump. ``bench`` times the 2-bit Mixtral expert GEMVs (and the
-4-bit attention one) against a device-to-device copy, rotating over enough weight copies to defeat
-the L2 cache; ``--sweep`` also tries other block shapes.
+``compile`` builds every kernel variant the engine launches (``kernels.COMPILE_LIST``) with
+``triton.compile`` for the given compute capabilities (Triton bundles ptxas, so this runs on a
+CPU-only machine too) and prints registers/spills from the bundled cuobjdump. ``bench`` times the
+2-bit Mixtral expert GEMVs (and the 4-bit attention one) against a device-to-device copy, rotating
+over enough weight copies to defeat the L2 cache; ``--sweep`` also tries other block shapes.
 """
 
 from __future__ import annotations
@@ -37,92 +37,6 @@ def spec_of(shape, params, **kw) -> QSpec:
     return QSpec.make(shape, p)
 
 
-def variants(block_n: int | None = None, block_k: int | None = None, warps: int | None = None,
-             tiles: int | None = None):
-    """(name, jit fn, signature, constexprs, ints, num_warps) for every kernel variant the engine uses.
-
-    ``ints`` are the run-time integer arguments' values, so the compile check specializes them the
-    way the launcher does (== 1 becomes a constant, multiples of 16 are marked divisible).
-    """
-    out = []
-    cases = [("e2", spec_of((14336, 4096), EXPERT)), ("e2_down", spec_of((4096, 14336), EXPERT)),
-             ("e3", spec_of((14336, 4096), EXPERT, nbits=3, group_size=64)),
-             ("a4", spec_of((4096, 4096), ATTN)), ("a4_kv", spec_of((1024, 4096), ATTN)),
-             ("e2_axis0", spec_of((14336, 4096), EXPERT, axis=0))]
-    for name, spec in cases:
-        p = kernels._plan(spec)
-        bn, bk, nw, tl_ = block_n or p["block_n"], block_k or p["block_k"], warps or p["warps"], tiles or p["tiles"]
-        s_ty = "*u8" if spec.quant_scale else "*fp16"
-        z_ty = "*u8" if spec.quant_zero else "*fp16"
-        ptrs = {"qa_ptr": "*u8", "qb_ptr": "*u8", "s_ptr": s_ty, "sms_ptr": "*fp16", "smz_ptr": "*fp16",
-                "z_ptr": z_ty, "zms_ptr": "*fp16", "zmz_ptr": "*fp16"}
-        common = dict(PA=p["pa"], PB=p["pb"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero)
-        n, k = spec.out_features, spec.in_features
-        # an expert's blob bytes (the grouped launches' slot stride) and w3's offset in it: the real
-        # values, since the launcher specializes them (multiples of 16 let the kernels use 16-byte loads)
-        from mixtral_nb.expert import ExpertFormat
-
-        real = ExpertFormat.make(4096, 14336, EXPERT, torch.float16)
-        blob, w3_off = real.layout.total_bytes, real.w3_offset
-        # plain launches T = 1..4 (MPS 0), and the grouped one-token launches: w1+w3 of each expert
-        # (MPS 2), w2 of each expert (MPS 1, fp32 split-K partial sums on the word kernel)
-        launches = [(f"T{t}", t, 0, 1) for t in (1, 2, 3, 4)] + [("grouped13", 1, 2, 1), ("grouped2_splitk", 1, 1, 4)]
-        for tag, t, mps, split in launches:
-            y_ty = "*fp32" if split > 1 else "*fp16"
-            sig = {"x_ptr": "*fp16", "y_ptr": y_ty, **ptrs, "slot_ptr": "*i32" if mps else "*fp16"}
-            group = dict(SLOT_BYTES=blob if mps else 0, MAT_BYTES=w3_off if mps == 2 else 0,
-                         X_M=k if mps == 1 else 0, Y_M=n if mps else 0)
-            if p["words"]:
-                wps = kernels.words_per_split(p["row_words_a"], split, max(1, bk * p["pa"] // 32))
-                ints = dict(group, WPS=wps, Y_S=2 * n if split > 1 else 0, N=n, ROW_WA=p["row_words_a"],
-                            ROW_WB=p["row_words_b"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"],
-                            stride_x=k, stride_y=n)
-                cx = dict(common, T=t, R=min(tl_, 4 // t), S_MODE=p["s_mode"], Z_MODE=p["z_mode"], MPS=mps,
-                          BLOCK_N=bn, BLOCK_W=max(1, bk * p["pa"] // 32))
-                out.append((f"{name}_gemv_words_{tag}", kernels._gemv_words, sig, cx, ints, nw))
-            if p["dp4a"] and t == 1:
-                bn_d, bw_d = p["dp4a_block"]
-                wps = kernels.words_per_split(p["row_words_a"], split, bw_d)
-                sig_d = {"xh_ptr": "*i32", "xl_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": y_ty,
-                         **{a: v for a, v in ptrs.items() if a != "qb_ptr"}, "slot_ptr": sig["slot_ptr"]}
-                ints_d = dict(group, X_M=1 if mps == 1 else 0, WPS=wps, Y_S=2 * n if split > 1 else 0, N=n,
-                              ROW_W=p["row_words_a"], GPR=p["groups_per_row"], S_MOD=p["s_mod"], Z_MOD=p["z_mod"])
-                cx_d = dict(PA=p["pa"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero, S_MODE=p["s_mode"],
-                            Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True, AHEAD=False,
-                            STRIDED=False, EVEN=kernels._whole_tiles(n, bn_d, bw_d, split, p["row_words_a"]))
-                out.append((f"{name}_gemv_dp4a_{tag}", kernels._gemv_dp4a, sig_d, cx_d, ints_d, nw))
-                out.append((f"{name}_gemv_dp4a_ahead_{tag}", kernels._gemv_dp4a, sig_d,
-                            dict(cx_d, AHEAD=True, STRIDED=p["strided"]), ints_d, nw))
-                if p["strided"]:
-                    out.append((f"{name}_gemv_dp4a_shared_{tag}", kernels._gemv_dp4a, sig_d, dict(cx_d, STRIDED=True),
-                                ints_d, nw))
-            if not p["words"] and split == 1:
-                ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
-                cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
-                out.append((f"{name}_gemv_generic_{tag}", kernels._gemv_generic, sig, cx, ints, nw))
-        if p["dp4a"]:
-            sig_q = {"x_ptr": "*fp16", "xh_ptr": "*i32", "xl_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32"}
-            out.append((f"{name}_quantize_x", kernels._quantize_x, sig_q, dict(VW=32 // p["pa"], CW=kernels._QX_WORDS),
-                        dict(ROW_W=p["row_words_a"], stride_x=k), 4))
-        ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"])
-        cx = dict(common, AXIS=spec.axis, BLOCK_N=kernels._DEQ_BLOCK[0], BLOCK_K=kernels._DEQ_BLOCK[1])
-        out.append((f"{name}_dequant", kernels._dequant, {"w_ptr": "*fp16", **ptrs}, cx, ints, 4))
-    from mixtral_nb import fused  # the Decoder's RMSNorm and rotary + cache-write kernels, Mixtral's sizes
-
-    out.append(("rms_norm", fused._rms_norm, {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "eps": "fp32"},
-                dict(BLOCK=4096), dict(H=4096, stride=4096), 4))
-    sig = {n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "out_ptr", "K_ptr", "V_ptr")}
-    out.append(("rope_cache", fused._rope_cache, dict(sig, pos_ptr="*i64"), dict(HD=128),
-                dict(T=1, NH=32, MAX_LEN=4096, stride_q=4096, stride_k=1024, stride_v=1024, stride_c=128), 1))
-    out.append(("route_topk", fused._route_topk, {"x_ptr": "*fp16", "w_ptr": "*fp16", "wout_ptr": "*fp32",
-                                                  "iout_ptr": "*i64"},
-                dict(HAS_W=True, K=2, KP=2, BE=8, BH=256), dict(H=4096, E=8, stride_x=4096), 4))
-    out.append(("weighted_sum", fused._weighted_sum, {"y_ptr": "*fp32", "w_ptr": "*fp32", "c_ptr": "*i32",
-                                                      "out_ptr": "*fp16"},
-                dict(HAS_COLS=True, BLOCK=1024), dict(S=4, N=2, H=4096), 4))
-    return out
-
-
 def compile_all(archs: list[int], out_dir: Path | None, sass: bool = False, **blocks) -> bool:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -130,7 +44,8 @@ def compile_all(archs: list[int], out_dir: Path | None, sass: bool = False, **bl
     ok = True
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     for arch in archs:
-        for name, fn, sig, cx, ints, warps in variants(**blocks):
+        cases = kernels.compile_cases(**blocks) if any(v is not None for v in blocks.values()) else kernels.COMPILE_LIST
+        for name, fn, sig, cx, ints, warps in cases:
             cx = dict(cx, **{a: 1 for a, v in ints.items() if v == 1})
             sig = dict(sig, **{a: "i32" for a, v in ints.items() if v != 1})
             full_sig = {a: ("constexpr" if a in cx else sig[a]) for a in fn.arg_names}
@@ -281,7 +196,7 @@ def bench(sweep: bool, only: list[str] | None = None) -> None:
         for t in (1, 2, 4):
             sec = time_fn(lambda i: kernels.qgemv(x[:t], sets[i], spec), copies)
             rows.append((name, t, "default", sec, nbytes / sec / 1e9, nbytes / sec / bw, err))
-        if sweep and kernels._plan(spec)["words"] and "2-bit g16" in name:
+        if sweep and kernels.plan(spec)["words"] and "2-bit g16" in name:
             best = None
             for bn, bk, nw, tiles in SWEEP:
                 try:
@@ -342,7 +257,7 @@ def grouped_setup():
             fmt.w3_offset)
 
 
-SHAPES_SWEEP = [  # (block_n, block_w words, warps); whole-row tiles (bw=256) measured slower (session 5)
+SHAPES_SWEEP = [  # (block_n, block_w words, warps)
     (8, 64, 4), (16, 64, 8), (16, 32, 4), (32, 32, 4),
 ]
 
@@ -353,7 +268,7 @@ def bench_shapes() -> None:
     print(f"d2d copy bandwidth (read+write): {bw / 1e9:.0f} GB/s; fraction below = bytes read / time / that")
     views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
     ref13 = kernels.qgemv_grouped(x, views[0], s1, pairs[0], stride, 2, w3, method="dp4a").float()
-    runs = [(m, sh) for m in ("dp4a", "dp4a_shared", "dp4a_ahead") for sh in SHAPES_SWEEP]
+    runs = [(m, sh) for m in ("dp4a", "dp4a_shared") for sh in SHAPES_SWEEP]
     for method, (bn, bwd, nw) in runs:
         kw = dict(method=method, block_n=bn, block_k=bwd * 16, num_warps=nw)
         try:
@@ -383,7 +298,7 @@ def bench_methods(sweep: bool) -> None:
         sets = random_weights(spec, copies)
         x = torch.randn(1, spec.in_features, device="cuda", dtype=torch.float16)
         ref = kernels.qlinear_reference(x.float(), sets[0], spec)
-        for method in ("words", "dp4a", "dp4a_shared", "dp4a_ahead"):
+        for method in kernels.METHODS:
             y = kernels.qgemv(x, sets[0], spec, method=method).float()
             err = ((y - ref).norm() / ref.norm()).item()
             sec = time_graphed(lambda i: kernels.qgemv(x, sets[i], spec, method=method), copies)
@@ -392,13 +307,13 @@ def bench_methods(sweep: bool) -> None:
         if sweep:
             for bn, bwd, nw in DP4A_SWEEP:
                 sec = time_graphed(lambda i: kernels.qgemv(x, sets[i], spec, method="dp4a", block_n=bn,
-                                                      block_k=bwd * 32 // kernels._plan(spec)["pa"], num_warps=nw), copies)
+                                                      block_k=bwd * 32 // kernels.plan(spec)["pa"], num_warps=nw), copies)
                 print(f"  sweep {name} dp4a bn={bn:2d} bw={bwd:3d} warps={nw}: {sec * 1e6:7.1f} us "
                       f"{nbytes / sec / bw:5.2f}")
         sets.clear()
         torch.cuda.empty_cache()
     views, s1, s2, pairs, x, h, b13, b2, n_slots, stride, w3 = grouped_setup()
-    for method in ("words", "dp4a", "dp4a_shared", "dp4a_ahead"):
+    for method in kernels.METHODS:
         sec = time_graphed(lambda i: kernels.qgemv_grouped(x, views[0], s1, pairs[i], stride, 2, w3,
                                                       method=method), n_slots)
         print(f"grouped w1+w3 x2 experts {method:5s} {sec * 1e6:7.1f} us {b13 / sec / bw:5.2f}")

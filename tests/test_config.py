@@ -66,7 +66,7 @@ def test_every_int_field_has_a_range(field, bad):
 
 
 @pytest.mark.parametrize("field,bad", [("host_mirror", "yes"), ("host_mirror", 1), ("pin_memory", None),
-                                       ("pin_memory", 0), ("split_copies", "False")])
+                                       ("pin_memory", 0), ("pin_memory", "False")])
 def test_switches_must_be_bools(field, bad):
     with pytest.raises(ValueError, match=rf"OffloadConfig\.{field} must be True"):
         OffloadConfig(**{**ARTICLE, field: bad})
@@ -244,7 +244,7 @@ SWITCH = st.one_of(st.booleans(), ANY)
 
 @FUZZ
 @given(st.fixed_dictionaries({f: SMALL for f in INT_FIELDS},
-                             optional={f: SWITCH for f in ("host_mirror", "pin_memory", "split_copies")}),
+                             optional={f: SWITCH for f in ("host_mirror", "pin_memory")}),
        st.integers(1, 4), st.integers(1, 9), st.one_of(st.none(), st.integers(0, 1 << 32), ANY), SWITCH)
 def test_fuzz_offload_config_and_check_fits(kw, layers, experts, vram, mirror):
     try:

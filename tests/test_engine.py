@@ -238,25 +238,48 @@ def test_layers_split_over_two_devices_equal_one(tiny_dir, ref_out, prefetch):
         assert model.expert_cache.caches[1].prefetch_issued > 0
 
 
-def test_split_copies_move_whole_experts():
-    """split_copies copies a blob in two parts (w1+w3, then w2): every resident buffer still holds its
-    expert's exact bytes, through loads, evictions and write-backs (swap mode)."""
+def test_swaps_move_whole_experts():
+    """Every resident buffer holds its expert's exact bytes, through loads, evictions and write-backs
+    (swap mode, one spare host blob)."""
     q = article_quant_config()
     fmt = ExpertFormat.make(32, 64, q.ffn)
-    assert 0 < fmt.w2_start < fmt.layout.total_bytes
     gen = torch.Generator().manual_seed(0)
     blobs = {(layer, e): torch.randint(0, 256, (fmt.layout.total_bytes,), dtype=torch.uint8, generator=gen)
              for layer in range(2) for e in range(6)}
     cfg = OffloadConfig(main_size=4, offload_size=8, buffer_size=1, offload_per_layer=4, prefetch=0,
-                        extra_host_slots=1, split_copies=True)
+                        extra_host_slots=1)
     cache = ExpertCache(fmt, 2, 6, cfg, "cpu", lambda layer, e: blobs[(layer, e)].clone(), host_mirror=False)
-    assert cache.split_at == fmt.w2_start
     for _ in range(60):
         layer, e = (int(v) for v in torch.randint(0, 6, (2,), generator=gen))
         layer %= 2
         buf = cache.fetch(layer, e)
-        cache.use_up(buf)  # no-op on CPU; the GPU path waits for w1+w3 here
         assert torch.equal(cache.gpu_rows[buf], blobs[(layer, e)])
     for layer in range(2):
         for e, b in cache.lru[layer].items():
             assert torch.equal(cache.gpu_rows[b], blobs[(layer, e)])
+
+
+def test_cache_stats_are_written_by_the_cache_alone():
+    """Counters are read-only outside the cache; callers report uses and syncs through its methods, and
+    ``uncounted`` leaves them as they were (the Decoder's graph warm-ups)."""
+    fmt = ExpertFormat.make(32, 64, article_quant_config().ffn)
+    cfg = OffloadConfig(main_size=2, offload_size=2, buffer_size=1, offload_per_layer=1, prefetch=0)
+    cache = ExpertCache(fmt, 2, 2, cfg, "cpu", lambda layer, e: torch.zeros(fmt.layout.total_bytes, dtype=torch.uint8))
+    with pytest.raises(AttributeError):
+        cache.hits = 5
+    cache.fetch(0, 0)
+    cache.fetch(0, 1)
+    cache.note_uses(3)
+    cache.note_host_sync()
+    before = cache.counters
+    assert (before.hits, before.misses, before.host_syncs) == (4, 1, 1)
+    with cache.uncounted():
+        cache.fetch(1, 1)
+        cache.note_uses(2)
+        assert cache.misses == 2 and cache.hits == 6
+    assert cache.counters == before and cache.stats()["hits"] == 4
+    before.hits = 100  # a copy: the cache's own counters do not change
+    assert cache.hits == 4
+    cache.copy_on_compute_stream()  # CPU: nothing to switch; copies stay plain
+    cache.fetch(1, 0)
+    assert cache.misses == 2

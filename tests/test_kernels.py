@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtral_nb import kernels
+from mixtral_nb.kernels import CAPABILITIES, dp4a, fused, words
 from mixtral_nb.quant import QSpec, dequantize
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -62,9 +63,17 @@ needs_interpreter = pytest.mark.interpreter
 
 @pytest.fixture
 def interp():
-    """The kernels module, whose Triton functions run in the interpreter in this process."""
-    assert isinstance(kernels._gemv_words, triton_interpreted_type())
+    """The kernels package, whose Triton functions run in the interpreter in this process."""
+    assert isinstance(words._gemv_words, triton_interpreted_type())
     return kernels
+
+
+@pytest.fixture
+def fresh_capabilities():
+    """A test that breaks a kernel on purpose leaves no recorded failure behind."""
+    CAPABILITIES.reset()
+    yield CAPABILITIES
+    CAPABILITIES.reset()
 
 
 def triton_interpreted_type():
@@ -125,8 +134,42 @@ def test_fallback_matches_dequantize(nbits, axis, shape):
 
 def test_available_reports():
     info = kernels.available()
-    assert set(info) >= {"triton", "cuda", "fused"}
-    assert info["fused"] == (kernels.HAVE_TRITON and torch.cuda.is_available() and not kernels._DISABLE)
+    assert set(info) >= {"triton", "cuda", "fused", "failed"}
+    assert info["fused"] == (kernels.HAVE_TRITON and torch.cuda.is_available())
+
+
+def test_kernel_policy_by_shape():
+    """The kernel of every Mixtral weight follows from its shape and format alone: 2-bit experts take
+    dp4a on meta-sharing tiles (w2 unsplit), 4-bit attention dp4a on consecutive rows, 3-bit the word
+    kernel (w2 split 4), axis-0 weights the element-wise kernel."""
+    e2 = dict(nbits=2, group_size=16, axis=1, quant_scale=True, scale_group=128, quant_zero=True, zero_group=None)
+    a4 = dict(e2, nbits=4, group_size=64, scale_group=256)
+    e3 = dict(e2, nbits=3, group_size=64)
+    w1, w2 = QSpec.make((14336, 4096), e2), QSpec.make((4096, 14336), e2)
+    for spec in (w1, w2):
+        p = kernels.plan(spec)
+        assert p["dp4a"] and p["strided"] and kernels.dispatch.meta_sharing(spec, p["dp4a_block"][0])
+    assert kernels.grouped_split(w2) == 1 and kernels.grouped_split(w1) == 1
+    q = kernels.plan(QSpec.make((4096, 4096), a4))
+    assert q["dp4a"] and not q["strided"] and q["dp4a_block"] == (4, 128)
+    assert not kernels.plan(QSpec.make((14336, 4096), e3))["dp4a"] and kernels.plan(QSpec.make((14336, 4096), e3))["words"]
+    assert kernels.grouped_split(QSpec.make((4096, 14336), e3)) == 4
+    assert not kernels.plan(QSpec.make((14336, 4096), dict(e2, axis=0)))["words"]
+
+
+def test_unknown_method_is_refused():
+    spec = make_spec((40, 256), 2, 16, 1)
+    t = random_tensors(spec, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="unknown GEMV method 'dp4a_ahead'.*dp4a_shared, dp4a, words"):
+        kernels.qgemv(torch.zeros(1, 256), t, spec, method="dp4a_ahead")
+
+
+def test_compile_list_names_every_launched_variant_once():
+    names = [c.name for c in kernels.COMPILE_LIST]
+    assert len(names) == len(set(names)) and len(names) >= 40
+    assert {"e2_gemv_dp4a_shared_grouped13", "e2_down_gemv_dp4a_shared_grouped2_splitk", "a4_gemv_dp4a_T1",
+            "e3_gemv_words_T1", "e2_axis0_gemv_generic_T1", "e2_dequant", "rms_norm"} <= set(names)
+    assert not any("a4_gemv_dp4a_shared" in n for n in names)  # 4-bit tiles keep consecutive rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,12 +259,12 @@ def test_dp4a_matches_words_interpreted(interp, nbits, group):
     """Both one-token kernels agree with the reference, also on activations with outlier channels."""
     gen = torch.Generator().manual_seed(nbits * group)
     spec = make_spec((72, 512), nbits, group, 1)
-    assert kernels._plan(spec)["dp4a"]
+    assert kernels.plan(spec)["dp4a"]
     t = random_tensors(spec, gen)
     w = dequantize(t, spec).double()
     x = torch.randn(1, 512, generator=gen).half()
     x[0, ::97] *= 60
-    for method in ("dp4a", "dp4a_ahead", "words"):
+    for method in ("dp4a", "dp4a_shared", "words"):
         for bn, bk in ((None, None), (4, 8 * 32 // nbits)):  # default blocks; 8 words a step: 4+ steps a row
             out = torch.full((1, 72), float("nan"), dtype=torch.float16)
             y = interp.qgemv(x, t, spec, out=out, method=method, block_n=bn, block_k=bk)
@@ -236,13 +279,13 @@ def test_dp4a_strided_rows_interpreted(interp, block_n):
     gen = torch.Generator().manual_seed(3)
     shape = (256, 256)
     spec = make_spec(shape, 2, 16, 1, scale_group=32)
-    p = kernels._plan(spec)
+    p = kernels.plan(spec)
     assert p["strided"] and p["s_mod"] > 1
-    assert not kernels._plan(make_spec((128, 512), 4, 64, 1, scale_group=32))["strided"]
+    assert not kernels.plan(make_spec((128, 512), 4, 64, 1, scale_group=32))["strided"]
     t = random_tensors(spec, gen)
     w = dequantize(t, spec).double()
     x = torch.randn(1, shape[1], generator=gen).half()
-    ys = {m: interp.qgemv(x, t, spec, method=m, block_n=block_n) for m in ("dp4a", "dp4a_shared", "dp4a_ahead")}
+    ys = {m: interp.qgemv(x, t, spec, method=m, block_n=block_n) for m in ("dp4a", "dp4a_shared")}
     for m, y in ys.items():
         assert rel_err(y, x.double() @ w.T) < 1e-3, m
     assert torch.equal(ys["dp4a"], ys["dp4a_shared"])  # same sums in the same order, other programs
@@ -254,23 +297,23 @@ def test_dp4a_whole_tiles_interpreted(interp, nbits, shape, group, block_k):
     """Unmasked loads where every tile is whole give the very sums of the masked kernel, every method."""
     gen = torch.Generator().manual_seed(5)
     spec = make_spec(shape, nbits, group, 1, scale_group=32)
-    p = interp._plan(spec)
+    p = interp.plan(spec)
     bw = block_k * p["pa"] // 32
-    assert interp._whole_tiles(shape[0], p["dp4a_block"][0], bw, 1, p["row_words_a"])
+    assert dp4a.whole_tiles(shape[0], p["dp4a_block"][0], bw, 1, p["row_words_a"])
     t = random_tensors(spec, gen)
     x = torch.randn(1, shape[1], generator=gen).half()
-    for method in ("dp4a", "dp4a_shared", "dp4a_ahead"):
+    for method in ("dp4a", "dp4a_shared"):
         y = interp.qgemv(x, t, spec, method=method, block_k=block_k)
         assert torch.equal(y, interp.qgemv(x, t, spec, method=method, block_k=block_k, even=False)), method
 
 
 def test_whole_tiles_rule():
     """Mixtral's w1/w3 and unsplit w2 take unmasked tiles; w2 split 4 (896 words: 256, 256, 256, 128) does not."""
-    assert kernels._whole_tiles(14336, 8, 64, 1, 256)
-    assert kernels._whole_tiles(4096, 8, 64, 1, 896)
-    assert not kernels._whole_tiles(4096, 8, 64, 4, 896)
-    assert not kernels._whole_tiles(100, 8, 64, 1, 256)
-    assert not kernels._whole_tiles(4096, 4, 64, 1, 96)
+    assert dp4a.whole_tiles(14336, 8, 64, 1, 256)
+    assert dp4a.whole_tiles(4096, 8, 64, 1, 896)
+    assert not dp4a.whole_tiles(4096, 8, 64, 4, 896)
+    assert not dp4a.whole_tiles(100, 8, 64, 1, 256)
+    assert not dp4a.whole_tiles(4096, 4, 64, 1, 96)
 
 
 @needs_interpreter
@@ -360,7 +403,7 @@ def test_grouped_split_k_interpreted(interp, nbits):
     s2 = fmt.specs[2]
     slots = torch.tensor([2, 0], dtype=torch.int32)
     h = torch.randn(2, 4096, generator=gen).half()
-    for split, method in ((2, None), (3, None), (5, None), (3, "dp4a_ahead")):  # 5: programs with no words
+    for split, method in ((2, None), (3, None), (5, None), (3, "words")):  # 5: programs with no words
         out = torch.full((split, 2, 32), float("nan"), dtype=torch.float32)
         kw = {"method": method} if method and nbits == 2 else {}
         y = interp.qgemv_grouped(h, fmt.views(buf[0])[2], s2, slots, buf.stride(0), out=out, split=split, **kw)
@@ -454,15 +497,11 @@ def _check_route_and_sum(fused, device: str):
 
 @needs_interpreter
 def test_fused_interpreted():
-    from mixtral_nb import fused
-
     assert fused._use_triton(torch.zeros(1))
     _check_fused(fused, "cpu")
 
 
 def test_fused_fallback():
-    from mixtral_nb import fused
-
     if not INTERPRETING:
         assert not fused._use_triton(torch.zeros(1))
     _check_fused(fused, "cpu")
@@ -471,8 +510,6 @@ def test_fused_fallback():
 @pytest.mark.gpu
 def test_fused_cuda():
     """On every GPU, while cuda:0 is the current device (layers split over GPUs run like this)."""
-    from mixtral_nb import fused
-
     for i in range(torch.cuda.device_count()):
         _check_fused(fused, f"cuda:{i}")
 
@@ -499,7 +536,7 @@ def test_dp4a_whole_tiles_cuda(shape):
     spec = make_spec(shape, 2, 16, 1)
     t = random_tensors(spec, gen, "cuda")
     x = torch.randn(1, shape[1], generator=gen).half().cuda()
-    for method in ("dp4a", "dp4a_shared", "dp4a_ahead"):
+    for method in ("dp4a", "dp4a_shared"):
         y = kernels.qgemv(x, t, spec, method=method)
         assert torch.equal(y, kernels.qgemv(x, t, spec, method=method, even=False)), method
 
@@ -514,30 +551,49 @@ class _Broken:
 
 
 @needs_interpreter
-def test_dp4a_failure_falls_back_to_words_interpreted(interp, monkeypatch):
-    """A GPU stack that cannot build the dp4a kernel decodes on with the fp32 word kernel (one warning)."""
+def test_dp4a_failure_falls_back_to_words_interpreted(interp, monkeypatch, fresh_capabilities):
+    """A GPU stack that cannot build the dp4a kernel decodes on with the fp32 word kernel (one warning),
+    on that device only; grouped w2 launches then split K as the word kernel needs."""
+    import warnings
+
     spec = make_spec((40, 256), 2, 16, 1)
     t = random_tensors(spec, torch.Generator().manual_seed(1))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2)).half()
-    monkeypatch.setattr(interp, "_gemv_dp4a", _Broken())
-    monkeypatch.setattr(interp, "GEMV_METHOD", "dp4a")
+    w2 = make_spec((4096, 14336), 2, 16, 1)
+    assert interp.grouped_split(w2, x.device) == 1
+    monkeypatch.setattr(dp4a, "_gemv_dp4a", _Broken())
     with pytest.warns(RuntimeWarning, match="dp4a GEMV kernel failed"):
         y = interp.qgemv(x, t, spec)
-    assert interp.GEMV_METHOD == "words"
+    assert not fresh_capabilities.works(x.device, "dp4a") and fresh_capabilities.works(torch.device("cuda", 3), "dp4a")
     assert rel_err(y, x.double() @ dequantize(t, spec).double().T) < 2e-3
+    assert interp.grouped_split(w2, x.device) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning: the record keeps later calls off the dp4a kernel
+        assert torch.equal(interp.qgemv(x, t, spec), y)
     with pytest.raises(RuntimeError, match="inline PTX"):  # asked for by name: the error is the caller's
         interp.qgemv(x, t, spec, method="dp4a")
 
 
-@needs_interpreter
-def test_fused_failure_falls_back_to_torch_interpreted(monkeypatch):
-    from mixtral_nb import fused
+@pytest.mark.gpu
+def test_gemv_failure_falls_back_to_torch_cuda(monkeypatch, fresh_capabilities):
+    """A GPU stack that cannot build the word kernel: qlinear goes on with the pure-torch path there."""
+    gen = torch.Generator().manual_seed(14)
+    spec = make_spec((64, 256), 3, 64, 1)  # 3-bit: the word kernel's
+    t = random_tensors(spec, gen, "cuda")
+    x = torch.randn(2, 256, generator=gen).half().cuda()
+    monkeypatch.setattr(words, "_gemv_words", _Broken())
+    with pytest.warns(RuntimeWarning, match="pure-torch path"):
+        y = kernels.qlinear(x, t, spec)
+    assert torch.equal(y, kernels.qlinear_reference(x, t, spec))
+    assert not kernels.can_fuse(x, spec)
 
+
+@needs_interpreter
+def test_fused_failure_falls_back_to_torch_interpreted(monkeypatch, fresh_capabilities):
     monkeypatch.setattr(fused, "_rms_norm", _Broken())
-    monkeypatch.setattr(fused, "_FAILED", [])
     x, w, _ = _fused_cases("cpu")
     with pytest.warns(RuntimeWarning, match="fused Decoder kernel failed"):
         y = fused.rms_norm(x, w, 1e-5)
-    assert not fused._use_triton(x)  # the rest of the process uses PyTorch ops
+    assert not fused._use_triton(x)  # the rest of the process uses PyTorch ops on this device
     h = x.float()
     assert torch.equal(y, w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).half())

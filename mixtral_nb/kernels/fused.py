@@ -1,8 +1,8 @@
 """Small fused kernels for the Decoder's step: RMSNorm, rotary embedding + KV-cache write, the
 router's top-k, and the weighted sum of expert outputs.
 
-Why: in a one-token step every PyTorch op is its own launch of ~1-3 us (plus ~1 us between kernels
-even inside a CUDA graph), and the math between the big matrix products is many such ops:
+Why: in a one-token step every PyTorch op is its own kernel launch (with a gap between kernels even
+inside a CUDA graph), and the math between the big matrix products is many such ops:
 transformers' RMSNorm is 7 (cast, square, mean, add, rsqrt, multiply, cast), the rotary embedding
 with the cache write another ~10, the router ~8 (linear, cast, softmax, top-k, sum, divide) and
 the weighted sum of the experts' outputs ~5. With offloaded experts these kernels sit between one
@@ -13,31 +13,21 @@ which is also what the kernels are tested against.
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
-from .kernels import HAVE_TRITON, tl, triton
-
-
-_FAILED: list[str] = []  # a kernel that failed to build or launch here: the PyTorch spelling takes over
+from .capability import CAPABILITIES, HAVE_TRITON, interpreting, on_device, tl, triton
 
 
 def _use_triton(x: Tensor) -> bool:
-    """CUDA tensors take the kernels (unless Triton is off); CPU ones too under Triton's interpreter (tests)."""
-    return (HAVE_TRITON and not kernels._DISABLE and not _FAILED
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    """CUDA tensors take the kernels (unless they failed on that device); CPU ones too under Triton's
+    interpreter (tests)."""
+    return HAVE_TRITON and (x.is_cuda or interpreting()) and CAPABILITIES.works(x.device, "fused")
 
 
-def _give_up(e: Exception) -> None:
-    _FAILED.append(f"{type(e).__name__}: {str(e)[:200]}")
-    warnings.warn(f"a fused Decoder kernel failed ({_FAILED[-1]}); using PyTorch ops for RMSNorm, rotary, routing "
-                  "and expert sums",
-                  RuntimeWarning, stacklevel=3)
+def _give_up(x: Tensor, e: Exception) -> None:
+    CAPABILITIES.fail(x.device, "fused", e)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -50,12 +40,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         H = x2.shape[1]
         try:
-            with kernels.on_device(x):
+            with on_device(x):
                 _rms_norm[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), eps, BLOCK=triton.next_power_of_2(H),
                                           num_warps=4 if H <= 4096 else 8)
             return y.view(*x.shape[:-1], H)
         except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
-            _give_up(e)
+            _give_up(x, e)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -73,12 +63,12 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, K:
         q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
         out = torch.empty(nh, T, hd, dtype=q.dtype, device=q.device)
         try:
-            with kernels.on_device(q):
+            with on_device(q):
                 _rope_cache[(T, nh + nkv)](q, k, v, cos, sin, positions, out, K, V, T, nh, max_len, q.stride(0),
                                            k.stride(0), v.stride(0), cos.stride(0), HD=hd, num_warps=1)
             return out
         except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
-            _give_up(e)
+            _give_up(q, e)
     qh = q.view(T, nh, hd).transpose(0, 1)
     kh = k.view(T, nkv, hd).transpose(0, 1)
     half = hd // 2
@@ -100,13 +90,13 @@ def route_topk(x: Tensor, weight: Tensor | None, k: int) -> tuple[Tensor, Tensor
         wts = torch.empty(T, k, dtype=torch.float32, device=x.device)
         ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
         try:
-            with kernels.on_device(x):
+            with on_device(x):
                 _route_topk[(T,)](x2, x2 if weight is None else weight, wts, ids, x2.shape[1], E, x2.stride(0),
                                   HAS_W=weight is not None, K=k, KP=triton.next_power_of_2(k),
                                   BE=max(2, triton.next_power_of_2(E)), BH=256, num_warps=4)
             return wts, ids
         except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
-            _give_up(e)
+            _give_up(x, e)
     logits = x if weight is None else F.linear(x, weight)
     top = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
     return top.values / top.values.sum(dim=-1, keepdim=True), top.indices
@@ -121,12 +111,12 @@ def weighted_sum(y: Tensor, weights: Tensor, cols: Tensor | None = None, dtype: 
     if _use_triton(y) and y.is_contiguous() and weights.is_contiguous():
         out = torch.empty(1, H, dtype=dtype, device=y.device)
         try:
-            with kernels.on_device(y):
+            with on_device(y):
                 _weighted_sum[(triton.cdiv(H, 1024),)](y, weights, weights if cols is None else cols, out, S, n, H,
                                                        HAS_COLS=cols is not None, BLOCK=1024, num_warps=4)
             return out
         except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
-            _give_up(e)
+            _give_up(y, e)
     w = weights.reshape(-1) if cols is None else weights.reshape(-1).index_select(0, cols)
     return (y.float() * w.view(1, n, 1).float()).sum((0, 1)).view(1, H).to(dtype)
 
