@@ -639,7 +639,7 @@ def rehearse_notebook(folder: Path, device: str = "cpu", new_tokens: int = 16, v
     lines = ["# injected by mixtral_nb rehearse"] + [f"{k} = {v!r}" for k, v in params.items()]
     if cuda and vram_cap_mib is not None:
         lines += ["from mixtral_nb.rehearse import cap_vram as _cap_vram",
-                  f"import torch as _torch; print(_cap_vram(_torch.device({device!r}), int({vram_cap_mib!r} * 1024**2)))"]
+                  f"import torch as _torch; print(_cap_vram(_torch.device({device!r}), {int(vram_cap_mib * MiB)!r}))"]
     injected = nbformat.v4.new_code_cell("\n".join(lines))
     injected.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(idx + 1, injected)
