@@ -125,10 +125,7 @@ def release_model(model: Any) -> None:
             fn()
     released = _ReleasedCache()
     for cache in expert_caches(model):
-        empty = torch.empty(0, cache.blob_bytes, dtype=torch.uint8, device=cache.device)
-        cache.gpu, cache.gpu_rows, cache.gpu_views, cache.host = empty, [], [], []
-        cache._dense, cache._slot_table, cache.graph_pool = {}, None, None
-        cache.lru = [type(lru)() for lru in cache.lru]
+        cache.free()
     for m in model.modules():
         if isinstance(m, OffloadedExperts):
             m._cache = (released,)
@@ -143,12 +140,7 @@ def release_model(model: Any) -> None:
     model.mixtral_nb_released = True
     gc.collect()
     if any(d.type == "cuda" for d in _model_devices(model)) and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):  # pinned blocks torch keeps for reuse
-            fn = getattr(torch._C, name, None)
-            if fn is not None:
-                fn()
-                break
+        torch.cuda.empty_cache()  # the host blobs were unpinned by ExpertCache.free (they never used torch's pool)
 
 
 def _model_devices(model: Any) -> set[torch.device]:

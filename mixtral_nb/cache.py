@@ -4,7 +4,7 @@
   ``E - offload_per_layer`` of them at a time (a per-layer LRU, as in the article), and
   ``buffer_size`` more are spare, so a miss can load into a free buffer while the evicted expert is
   still being read by queued kernels or copied out.
-- Host blobs are pinned (on CUDA), allocated per layer.
+- Host blobs are rows of one page-locked buffer (on CUDA) of exactly their size (:mod:`.hostmem`).
 - Host-mirror mode keeps every expert on the host: an eviction just drops the GPU copy (no
   device-to-host traffic). Otherwise (Colab: host RAM too small for all experts) the host holds the
   offloaded experts plus spare buffers, and a swap copies in and out on two different streams. With
@@ -38,6 +38,7 @@ from torch import Tensor
 from .config import OffloadConfig
 from .expert import ExpertFormat
 from .graphs import GraphPool
+from .hostmem import HostBuffer
 
 
 @dataclasses.dataclass
@@ -112,12 +113,9 @@ class ExpertCache:
 
         host_per_layer = self.E if self.mirror else self.E - self.slots
         n_spare_host = 0 if self.mirror else config.buffer_size + config.extra_host_slots
-        self.host: list[Tensor] = []
-        for _ in range(self.L):
-            chunk = torch.empty(host_per_layer, self.blob_bytes, dtype=torch.uint8, pin_memory=pin)
-            self.host.extend(chunk.unbind(0))
-        if n_spare_host:
-            self.host.extend(torch.empty(n_spare_host, self.blob_bytes, dtype=torch.uint8, pin_memory=pin).unbind(0))
+        n_host = self.L * host_per_layer + n_spare_host
+        self.host_buffer = HostBuffer(n_host * self.blob_bytes, pin)  # exact size: torch's pinned allocator rounds up
+        self.host: list[Tensor] = self.host_buffer.rows(n_host, self.blob_bytes)
         self.host_read = [self.s.event() for _ in self.host]  # after an H2D copy read the buffer
 
         # placement: the first `slots` experts of each layer start on the GPU (like the article)
@@ -408,6 +406,15 @@ class ExpertCache:
         """
         correct, total = self._recent
         return total < 16 or correct >= 0.5 * total
+
+    def free(self) -> None:
+        """Free the GPU slots and the host blobs now (a newer build of the same checkpoint needs them)."""
+        self.gpu = torch.empty(0, self.blob_bytes, dtype=torch.uint8, device=self.device)
+        self.gpu_rows, self.gpu_views, self.host = [], [], []
+        self.host_buffer.release()
+        self.host_buffer = HostBuffer(0, False)
+        self._dense, self._slot_table, self.graph_pool = {}, None, None
+        self.lru = [type(lru)() for lru in self.lru]
 
     # ------------------------------------------------------------------ sizes
 

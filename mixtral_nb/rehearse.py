@@ -7,10 +7,9 @@ the article's files, the "colab-t4" memory plan, ``load``, a ChatSession: turns,
 a turn over the context budget, then the load cell and a turn again), while a sampler thread
 watches host memory (RSS and pinned), VRAM (NVML, CUDA context included) and disk writes per stage.
 
-Host memory: torch pins host buffers with cudaHostAlloc, whose pages are mapped shared and counted
-in the process's RSS (as RssShmem) once touched; where a platform does not show them there,
-``host = RSS + max(0, pinned - RssShmem)`` adds the part RSS does not show, so pinned memory is
-never missed and never counted twice.
+Host memory: the expert cache page-locks ordinary memory, which RSS counts; torch's own pinned
+allocator maps pages through the driver, which RSS may show as RssShmem or not at all, so
+``host = RSS + max(0, torch pinned - RssShmem)`` adds the part RSS may not show, never twice.
 
 VRAM: the cap (15,095 MiB, a T4's usable memory) includes the CUDA context, so the context is
 measured after CUDA starts (NVML's figure for this process minus torch's reserved bytes) and torch
@@ -109,20 +108,21 @@ def _folder_bytes(folders: list[Path]) -> int:
     return total
 
 
-def _pinned_bytes() -> int:
-    """Pinned host memory: torch's pinned allocator (blocks in use and cached), or at least the live
-    models' expert-cache host buffers when those are pinned."""
+def _pinned_bytes() -> tuple[int, int]:
+    """Pinned host memory as (torch's pinned allocator, expert-cache host buffers).
+
+    The caches page-lock ordinary anonymous memory (:mod:`.hostmem`), which RSS counts as RssAnon;
+    torch's allocator maps pinned pages through the driver, which RSS may show as RssShmem or not."""
     torch_pinned = 0
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # never start CUDA from the sampler thread
         with contextlib.suppress(Exception):
             torch_pinned = int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
-
     caches = 0
     for m in live_models():
         for c in expert_caches(m):
-            if c.s.cuda and c.config.pin_memory:
+            if c.host_buffer.pinned:
                 caches += c.host_bytes
-    return max(torch_pinned, caches)
+    return torch_pinned, caches
 
 
 class _Nvml:
@@ -161,6 +161,7 @@ class StageRecord:
     name: str
     wall_s: float = 0.0
     peak_rss: int = 0
+    peak_rss_file: int = 0  # file-backed part of RSS (mapped checkpoint pages: the kernel can drop them)
     peak_pinned: int = 0
     peak_host: int = 0
     peak_vram: int | None = None
@@ -171,7 +172,7 @@ class StageRecord:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(peak_rss_gb=self.peak_rss / GB, peak_pinned_gb=self.peak_pinned / GB, peak_host_gb=self.peak_host / GB,
+        d.update(peak_rss_gb=self.peak_rss / GB, peak_rss_file_gb=self.peak_rss_file / GB, peak_pinned_gb=self.peak_pinned / GB, peak_host_gb=self.peak_host / GB,
                  peak_vram_mib=None if self.peak_vram is None else self.peak_vram / MiB,
                  disk_written_gb=self.disk_written / GB)
         return d
@@ -226,12 +227,13 @@ class MemoryWatch:
     def sample(self) -> None:
         """Take one sample and fold it into the current stage's peaks."""
         pids = self._pids()
-        rss = shmem = 0
+        rss = shmem = rss_file = 0
         for pid in pids:
             st = _status("self" if pid == os.getpid() else pid)
-            rss, shmem = rss + st["VmRSS"], shmem + st["RssShmem"]
-        pinned = 0 if self.children_only else _pinned_bytes()
-        host = rss + max(0, pinned - shmem)
+            rss, shmem, rss_file = rss + st["VmRSS"], shmem + st["RssShmem"], rss_file + st["RssFile"]
+        torch_pinned, cache_pinned = (0, 0) if self.children_only else _pinned_bytes()
+        pinned = torch_pinned + cache_pinned
+        host = rss + max(0, torch_pinned - shmem)  # cache buffers are in RSS already
         vram = None
         if self.nvml is not None:
             vram = self.nvml.used(set(pids))
@@ -243,6 +245,7 @@ class MemoryWatch:
             if st_rec is None:
                 return
             st_rec.peak_rss = max(st_rec.peak_rss, rss)
+            st_rec.peak_rss_file = max(st_rec.peak_rss_file, rss_file)
             st_rec.peak_pinned = max(st_rec.peak_pinned, pinned)
             st_rec.peak_host = max(st_rec.peak_host, host)
             if vram is not None:
@@ -430,7 +433,7 @@ def rehearse(article: Path | None = None, synthetic: Path | None = None, layers:
             dev = torch.device("cuda", torch.cuda.current_device())
     cap = int(vram_cap_mib * MiB) if dev.type == "cuda" else None
     report: dict[str, Any] = {"device": str(dev), "host_limit_gb": host_limit_gb, "vram_cap_mib": vram_cap_mib,
-                              "new_tokens": new_tokens, "host_metric": "RSS + max(0, pinned - RssShmem)"}
+                              "new_tokens": new_tokens, "host_metric": "RSS + max(0, torch pinned - RssShmem)"}
     folder = Path(synthetic if synthetic is not None else article)  # type: ignore[arg-type]
     folders = lambda: [folder, folder.with_name(folder.name + "-mixtral_nb")]  # noqa: E731
     watch = MemoryWatch(dev, host_limit_gb * GB, cap, interval)
