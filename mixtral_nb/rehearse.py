@@ -172,7 +172,8 @@ class StageRecord:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(peak_rss_gb=self.peak_rss / GB, peak_rss_file_gb=self.peak_rss_file / GB, peak_pinned_gb=self.peak_pinned / GB, peak_host_gb=self.peak_host / GB,
+        d.update(peak_rss_gb=self.peak_rss / GB, peak_rss_file_gb=self.peak_rss_file / GB,
+                 peak_pinned_gb=self.peak_pinned / GB, peak_host_gb=self.peak_host / GB,
                  peak_vram_mib=None if self.peak_vram is None else self.peak_vram / MiB,
                  disk_written_gb=self.disk_written / GB)
         return d
