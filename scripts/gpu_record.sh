@@ -8,7 +8,7 @@
 # Steps:
 #   assets    on a machine with hqq (the CPU machine): write the quantized tiny checkpoint that `decoder` reads
 #   env       torch / Triton / transformers versions and the GPUs
-#   kernels   CUDA kernel tests against the pure-torch reference: python -m pytest -q -m gpu tests
+#   kernels   CUDA tests (kernels against the pure-torch reference, pinned host buffers): pytest -m gpu
 #   compile   every kernel variant for sm_75 (T4) and sm_90: python scripts/kernel_bench.py compile --arch 75 --arch 90
 #   decoder   Decoder and transformers' forward, fp16, against the fp32 model, on 1 and 2 GPUs
 #   bench     the T4-budget comparison (ours vs the article's algorithm, one process), then `resident`
@@ -47,7 +47,7 @@ step_env() {
 'transformers', transformers.__version__); print([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 }
-step_kernels() { timeout 400 $PY -m pytest -q -m gpu -p no:cacheprovider tests; }
+step_kernels() { timeout 400 $PY -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py); }
 step_compile() { timeout 400 $PY scripts/kernel_bench.py compile --arch 75 --arch 90 --out /tmp/cubins; }
 step_decoder() {
   if [ ! -f "$TINYQ/COMPLETE" ]; then

@@ -21,7 +21,12 @@
 # converting it 1-2.5 min (reads and writes ~19 GB), building 0.5-1 min, the chat stages 1-2 min
 # (CUDA graphs captured on the first turn; the overflow turn prefills ~4,000 tokens), the rebuild
 # 0.5-1 min. If one command cannot hold it all, run PHASE=prepare then PHASE=rehearse.
-source "$(dirname "$0")/gpu_common.sh"
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+step() { echo; echo "=== $1 ($(date +%T))"; }
 SYNTH=${SYNTH:-/tmp/synth}; LAYERS=${LAYERS:-32}; NEW_TOKENS=${NEW_TOKENS:-128}; PHASE=${PHASE:-all}
 NOTEBOOK=${NOTEBOOK:-0}; SKIP=${SKIP:-}; LIMIT=${LIMIT:-590}
 args=(--device cuda:0 --vram-cap-mib 15095 --host-limit-gb 11.0 --new-tokens "$NEW_TOKENS" --json "$OUT/rehearse.json")
