@@ -26,7 +26,7 @@ OUT=${OUT:-gpu_logs}
 PY=${PY:-python3}
 TINYQ=${TINYQ:-.gpuassets/tinyq}
 mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # the benchmark's summary keys worth showing on screen (the full output is in the step's log)
 KEYS="decode_tok_s|prefill_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|t4_projected|peak_vram|pinned_host|h2d_gbps"
 KEYS="$KEYS|wait_s|overhead_s|host_syncs|h2d_bytes|d2h_bytes|h2d_busy|outputs_finite|devices"

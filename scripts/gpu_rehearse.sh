@@ -25,7 +25,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 PY=${PY:-python3}
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 step() { echo; echo "=== $1 ($(date +%T))"; }
 SYNTH=${SYNTH:-/tmp/synth}; LAYERS=${LAYERS:-32}; NEW_TOKENS=${NEW_TOKENS:-128}; PHASE=${PHASE:-all}
 NOTEBOOK=${NOTEBOOK:-0}; SKIP=${SKIP:-}; LIMIT=${LIMIT:-590}
