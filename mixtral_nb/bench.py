@@ -22,7 +22,7 @@ T4 projection, per decoded token (printed with its inputs)::
 
 h2d_bytes: expert bytes copied host->GPU per token; gpu_read_bytes: weights (trunk, quantized
 attention, the experts used), KV cache and lm_head read from GPU memory per token; 9.7 GB/s and
-240 GB/s are a Colab T4's measured pinned-copy and memory bandwidths (FACTS.md). It assumes no
+240 GB/s are a Colab T4's pinned-copy and memory bandwidths, as measured on a T4. It assumes no
 overlap of copies with compute (pessimistic) and carries over this machine's CPU/launch overhead
 unchanged (optimistic if the host CPU is slower, as Colab's is).
 """
@@ -53,7 +53,7 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def mixtral_8x7b_config() -> dict[str, Any]:
-    """Mixtral-8x7B's architecture (FACTS.md), as a MixtralConfig dict."""
+    """Mixtral-8x7B's architecture (its published config.json), as a MixtralConfig dict."""
     return {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
             "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
