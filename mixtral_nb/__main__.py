@@ -8,11 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+from .bench import bench_main
+from .chat import ChatSession
+from .checkpoint import CheckpointError, ProjectCheckpoint, quantize, verify
+from .checkpoint.integrity import workers
+from .config import article_quant_config
+from .load import load
+from .notebook_tools import dirty_notebooks, execute_to_html, prepare_for_nbval
+from .planner import detect
+from .rehearse import rehearse_main
+from .synthetic import write_article_checkpoint, write_hf_checkpoint
+
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import ChatSession
-    from .load import load
-
     model, tok = load(args.model, device=args.device)
     session = ChatSession(model, tok, system_prompt=args.system, max_new_tokens=args.max_new_tokens)
     prompts = [args.prompt] if args.prompt else None
@@ -46,9 +54,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .chat import ChatSession
-    from .load import load
-
     t0 = time.perf_counter()
     model, tok = load("embedded", device=args.device)
     print(f"loaded the embedded model in {time.perf_counter() - t0:.1f} s")
@@ -61,26 +66,18 @@ def _demo(args: argparse.Namespace) -> int:
     stats = model.expert_cache.stats()
     print("\nexpert cache:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
     if args.html:
-        from .notebook_tools import execute_to_html
-
         out = execute_to_html(Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.ipynb", Path(args.html))
         print(f"executed walkthrough written to {out}")
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .checkpoint import quantize
-    from .config import article_quant_config
-
     out = quantize(args.src, args.dst, article_quant_config())
     print(f"wrote {out}")
     return 0
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .synthetic import write_article_checkpoint, write_hf_checkpoint
-
     write = write_article_checkpoint if args.layout == "article" else write_hf_checkpoint
     try:
         out = write(args.dst, num_layers=args.layers, seed=args.seed, progress=True)
@@ -92,8 +89,6 @@ def _synthetic(args: argparse.Namespace) -> int:
 def _read_all(path: str) -> tuple[int, float]:
     """Open a project folder without digest checks and read every tensor and blob into RAM, as a
     host-mirror build_model does; returns (bytes, seconds)."""
-    from .checkpoint import ProjectCheckpoint
-
     t0 = time.perf_counter()
     ck = ProjectCheckpoint(Path(path), verify=False)
     n = sum(t.numel() * t.element_size() for _, t in ck.trunk())
@@ -105,9 +100,6 @@ def _read_all(path: str) -> tuple[int, float]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, verify
-    from .checkpoint.integrity import workers
-
     try:
         report = verify(args.path)
     except CheckpointError as e:
@@ -129,15 +121,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .planner import detect
-
     print(detect().explain())
     return 0
 
 
 def _notebooks(args: argparse.Namespace) -> int:
-    from .notebook_tools import execute_to_html
-
     root = Path(__file__).resolve().parent.parent / "notebooks"
     for nb in sorted(root.glob("*.ipynb")):
         print(execute_to_html(nb, Path("artifacts") / (nb.stem + ".html")))
@@ -145,8 +133,6 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _check_notebooks(args: argparse.Namespace) -> int:
-    from .notebook_tools import dirty_notebooks
-
     bad = dirty_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
     for p in bad:
         print(f"{p}: committed with outputs; strip them (`nbstripout {p}`); expected outputs of NBVAL_CHECK_OUTPUT "
@@ -155,8 +141,6 @@ def _check_notebooks(args: argparse.Namespace) -> int:
 
 
 def _nbval_prepare(args: argparse.Namespace) -> int:
-    from .notebook_tools import prepare_for_nbval
-
     for p in prepare_for_nbval(Path(__file__).resolve().parent.parent / "notebooks", Path(args.dst)):
         print(p)
     return 0
@@ -165,12 +149,8 @@ def _nbval_prepare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from .bench import bench_main
-
         return bench_main(argv[1:])
     if argv and argv[0] == "rehearse":
-        from .rehearse import rehearse_main
-
         return rehearse_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m mixtral_nb", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)

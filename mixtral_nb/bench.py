@@ -30,10 +30,13 @@ unchanged (optimistic if the host CPU is slower, as Colab's is).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import gc
+import io
 import json
 import math
+import pstats
 import statistics
 import sys
 import time
@@ -42,9 +45,15 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from . import kernels
+from .build import build_model
 from .config import OffloadConfig, QuantConfig, article_quant_config
+from .engine import make_engine
 from .expert import ExpertFormat
+from .generate import generate_tokens
+from .kernels import route_topk
 from .quant import QSpec
+from .tiny import tiny_config
 from .units import GiB as GIB
 
 T4_H2D_BPS = 9.7e9
@@ -62,8 +71,6 @@ def mixtral_8x7b_config() -> dict[str, Any]:
 
 def tiny_bench_config() -> dict[str, Any]:
     """A Mixtral small enough for CI on a CPU, with the real model's structure."""
-    from .tiny import tiny_config
-
     cfg = tiny_config(layers=4, experts=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
     for k in ("architectures", "model_type", "torch_dtype", "dtype"):
         cfg.pop(k, None)
@@ -110,7 +117,7 @@ class SyntheticCheckpoint:
 
     def __init__(self, config_dict: dict[str, Any], quant: QuantConfig, device: torch.device | str,
                  dtype: torch.dtype = torch.float16, seed: int = 0, router_scale: float = 4.0) -> None:
-        from transformers import MixtralConfig
+        from transformers import MixtralConfig  # heavy: the package import stays fast without it
 
         if quant.ffn is None:
             raise ValueError("SyntheticCheckpoint makes quantized experts: give a QuantConfig with an ffn config")
@@ -240,8 +247,6 @@ class IIDRouting:
         """The same draw for the Decoder (``Decoder.routing``), which computes routing without the gate
         module: random logits, then the fused softmax/top-k (two launches instead of the router's eight
         plus this hook's eight)."""
-        from .kernels import route_topk
-
         return route_topk(torch.randn(h.shape[0], self.E, device=h.device, dtype=torch.float32), None, self.k)
 
     def _hook(self, module: Any, inputs: Any, output: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -265,8 +270,6 @@ def _generate(engine: Any, prompt: Tensor, new_tokens: int, device: torch.device
     """Greedy run of :func:`~mixtral_nb.generate.generate_tokens` on a fresh sequence: timed prefill (which
     yields the first token), then ``new_tokens`` timed one-token steps. Tokens stay on the device: no
     host sync in the loop."""
-    from .generate import generate_tokens
-
     engine.reset()
     _sync(device)
     t0 = time.perf_counter()
@@ -286,10 +289,6 @@ def _generate(engine: Any, prompt: Tensor, new_tokens: int, device: torch.device
 
 def _profile_decode(engine: Any, prompt: Tensor, device: torch.device, path: str) -> None:
     """Where a decode step's time goes: host (cProfile) and device (torch.profiler), 16 tokens."""
-    import cProfile
-    import io
-    import pstats
-
     prof = cProfile.Profile()
     prof.enable()
     _generate(engine, prompt[:, :16], 16, device)
@@ -323,8 +322,6 @@ def run_one(args: argparse.Namespace, mode: str) -> dict[str, float]:
 
 
 def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[str, float]:
-    from .build import build_model
-
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     devices = [torch.device(d) for d in args.devices.split(",")] if args.devices and device.type == "cuda" else [device]
@@ -372,8 +369,6 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     del ck
     routing = IIDRouting(model, seed=args.seed + 1) if args.routing == "iid" else None
 
-    from . import kernels
-
     specs = list(cache.fmt.specs or ())
     specs += [m.spec for m in model.modules() if hasattr(m, "spec") and isinstance(m.spec, QSpec)]
     kernels.warmup(specs, device, dtype)
@@ -381,8 +376,6 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     gen = torch.Generator().manual_seed(args.seed + 2)
     vocab = cfg["vocab_size"]
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
-
-    from .engine import make_engine
 
     kind = "transformers" if mode == "baseline" else args.engine  # the article's code runs transformers' forward
     engine = make_engine(model, kind, max_length=args.prompt_len + args.new_tokens + 1)
@@ -514,8 +507,6 @@ def bench_main(argv: list[str] | None = None) -> int:
     args.new_tokens = args.new_tokens or default_len
     modes = ["ours", "baseline"] if args.compare else ["baseline"] if args.baseline else \
         ["resident"] if args.resident else ["ours"]
-    from . import kernels
-
     info = kernels.available()
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
     print(f"# mixtral_nb bench: modes={modes} routing={args.routing} device={device_name} "

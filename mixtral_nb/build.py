@@ -15,6 +15,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 from torch import nn
 
@@ -23,6 +24,7 @@ from .checkpoint import CheckpointError, ProjectCheckpoint, attn_key, layer_of, 
 from .config import OffloadConfig, QuantConfig
 from .expert import ExpertFormat
 from .moe import OffloadedExperts
+from .planner import ModelSizes, check_fits, choose_host_mirror
 from .qlinear import QuantLinear
 from .quant import QSpec
 
@@ -117,8 +119,6 @@ def release_model(model: Any) -> None:
     """
     if getattr(model, "mixtral_nb_released", False):
         return
-    from .qlinear import QuantLinear
-
     for ref in model.__dict__.pop("mixtral_nb_on_release", []):
         fn = ref()
         if fn is not None:
@@ -174,10 +174,6 @@ def _check_memory(config, quant: QuantConfig, fmt: ExpertFormat, offload_config:
     host_mirror None (the default, and what the article's code leaves) means: mirror every expert in
     host RAM when it fits with a margin, else swap through spare buffers (Colab's 12.7 GB).
     """
-    import psutil
-
-    from .planner import ModelSizes, check_fits, choose_host_mirror
-
     sizes = ModelSizes.of(config, quant, expert_bytes=fmt.layout.total_bytes, dtype_bytes=dtype.itemsize)
     ram = psutil.virtual_memory().available // share  # several GPUs share one host's RAM
     mirror = host_mirror if host_mirror is not None else offload_config.host_mirror
@@ -275,7 +271,7 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     memory goes to the new one; using it raises :class:`ReleasedModelError`), so re-running a
     notebook's load cell does not hold two copies; ``keep_previous=True`` keeps it.
     """
-    from transformers import MixtralForCausalLM
+    from transformers import MixtralForCausalLM  # heavy: the package import stays fast without it
 
     if not isinstance(offload_config, OffloadConfig):
         raise ValueError(f"offload_config must be an OffloadConfig, got {type(offload_config).__name__}: use "
@@ -359,7 +355,7 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     def load_blob(layer: int, e: int) -> torch.Tensor:
         return ck.blob(layer, e)
 
-    from transformers.activations import ACT2FN
+    from transformers.activations import ACT2FN  # heavy: the package import stays fast without it
 
     caches: list[ExpertCache] = []
     mods: list[OffloadedExperts] = []

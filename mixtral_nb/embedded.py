@@ -74,7 +74,7 @@ def _pristine_dense() -> tuple[torch.nn.Module, object]:
 
     Kept pristine: callers get deep copies (load_dense) or only read it (build_embedded).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # heavy: the package import stays fast without it
 
     path = dense_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -171,7 +171,7 @@ def build_embedded(
 
 def _write_folder(folder: pathlib.Path, num_experts: int, top_k: int, seed: int) -> None:
     """Write every file of the upcycled checkpoint except the completion marker into ``folder``."""
-    from transformers import GenerationConfig, MixtralConfig
+    from transformers import GenerationConfig, MixtralConfig  # heavy: the package import stays fast without it
 
     was_cached = _pristine_dense.cache_info().currsize > 0
     dense, tokenizer = _pristine_dense()

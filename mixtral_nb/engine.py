@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .decoder import Decoder, DecoderConfig
+
 __all__ = ["ENGINE_KINDS", "Engine", "HFEngine", "engine_kind", "make_engine"]
 
 ENGINE_KINDS = ("auto", "decoder", "transformers")
@@ -73,8 +75,6 @@ def make_engine(model: Any, kind: str = "auto", max_length: int | None = None) -
     kind = engine_kind(model, kind)
     n = int(max_length or default_max_length(model, kind))
     if kind == "decoder":
-        from .decoder import Decoder, DecoderConfig
-
         return Decoder(model, DecoderConfig(max_len=n))
     return HFEngine(model, max_length=n)
 
@@ -119,7 +119,7 @@ class HFEngine:
         return self._kv
 
     def _new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy: the package import stays fast without it
 
         try:
             return DynamicCache(config=self.model.config)

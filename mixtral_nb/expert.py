@@ -1,7 +1,9 @@
-"""What one Mixtral expert is: its blob layout, how it is encoded, and its SwiGLU forward.
+"""What one Mixtral expert is: its blob layout and how it is encoded.
 
 An expert is ``w2(act(w1 x) * w3 x)`` with w1 = gate [I, H], w3 = up [I, H], w2 = down [H, I].
 Either every matrix is quantized (``quant.QSpec`` each) or all are floating point in ``dtype``.
+This module is a data format only (the kernels read its layout facts); the forward that runs an
+expert is ``moe.expert_forward``.
 """
 
 from __future__ import annotations
@@ -9,15 +11,13 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
-from .quant import QSpec, quantize
-from .storage import Layout, dtype_name, _DTYPES
+from .quant import QSpec, dequantize, quantize
+from .storage import DTYPES, Layout, dtype_name
 
 NAMES = ("w1", "w3", "w2")
 
@@ -98,7 +98,6 @@ class ExpertFormat:
         views = self.views(blob)
         if self.specs is None:
             return tuple(v.to(dtype) for v in views)  # type: ignore[return-value]
-        from .quant import dequantize
         return tuple(dequantize(v, s, dtype) for v, s in zip(views, self.specs))  # type: ignore[return-value]
 
     def to_json(self) -> dict[str, Any]:
@@ -109,7 +108,7 @@ class ExpertFormat:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ExpertFormat":
         specs = None if d["specs"] is None else tuple(QSpec(**s) for s in d["specs"])
-        fmt = cls(d["hidden"], d["intermediate"], specs, _DTYPES[d["dtype"]])  # type: ignore[arg-type]
+        fmt = cls(d["hidden"], d["intermediate"], specs, DTYPES[d["dtype"]])  # type: ignore[arg-type]
         if fmt.layout.to_json() != d["layout"]:
             raise ValueError("the stored expert blob layout differs from the one this version computes")
         return fmt
@@ -125,18 +124,3 @@ def _digest(mats: tuple[Tensor, ...]) -> str:
         h.update(m.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-
-def linear(x: Tensor, w: Any, spec: QSpec | None) -> Tensor:
-    """``x @ w.T`` for a float matrix or a quantized one (fused kernel when one applies)."""
-    if spec is None:
-        return F.linear(x, w.to(x.dtype) if w.dtype != x.dtype else w)
-    return kernels.qlinear(x, w, spec)
-
-
-def expert_forward(x: Tensor, weights: tuple[Any, Any, Any], specs: tuple[QSpec, QSpec, QSpec] | None,
-                   act: Callable[[Tensor], Tensor]) -> Tensor:
-    """SwiGLU expert on rows ``x`` [T, H] -> [T, H]; ``specs`` None means float weights."""
-    s1, s3, s2 = specs if specs is not None else (None, None, None)
-    views = weights
-    h = act(linear(x, views[0], s1)) * linear(x, views[1], s3)
-    return linear(h, views[2], s2)

@@ -15,7 +15,10 @@ import torch
 from .build import build_model, parse_devices
 from .checkpoint import download, load_config, quantize
 from .config import OffloadConfig, QuantConfig
+from .embedded import build_embedded
 from .paths import cache_root
+from .planner import detect
+from .tokenizer import mixtral_tokenizer
 
 __all__ = ["EMBEDDED", "MIXTRAL_REPO", "cache_root", "default_device", "embedded_checkpoint", "embedded_quant_config",
            "load", "resolve", "tokenizer_for"]
@@ -47,8 +50,6 @@ def embedded_quant_config() -> QuantConfig:
 
 def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False) -> Path:
     """The embedded model quantized into the project format (built once, then reused)."""
-    from .embedded import build_embedded
-
     quant = quant or embedded_quant_config()
     src = build_embedded()
     tag = "fp" if quant.ffn is None else f"e{quant.ffn['nbits']}g{quant.ffn['group_size']}"
@@ -62,11 +63,9 @@ def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False
 def tokenizer_for(folder: Path) -> Any:
     """The folder's own tokenizer if it ships one, else the exact Mixtral tokenizer (no HF token)."""
     if any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: the package import stays fast without it
 
         return AutoTokenizer.from_pretrained(folder)
-    from .tokenizer import mixtral_tokenizer
-
     return mixtral_tokenizer()
 
 
@@ -89,8 +88,6 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
     name = resolve(model)
     if name == EMBEDDED:
         folder = embedded_checkpoint(quant_config)
-        from .embedded import build_embedded
-
         tok_dir = build_embedded()
         cfg = offload_config
         if cfg is None:
@@ -103,8 +100,6 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
         folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
     target: Any = target_all or dev
     if offload_config is None:
-        from .planner import detect
-
         p = detect(device)  # device None: every GPU of the machine (Kaggle's 2 x T4 split the layers)
         offload_config = p.offload_config()
         if device is None:

@@ -24,9 +24,25 @@ from torch import Tensor, nn
 
 from . import kernels
 from .cache import ExpertCache
-from .expert import expert_forward
 from .kernels import route_topk, weighted_sum
 from .graphs import CapturedGraph
+from .quant import QSpec
+
+
+def linear(x: Tensor, w: Any, spec: QSpec | None) -> Tensor:
+    """``x @ w.T`` for a float matrix or a quantized one (fused kernel when one applies)."""
+    if spec is None:
+        return F.linear(x, w.to(x.dtype) if w.dtype != x.dtype else w)
+    return kernels.qlinear(x, w, spec)
+
+
+def expert_forward(x: Tensor, weights: tuple[Any, Any, Any], specs: tuple[QSpec, QSpec, QSpec] | None,
+                   act: Callable[[Tensor], Tensor]) -> Tensor:
+    """SwiGLU expert on rows ``x`` [T, H] -> [T, H] (weights as ``ExpertFormat.views`` gives them);
+    ``specs`` None means float weights."""
+    s1, s3, s2 = specs if specs is not None else (None, None, None)
+    h = act(linear(x, weights[0], s1)) * linear(x, weights[1], s3)
+    return linear(h, weights[2], s2)
 
 
 class OffloadedExperts(nn.Module):

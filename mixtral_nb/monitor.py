@@ -75,7 +75,7 @@ class ResourceMonitor:
 
     def _init_nvml(self) -> None:
         try:
-            import pynvml
+            import pynvml  # inside the try: a missing or broken NVML means no GPU figures, not an error
 
             pynvml.nvmlInit()
             self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(self.device.index or 0))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 
 def execute_to_html(notebook: Path, out_html: Path, timeout: int = 1200) -> Path:
     """Execute a notebook headless (its no-GPU defaults apply on CPU) and write it as HTML."""
-    import nbformat
+    import nbformat  # development-only dependencies (requirements-dev.txt)
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
@@ -46,8 +47,6 @@ def prepare_for_nbval(folder: Path, dst: Path) -> list[Path]:
     The notebooks stay stripped in git; nbval needs the expected outputs in the file it runs (and an
     execution count, or it skips the comparison). A check cell without an expected output is an error.
     """
-    import shutil
-
     folder, dst = Path(folder), Path(dst)
     expected = json.loads((folder / EXPECTED).read_text())["notebooks"]
     if dst.exists():

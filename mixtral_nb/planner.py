@@ -14,8 +14,12 @@ do not fit this machine", and its message names the numbers and the setting to c
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import psutil
+import torch
 
 from .config import OffloadConfig, QuantConfig, article_quant_config, check_int
 from .expert import ExpertFormat
@@ -116,8 +120,6 @@ class ModelSizes:
 
 
 def _dtype(nbytes: int):
-    import torch
-
     return {1: torch.uint8, 2: torch.float16, 4: torch.float32}.get(nbytes, torch.float16)
 
 
@@ -329,11 +331,6 @@ def preset(name: str, **kw: Any) -> Plan:
 
 def machine(device: Any = None) -> Machine:
     """This machine: free VRAM of ``device`` (default: current CUDA device, if any), available RAM, free disk."""
-    import shutil
-
-    import psutil
-    import torch
-
     ram = psutil.virtual_memory().available
     disk = shutil.disk_usage(".").free
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
+from .build import build_model
+from .chat import ChatSession
+from .checkpoint import load_config, quantize, read_header
 from .config import OffloadConfig, QuantConfig
+from .embedded import EMBEDDED_VERSION, build_embedded
+from .moe import OffloadedExperts
+from .paths import cache_root
 
 __all__ = ["CONFIGS", "CacheProbe", "PRECOMPUTED", "QUESTION", "format_table", "load_results", "measure",
            "plot_layer_hit_rates", "plot_quality", "quality_table", "quant_config", "smallest_passing",
@@ -77,21 +83,17 @@ def quant_config(name: str) -> QuantConfig:
 
 
 def _text_file() -> Path:
-    import pydoc_data.topics
+    import pydoc_data.topics  # a large stdlib text module, read only as sample text
 
     return Path(pydoc_data.topics.__file__)
 
 
 def _key(name: str, n_tokens: int) -> str:
-    from .embedded import EMBEDDED_VERSION
-
     text_hash = hashlib.sha256(_text_file().read_bytes()).hexdigest()[:12]
     return f"{name}|n={n_tokens}|answer={ANSWER_TOKENS}|text={text_hash}|embedded={EMBEDDED_VERSION}"
 
 
 def _cache_file() -> Path:
-    from .paths import cache_root
-
     return cache_root() / "quality" / "results.json"
 
 
@@ -106,8 +108,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _checkpoint_bytes(folder: Path) -> dict[str, int]:
-    from .checkpoint import read_header
-
     manifest = json.loads((folder / "manifest.json").read_text())
     files = manifest["files"]
     experts = sum(size for name, size in files.items() if name.startswith("experts-"))
@@ -135,13 +135,7 @@ def _perplexity(model: Any, tokenizer: Any, n_tokens: int) -> float:
 def measure(name: str, n_tokens: int = 256, keep_checkpoint: bool = False,
             offload_per_layer: int = 4) -> dict[str, Any]:
     """Quantize the embedded model with configuration ``name``, load it, and score it (see module doc)."""
-    from transformers import AutoTokenizer
-
-    from .build import build_model
-    from .chat import ChatSession
-    from .checkpoint import load_config, quantize
-    from .embedded import build_embedded
-    from .paths import cache_root
+    from transformers import AutoTokenizer  # heavy: the package import stays fast without it
 
     t0 = time.perf_counter()
     src = build_embedded()
@@ -273,7 +267,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def plot_quality(rows: list[dict[str, Any]]) -> Any:
     """Two bar charts side by side, one row per setting (largest first): checkpoint size, and
     perplexity (log scale) coloured by whether the reply still names Paris."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, and only the plots need it
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -317,8 +311,6 @@ class CacheProbe:
     """
 
     def __init__(self, model: Any) -> None:
-        from .moe import OffloadedExperts
-
         self.model = model
         self.cache = model.expert_cache
         self.layers = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
@@ -391,7 +383,7 @@ class CacheProbe:
 
 def plot_layer_hit_rates(probe: CacheProbe) -> Any:
     """A bar per layer: its expert-cache hit rate over the recorded run."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, and only the plots need it
     from matplotlib.figure import Figure
 
     rates = probe.layer_hit_rates()

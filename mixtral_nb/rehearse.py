@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -31,10 +32,12 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psutil
+import pynvml
 import torch
 
 from . import planner
@@ -129,9 +132,6 @@ class _Nvml:
     """VRAM of given processes on one GPU through NVML (the CUDA context counts there, unlike in torch)."""
 
     def __init__(self, device: torch.device) -> None:
-        import pynvml
-
-
         pynvml.nvmlInit()
         self.nv = pynvml
         self.handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device.index or 0))
@@ -219,8 +219,6 @@ class MemoryWatch:
     def _pids(self) -> list[int]:
         if not self.children_only:
             return [os.getpid()]
-        import psutil
-
         with contextlib.suppress(Exception):
             return [c.pid for c in psutil.Process().children(recursive=True)]
         return []
@@ -628,7 +626,7 @@ def rehearse_notebook(folder: Path, device: str = "cpu", new_tokens: int = 16, v
     missing = [m for m in NOTEBOOK_PACKAGES if not _importable(m)]
     if missing:
         raise RehearsalError(f"the notebook stage needs {', '.join(missing)}: pip install them (import names)")
-    import nbformat
+    import nbformat  # checked above: the notebook-stage packages are optional
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -669,8 +667,6 @@ def rehearse_notebook(folder: Path, device: str = "cpu", new_tokens: int = 16, v
         ex = c.metadata.get("execution", {})
         wall = None
         if "iopub.execute_input" in ex and "shell.execute_reply" in ex:
-            from datetime import datetime
-
             t0, t1 = (datetime.fromisoformat(ex[k].replace("Z", "+00:00")) for k in ("iopub.execute_input",
                                                                                     "shell.execute_reply"))
             wall = (t1 - t0).total_seconds()
@@ -694,8 +690,6 @@ def rehearse_notebook(folder: Path, device: str = "cpu", new_tokens: int = 16, v
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 

@@ -12,6 +12,8 @@ variables never reach the Python kernel where Triton looks for ``libcuda.so.1``.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import platform
 import shutil
@@ -22,8 +24,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
+from . import __version__, planner
+from .build import parse_devices
+from .checkpoint import detect_layout, download, load_config
+from .config import check_int
+from .embedded import build_embedded
+from .kernels import available
+from .load import EMBEDDED, default_device, embedded_checkpoint, embedded_quant_config, resolve
 from .paths import cache_root
 from .units import GiB
 
@@ -81,15 +91,9 @@ def _gpus() -> list[dict[str, Any]]:
 
 def environment_report() -> dict[str, Any]:
     """Facts about this machine that decide how Mixtral can run here (GPU, memory, disk, versions)."""
-    import psutil
-
-    from . import __version__
-
     vm = psutil.virtual_memory()
     cache = cache_root()
     try:
-        from .kernels import available
-
         kernels = available()
     except Exception as e:  # a broken Triton install must not break the report
         kernels = {"error": f"{type(e).__name__}: {e}"}
@@ -173,8 +177,6 @@ def find_libcuda_dir() -> str | None:
 
 def _triton_lookup() -> Any:
     """Triton's own libcuda lookup function (its location moved between Triton releases), or None."""
-    import importlib
-
     for mod in ("triton.backends.nvidia.driver", "triton.common.build", "triton.runtime.build"):
         try:
             fn = getattr(importlib.import_module(mod), "libcuda_dirs", None)
@@ -247,8 +249,6 @@ class NotebookSettings:
 
     @property
     def embedded(self) -> bool:
-        from .load import EMBEDDED
-
         return self.model == EMBEDDED
 
     def describe(self) -> str:
@@ -269,9 +269,6 @@ def notebook_settings(model: str = "auto", device: str | torch.device | None = N
     that every stage runs). ``token`` is optional: the Mixtral tokenizer ships with mistral-common
     and the pre-quantized repo is public; ``HF_TOKEN`` from the environment is used when set.
     """
-    from .build import parse_devices
-    from .load import EMBEDDED, default_device, resolve
-
     dev = parse_devices(device)[0] if device is not None else default_device()  # a bad name: one clear ValueError
     name = EMBEDDED if model == "auto" and dev.type != "cuda" else resolve(model)
     if max_new_tokens is None:
@@ -283,15 +280,11 @@ def notebook_settings(model: str = "auto", device: str | torch.device | None = N
 def prepare_model(settings: NotebookSettings) -> Path:
     """Get the model's files ready: download the pre-quantized repo (with its free-disk check), or
     build the embedded model (first run ~1 min on CPU, then cached). Returns the folder."""
-    from .load import EMBEDDED, embedded_checkpoint
-
     if settings.model == EMBEDDED:
         return embedded_checkpoint(progress=True)
     folder = Path(settings.model)
     if folder.exists():
         return folder
-    from .checkpoint import download
-
     return download(settings.model, cache_root() / "hub" / settings.model.replace("/", "--"), token=settings.token)
 
 
@@ -304,20 +297,11 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
     model's sizes. ``offload_per_layer`` overrides the planner's choice (e.g. 4 on CPU, to watch
     the expert cache miss).
     """
-    import dataclasses
-
-    from . import planner
-    from .config import check_int
-
     if preset is not None:
         p = planner.preset(preset, context=context)
     else:
         kw: dict[str, Any] = {"context": context}
         if settings.embedded or Path(settings.model).exists():
-            from .checkpoint import load_config
-            from .embedded import build_embedded
-            from .load import embedded_quant_config
-
             folder = build_embedded() if settings.embedded else Path(settings.model)
             kw["model"] = load_config(folder)
             if settings.embedded:
@@ -339,8 +323,6 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
 
 def describe_folder(folder: str | os.PathLike) -> str:
     """What a model folder holds: its layout (project, the article's pre-quantized files, original), files, size."""
-    from .checkpoint import detect_layout
-
     folder = Path(folder)
     files = [p for p in folder.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)

@@ -21,8 +21,8 @@ from torch import Tensor
 
 ALIGN = 64
 
-_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16,
-           "int32": torch.int32}
+DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "int32": torch.int32}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -116,7 +116,7 @@ class Layout:
 
     @classmethod
     def from_json(cls, data: list[dict[str, Any]]) -> "Layout":
-        lay = cls.of((d["name"], _DTYPES[d["dtype"]], tuple(d["shape"])) for d in data)
+        lay = cls.of((d["name"], DTYPES[d["dtype"]], tuple(d["shape"])) for d in data)
         for seg, d in zip(lay.segments, data):
             if seg.offset != d["offset"]:
                 raise ValueError(f"blob layout entry {d['name']} has offset {d['offset']}, expected {seg.offset}")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .checkpoint.hub import DISK_MARGIN, check_disk
@@ -370,8 +371,6 @@ def _write(kind: str, dst: str | os.PathLike, cfg: dict[str, Any], layout: Layou
     (staging / MARKER).write_bytes(_json_bytes(marker))
     for name, data in small.items():
         (staging / name).write_bytes(data)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(sizes[n] for n in layout), unit="B", unit_scale=True, disable=not progress,
                desc=f"writing a synthetic {kind} checkpoint")

@@ -48,7 +48,7 @@ MIXTRAL_CHAT_TEMPLATE = (
 
 
 def _sentencepiece_file() -> Path:
-    import mistral_common
+    import mistral_common  # only building the tokenizer needs its sentencepiece file
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
@@ -60,10 +60,10 @@ def _build_tokenizer_folder(target: Path) -> None:
     legacy Llama pipeline (Prepend + Replace normalizer), which reproduces sentencepiece exactly,
     leading spaces included.
     """
-    import sentencepiece as spm
+    import sentencepiece as spm  # heavy: only building the tokenizer needs these
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: the package import stays fast without it
     from transformers.tokenization_utils_base import generate_merges
 
     sp = spm.SentencePieceProcessor(model_file=str(_sentencepiece_file()))
@@ -102,7 +102,7 @@ def mixtral_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
     download is needed; the converted folder is cached under ``$MIXTRAL_NB_CACHE`` or
     the default cache folder (a temp dir if those are not writable).
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: the package import stays fast without it
 
 
     roots = [Path(cache_dir)] if cache_dir is not None else [cache_root(), Path(tempfile.gettempdir()) / "mixtral_nb"]

@@ -7,6 +7,7 @@ deliver widget updates sent from background threads, hence this split.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import queue
@@ -18,6 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ipywidgets as widgets
+from IPython import get_ipython
+from IPython.display import display as ipython_display
 
 from . import charts
 from .monitor import ResourceMonitor
@@ -102,10 +105,6 @@ def render_markdown(text: str) -> str:
 
 
 def _kernel() -> Any:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
     shell = get_ipython()
     return getattr(shell, "kernel", None) if shell is not None else None
 
@@ -159,8 +158,6 @@ def _loop_for_async_pump() -> Any:
     between its steps). This includes JupyterLab >= 4.4's comm subshells, where the handler runs in
     a subshell thread with its own loop. Colab's ipykernel 6 and plain Python use the blocking pump.
     """
-    import asyncio
-
     kernel = _kernel()
     if kernel is None or hasattr(kernel, "do_one_iteration"):
         return None
@@ -266,9 +263,7 @@ class ChatUI:
 
     def display(self) -> None:
         """Show the chat in the current notebook cell."""
-        from IPython.display import display
-
-        display(self._widget)
+        ipython_display(self._widget)
 
     def send(self, text: str | None = None) -> str | None:
         """Send ``text`` (default: the input box) and stream the reply into the transcript.
@@ -415,8 +410,6 @@ class ChatUI:
 
     async def _pump_async(self, pump: _Pump, thread: threading.Thread) -> None:
         """The same loop as a task on the kernel's event loop, which dispatches widget events in between."""
-        import asyncio
-
         try:
             while not self._pump_step(pump, wait=0.0):
                 await asyncio.sleep(0.03)

@@ -64,7 +64,7 @@ needs_interpreter = pytest.mark.interpreter
 @pytest.fixture
 def interp():
     """The kernels package, whose Triton functions run in the interpreter in this process."""
-    assert isinstance(words._gemv_words, triton_interpreted_type())
+    assert isinstance(words.gemv_words_kernel, triton_interpreted_type())
     return kernels
 
 
@@ -561,7 +561,7 @@ def test_dp4a_failure_falls_back_to_words_interpreted(interp, monkeypatch, fresh
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2)).half()
     w2 = make_spec((4096, 14336), 2, 16, 1)
     assert interp.grouped_split(w2, x.device) == 1
-    monkeypatch.setattr(dp4a, "_gemv_dp4a", _Broken())
+    monkeypatch.setattr(dp4a, "gemv_dp4a_kernel", _Broken())
     with pytest.warns(RuntimeWarning, match="dp4a GEMV kernel failed"):
         y = interp.qgemv(x, t, spec)
     assert not fresh_capabilities.works(x.device, "dp4a") and fresh_capabilities.works(torch.device("cuda", 3), "dp4a")
@@ -581,7 +581,7 @@ def test_gemv_failure_falls_back_to_torch_cuda(monkeypatch, fresh_capabilities):
     spec = make_spec((64, 256), 3, 64, 1)  # 3-bit: the word kernel's
     t = random_tensors(spec, gen, "cuda")
     x = torch.randn(2, 256, generator=gen).half().cuda()
-    monkeypatch.setattr(words, "_gemv_words", _Broken())
+    monkeypatch.setattr(words, "gemv_words_kernel", _Broken())
     with pytest.warns(RuntimeWarning, match="pure-torch path"):
         y = kernels.qlinear(x, t, spec)
     assert torch.equal(y, kernels.qlinear_reference(x, t, spec))
@@ -590,7 +590,7 @@ def test_gemv_failure_falls_back_to_torch_cuda(monkeypatch, fresh_capabilities):
 
 @needs_interpreter
 def test_fused_failure_falls_back_to_torch_interpreted(monkeypatch, fresh_capabilities):
-    monkeypatch.setattr(fused, "_rms_norm", _Broken())
+    monkeypatch.setattr(fused, "rms_norm_kernel", _Broken())
     x, w, _ = _fused_cases("cpu")
     with pytest.warns(RuntimeWarning, match="fused Decoder kernel failed"):
         y = fused.rms_norm(x, w, 1e-5)

@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..units import GB, GiB
 from .errors import CheckpointError, HubError, HubUnreachableError, NotEnoughDiskError
 
@@ -52,7 +54,7 @@ def check_disk(sizes: dict[str, int], local_dir: str | os.PathLike, margin: int 
 
 def explain_error(exc: BaseException, repo_id: str) -> CheckpointError | None:
     """A hub or network exception -> a :class:`HubError` saying what to do (None: not one we know)."""
-    from huggingface_hub import errors
+    from huggingface_hub import errors  # heavy: only hub calls need huggingface_hub
 
     url = f"https://huggingface.co/{repo_id}"
     if isinstance(exc, errors.GatedRepoError):
@@ -82,7 +84,7 @@ def explain_error(exc: BaseException, repo_id: str) -> CheckpointError | None:
 def repo_sizes(repo_id: str, token: str | None = None, allow_patterns: list[str] | str | None = None,
                revision: str | None = None) -> dict[str, int]:
     """File name -> size in bytes for the repo files a download would fetch."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # heavy: only hub calls need huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
     info = HfApi().model_info(repo_id, files_metadata=True, token=token, revision=revision)
@@ -97,8 +99,7 @@ def download(repo_id: str, local_dir: str | os.PathLike, token: str | None = Non
     Checks free disk space first (:class:`NotEnoughDiskError` names the GB needed and free). In
     offline mode, a folder that already holds the files is returned as is.
     """
-    from huggingface_hub import snapshot_download
-    from tqdm.auto import tqdm
+    from huggingface_hub import snapshot_download  # heavy: only hub calls need huggingface_hub
 
     local = Path(local_dir)
     try:

@@ -47,7 +47,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``COMPILE_LIST``, built on first use (it imports the expert format, which imports this package)."""
+    """``COMPILE_LIST``, built on first use: only the compile check and the micro-benchmarks need it."""
     if name == "COMPILE_LIST":
         value = globals()["COMPILE_LIST"] = compile_cases()
         return value

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import article_quant_config
+from ..expert import ExpertFormat
 from ..quant import PLANES, QSpec, dequantize
-from . import dp4a, words
+from . import dp4a, fused, words
 from .capability import CAPABILITIES, HAVE_TRITON, on_device, triton
 
 GEMV_MAX_T = 4  # rows up to which the fused GEMV beats dequantize + matmul
@@ -304,10 +306,6 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
     arguments overridden where given (``COMPILE_LIST`` is the default). Empty without Triton."""
     if not HAVE_TRITON:
         return []
-    from ..config import article_quant_config
-    from ..expert import ExpertFormat
-    from . import fused
-
     expert, attn = article_quant_config().ffn, article_quant_config().attn
 
     def spec_of(shape: tuple[int, int], params: dict[str, Any], **kw: Any) -> QSpec:
@@ -346,7 +344,7 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
                             stride_x=k, stride_y=n)
                 cx = dict(common, T=t, R=min(tl_, 4 // t), S_MODE=p["s_mode"], Z_MODE=p["z_mode"], MPS=mps,
                           BLOCK_N=bn, BLOCK_W=max(1, bk * p["pa"] // 32))
-                out.append(CompileCase(f"{name}_gemv_words_{tag}", words._gemv_words, sig, cx, ints, nw))
+                out.append(CompileCase(f"{name}_gemv_words_{tag}", words.gemv_words_kernel, sig, cx, ints, nw))
             if p["dp4a"] and t == 1:
                 bn_d, bw_d = p["dp4a_block"]
                 wps = words.words_per_split(p["row_words_a"], split, bw_d)
@@ -357,33 +355,33 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
                 cx_d = dict(PA=p["pa"], G=spec.group_size, SQ=spec.quant_scale, ZQ=spec.quant_zero, S_MODE=p["s_mode"],
                             Z_MODE=p["z_mode"], MPS=mps, BLOCK_N=bn_d, BLOCK_W=bw_d, ASM=True, STRIDED=False,
                             EVEN=dp4a.whole_tiles(n, bn_d, bw_d, split, p["row_words_a"]))
-                out.append(CompileCase(f"{name}_gemv_dp4a_{tag}", dp4a._gemv_dp4a, sig_d, cx_d, ints_d, warps or 4))
+                out.append(CompileCase(f"{name}_gemv_dp4a_{tag}", dp4a.gemv_dp4a_kernel, sig_d, cx_d, ints_d, warps or 4))
                 if meta_sharing(spec, bn_d):
-                    out.append(CompileCase(f"{name}_gemv_dp4a_shared_{tag}", dp4a._gemv_dp4a, sig_d,
+                    out.append(CompileCase(f"{name}_gemv_dp4a_shared_{tag}", dp4a.gemv_dp4a_kernel, sig_d,
                                            dict(cx_d, STRIDED=True), ints_d, warps or 4))
             if not p["words"] and split == 1:
                 ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
                 cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
-                out.append(CompileCase(f"{name}_gemv_generic_{tag}", words._gemv_generic, sig, cx, ints, nw))
+                out.append(CompileCase(f"{name}_gemv_generic_{tag}", words.gemv_generic_kernel, sig, cx, ints, nw))
         if p["dp4a"]:
             sig_q = {"x_ptr": "*fp16", "xh_ptr": "*i32", "xl_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32"}
-            out.append(CompileCase(f"{name}_quantize_x", dp4a._quantize_x, sig_q,
+            out.append(CompileCase(f"{name}_quantize_x", dp4a.quantize_x_kernel, sig_q,
                                    dict(VW=32 // p["pa"], CW=dp4a.QX_WORDS), dict(ROW_W=p["row_words_a"], stride_x=k),
                                    4))
         ints = dict(N=n, K=k, MS=p["ms"], MZ=p["mz"])
         cx = dict(common, AXIS=spec.axis, BLOCK_N=words.DEQ_BLOCK[0], BLOCK_K=words.DEQ_BLOCK[1])
-        out.append(CompileCase(f"{name}_dequant", words._dequant, {"w_ptr": "*fp16", **ptrs}, cx, ints, 4))
+        out.append(CompileCase(f"{name}_dequant", words.dequant_kernel, {"w_ptr": "*fp16", **ptrs}, cx, ints, 4))
     # the Decoder's RMSNorm, rotary + cache write, router and expert sum, at Mixtral's sizes
-    out.append(CompileCase("rms_norm", fused._rms_norm, {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16",
+    out.append(CompileCase("rms_norm", fused.rms_norm_kernel, {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16",
                                                           "eps": "fp32"}, dict(BLOCK=4096), dict(H=4096, stride=4096), 4))
     sig = {n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "out_ptr", "K_ptr", "V_ptr")}
-    out.append(CompileCase("rope_cache", fused._rope_cache, dict(sig, pos_ptr="*i64"), dict(HD=128),
+    out.append(CompileCase("rope_cache", fused.rope_cache_kernel, dict(sig, pos_ptr="*i64"), dict(HD=128),
                            dict(T=1, NH=32, MAX_LEN=4096, stride_q=4096, stride_k=1024, stride_v=1024, stride_c=128),
                            1))
-    out.append(CompileCase("route_topk", fused._route_topk, {"x_ptr": "*fp16", "w_ptr": "*fp16", "wout_ptr": "*fp32",
+    out.append(CompileCase("route_topk", fused.route_topk_kernel, {"x_ptr": "*fp16", "w_ptr": "*fp16", "wout_ptr": "*fp32",
                                                              "iout_ptr": "*i64"},
                            dict(HAS_W=True, K=2, KP=2, BE=8, BH=256), dict(H=4096, E=8, stride_x=4096), 4))
-    out.append(CompileCase("weighted_sum", fused._weighted_sum, {"y_ptr": "*fp32", "w_ptr": "*fp32", "c_ptr": "*i32",
+    out.append(CompileCase("weighted_sum", fused.weighted_sum_kernel, {"y_ptr": "*fp32", "w_ptr": "*fp32", "c_ptr": "*i32",
                                                                  "out_ptr": "*fp16"},
                            dict(HAS_COLS=True, BLOCK=1024), dict(S=4, N=2, H=4096), 4))
     return out

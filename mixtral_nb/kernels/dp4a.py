@@ -22,7 +22,7 @@ from .words import meta_args, words_per_split
 QX_WORDS = 64  # words of x one quantize program handles
 
 if HAVE_TRITON:
-    from .words import _grouped_pointers, _ld, _load_words, _scale_or_zero, _single_meta
+    from .words import grouped_pointers, load_even, load_words, scale_or_zero, single_meta
 
 
 def whole_tiles(n: int, block_n: int, block_w: int, split: int, row_words: int) -> bool:
@@ -47,7 +47,7 @@ def quantize_x(x: Tensor, vw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     xl = torch.empty_like(xh)
     xd = torch.empty(rows, words, dtype=torch.float32, device=x.device)
     xsum = torch.empty_like(xd)
-    _quantize_x[(triton.cdiv(words, QX_WORDS), rows)](x, xh, xl, xd, xsum, words, x.stride(0), VW=vw, CW=QX_WORDS,
+    quantize_x_kernel[(triton.cdiv(words, QX_WORDS), rows)](x, xh, xl, xd, xsum, words, x.stride(0), VW=vw, CW=QX_WORDS,
                                                        num_warps=4)
     return xh, xl, xd, xsum
 
@@ -55,7 +55,7 @@ def quantize_x(x: Tensor, vw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def launch(xs: Tensor, ys: Tensor, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any], group: tuple,
            block_n: int, block_w: int, num_warps: int, strided: bool, xq: tuple[Tensor, ...] | None,
            even: bool | None) -> None:
-    """One ``_gemv_dp4a`` launch for one row (``p``: the spec's ``plan``; ``group``: see
+    """One ``gemv_dp4a_kernel`` launch for one row (``p``: the spec's ``plan``; ``group``: see
     ``dispatch._launch_gemv``); ``strided``: tiles of meta-sharing rows; ``xq``: the row already
     quantized (``shared_x``); ``even`` None: unmasked loads where every tile is whole."""
     slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, y_s, split = group
@@ -66,7 +66,7 @@ def launch(xs: Tensor, ys: Tensor, t: dict[str, Tensor], spec: QSpec, p: dict[st
             p["s_mod"], p["z_mod"], p["pa"], spec.group_size, spec.quant_scale, spec.quant_zero, p["s_mode"],
             p["z_mode"], mps, block_n, block_w, xs.is_cuda, strided)
     even = whole_tiles(n, block_n, block_w, split, p["row_words_a"]) if even is None else even
-    _gemv_dp4a[(triton.cdiv(n, block_n), m, split)](*args, even, num_warps=num_warps)
+    gemv_dp4a_kernel[(triton.cdiv(n, block_n), m, split)](*args, even, num_warps=num_warps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def launch(xs: Tensor, ys: Tensor, t: dict[str, Tensor], spec: QSpec, p: dict[st
 if HAVE_TRITON:
 
     @triton.jit
-    def _quantize_x(x_ptr, xh_ptr, xl_ptr, xd_ptr, xs_ptr, ROW_W, stride_x, VW: tl.constexpr, CW: tl.constexpr):
+    def quantize_x_kernel(x_ptr, xh_ptr, xl_ptr, xd_ptr, xs_ptr, ROW_W, stride_x, VW: tl.constexpr, CW: tl.constexpr):
         """``quantize_x`` for words [program_id(0) * CW, + CW) of row program_id(1)."""
         J: tl.constexpr = VW // 4
         WB: tl.constexpr = 32 // VW  # words per step (32 values)
@@ -132,7 +132,7 @@ if HAVE_TRITON:
         return nxt + aw
 
     @triton.jit
-    def _gemv_dp4a(xh_ptr, xl_ptr, xd_ptr, xs_ptr, y_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+    def gemv_dp4a_kernel(xh_ptr, xl_ptr, xd_ptr, xs_ptr, y_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                    slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_W, GPR, S_MOD, Z_MOD,
                    PA: tl.constexpr, G: tl.constexpr, SQ: tl.constexpr, ZQ: tl.constexpr, S_MODE: tl.constexpr,
                    Z_MODE: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -141,7 +141,7 @@ if HAVE_TRITON:
 
         The codes of a word are masked into bytes (``(word >> PA*j) & 0x0303..``) and multiplied with
         the matching activation bytes by dp4a: per 4 weights one shift/AND and two dp4a (high and
-        low activation bytes), against ~3 float ops per weight in ``_gemv_words``. X_M = 1: matrix m
+        low activation bytes), against ~3 float ops per weight in ``gemv_words_kernel``. X_M = 1: matrix m
         of a grouped launch has its own activation row m (else all share row 0). The next block's
         codes load while this block's are summed. STRIDED (scale meta by row, mode 1, zero meta mode
         0 or the same): a program's rows are S_MOD apart, so they share their scale meta entries,
@@ -153,7 +153,7 @@ if HAVE_TRITON:
         WPG: tl.constexpr = G // VW
         MASK: tl.constexpr = ((1 << PA) - 1) * 0x01010101
         if MPS > 0:  # the weights at matrix m's slot; its activation row m when X_M is 1
-            xh_ptr, y_ptr, qa_ptr, _, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
+            xh_ptr, y_ptr, qa_ptr, _, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = grouped_pointers(
                 xh_ptr, y_ptr, qa_ptr, qa_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                 slot_ptr, SLOT_BYTES, MAT_BYTES, X_M * (J * ROW_W), Y_M, MPS)
             xr = tl.program_id(1) * X_M
@@ -168,34 +168,34 @@ if HAVE_TRITON:
             rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         aw = tl.arange(0, BLOCK_W)
         qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
-        ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
-        zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
+        ms0, mz0 = single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
+        zms0, zmz0 = single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
         acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         w_lo = tl.program_id(2) * WPS
         w_hi = tl.minimum(w_lo + WPS, ROW_W)
         y_ptr += tl.program_id(2) * Y_S
-        a, _ = _load_words(qa_w, qa_w, rows, w_lo + aw, N, ROW_W, ROW_W, 0, EVEN)
+        a, _ = load_words(qa_w, qa_w, rows, w_lo + aw, N, ROW_W, ROW_W, 0, EVEN)
         for w0 in range(w_lo, w_hi, BLOCK_W):
             offs_w = w0 + aw
             mw = offs_w < w_hi
             cur = a
-            a, _ = _load_words(qa_w, qa_w, rows, _next_words(w0, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W, ROW_W, 0,
+            a, _ = load_words(qa_w, qa_w, rows, _next_words(w0, w_lo, w_hi, aw, BLOCK_W, EVEN), N, ROW_W, ROW_W, 0,
                                EVEN)
             ih = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             il = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             for j in tl.static_range(J):
                 c = (cur >> (PA * j)) & MASK
-                xh = _ld(xh_ptr + j * ROW_W + offs_w, mw, 0, EVEN)
-                xl = _ld(xl_ptr + j * ROW_W + offs_w, mw, 0, EVEN)
+                xh = load_even(xh_ptr + j * ROW_W + offs_w, mw, 0, EVEN)
+                xl = load_even(xl_ptr + j * ROW_W + offs_w, mw, 0, EVEN)
                 ih = _dp4a(c, tl.broadcast_to(xh[None, :], [BLOCK_N, BLOCK_W]), ih, ASM)
                 il = _dp4a(c, tl.broadcast_to(xl[None, :], [BLOCK_N, BLOCK_W]), il, ASM)
-            xd = _ld(xd_ptr + offs_w, mw, 0.0, EVEN)
-            xs = _ld(xs_ptr + offs_w, mw, 0.0, EVEN)
+            xd = load_even(xd_ptr + offs_w, mw, 0.0, EVEN)
+            xs = load_even(xs_ptr + offs_w, mw, 0.0, EVEN)
             d = _exact_float(ih * 256 + il) * xd[None, :]
             kg = offs_w // WPG
-            s = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
+            s = scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE, mrow,
                                STRIDED, EVEN)
-            z = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
+            z = scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE, mrow,
                                STRIDED, EVEN)
             acc += s * (d - z * xs[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)

@@ -41,7 +41,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         H = x2.shape[1]
         try:
             with on_device(x):
-                _rms_norm[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), eps, BLOCK=triton.next_power_of_2(H),
+                rms_norm_kernel[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), eps, BLOCK=triton.next_power_of_2(H),
                                           num_warps=4 if H <= 4096 else 8)
             return y.view(*x.shape[:-1], H)
         except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
@@ -64,7 +64,7 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, K:
         out = torch.empty(nh, T, hd, dtype=q.dtype, device=q.device)
         try:
             with on_device(q):
-                _rope_cache[(T, nh + nkv)](q, k, v, cos, sin, positions, out, K, V, T, nh, max_len, q.stride(0),
+                rope_cache_kernel[(T, nh + nkv)](q, k, v, cos, sin, positions, out, K, V, T, nh, max_len, q.stride(0),
                                            k.stride(0), v.stride(0), cos.stride(0), HD=hd, num_warps=1)
             return out
         except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
@@ -91,7 +91,7 @@ def route_topk(x: Tensor, weight: Tensor | None, k: int) -> tuple[Tensor, Tensor
         ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
         try:
             with on_device(x):
-                _route_topk[(T,)](x2, x2 if weight is None else weight, wts, ids, x2.shape[1], E, x2.stride(0),
+                route_topk_kernel[(T,)](x2, x2 if weight is None else weight, wts, ids, x2.shape[1], E, x2.stride(0),
                                   HAS_W=weight is not None, K=k, KP=triton.next_power_of_2(k),
                                   BE=max(2, triton.next_power_of_2(E)), BH=256, num_warps=4)
             return wts, ids
@@ -112,7 +112,7 @@ def weighted_sum(y: Tensor, weights: Tensor, cols: Tensor | None = None, dtype: 
         out = torch.empty(1, H, dtype=dtype, device=y.device)
         try:
             with on_device(y):
-                _weighted_sum[(triton.cdiv(H, 1024),)](y, weights, weights if cols is None else cols, out, S, n, H,
+                weighted_sum_kernel[(triton.cdiv(H, 1024),)](y, weights, weights if cols is None else cols, out, S, n, H,
                                                        HAS_COLS=cols is not None, BLOCK=1024, num_warps=4)
             return out
         except Exception as e:  # a Triton that cannot build it: the same math in PyTorch
@@ -124,7 +124,7 @@ def weighted_sum(y: Tensor, weights: Tensor, cols: Tensor | None = None, dtype: 
 if HAVE_TRITON:
 
     @triton.jit
-    def _route_topk(x_ptr, w_ptr, wout_ptr, iout_ptr, H, E, stride_x, HAS_W: tl.constexpr, K: tl.constexpr,
+    def route_topk_kernel(x_ptr, w_ptr, wout_ptr, iout_ptr, H, E, stride_x, HAS_W: tl.constexpr, K: tl.constexpr,
                     KP: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr):
         """One row per program: logits (x @ W.T in fp32, rounded to x's dtype as F.linear returns
         them), softmax, then K rounds of "take the largest" (lowest id on ties), renormalised."""
@@ -160,7 +160,7 @@ if HAVE_TRITON:
         tl.store(iout_ptr + row * K + j, ids.to(tl.int64), mask=jm)
 
     @triton.jit
-    def _weighted_sum(y_ptr, w_ptr, c_ptr, out_ptr, S, N, H, HAS_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    def weighted_sum_kernel(y_ptr, w_ptr, c_ptr, out_ptr, S, N, H, HAS_COLS: tl.constexpr, BLOCK: tl.constexpr):
         """Program per BLOCK outputs: fp32 sum over the S splits and N experts, weight per expert."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < H
@@ -177,7 +177,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rms_norm(x_ptr, w_ptr, y_ptr, H, stride, eps, BLOCK: tl.constexpr):
+    def rms_norm_kernel(x_ptr, w_ptr, y_ptr, H, stride, eps, BLOCK: tl.constexpr):
         """One row per program: fp32 mean of squares, the row rounded to x's dtype, times the weight."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
@@ -189,7 +189,7 @@ if HAVE_TRITON:
         tl.store(y_ptr + row * H + offs, (w * h).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_cache(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, K_ptr, V_ptr, T, NH, MAX_LEN,
+    def rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, K_ptr, V_ptr, T, NH, MAX_LEN,
                     stride_q, stride_k, stride_v, stride_c, HD: tl.constexpr):
         """Program (t, head): query heads 0..NH-1 are rotated into out [NH, T, HD]; the rest are K/V
         heads, whose rotated k and plain v go to the caches at position pos[t]."""

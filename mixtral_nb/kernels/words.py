@@ -1,10 +1,10 @@
 """The fp32 word kernel, the element-wise (generic) GEMV and the dequantize kernel, with the Triton
 helpers every quantized kernel shares (meta lookups, grouped-launch pointers, code extraction).
 
-- ``_gemv_words``: axis-1 groups made of whole 32-bit words (2/3/4-bit): ``sum_w s_w * (sum_i q_i x_i
+- ``gemv_words_kernel``: axis-1 groups made of whole 32-bit words (2/3/4-bit): ``sum_w s_w * (sum_i q_i x_i
   - z_w * sum_i x_i)`` in fp32, per weight one AND/OR, one add and one multiply-add; T = 1..4 rows.
-- ``_gemv_generic``: any axis and group size, a tile dequantized element by element, then a dot.
-- ``_dequant``: the weight written out in fp16/fp32, for prefill's dequantize + cuBLAS.
+- ``gemv_generic_kernel``: any axis and group size, a tile dequantized element by element, then a dot.
+- ``dequant_kernel``: the weight written out in fp16/fp32, for prefill's dequantize + cuBLAS.
 
 Codes become floats with an exponent trick (OR an exponent onto the masked bits, subtract the power
 of two): full-rate integer and float ops instead of the quarter-rate int-to-float unit. No tensor
@@ -39,7 +39,7 @@ def meta_args(t: dict[str, Tensor], spec: QSpec) -> tuple[Tensor, ...]:
 
 def launch_words(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
                  group: tuple, block_n: int, block_k: int, num_warps: int, tiles: int) -> None:
-    """One ``_gemv_words`` launch for ``tt`` <= 4 rows (``p``: the spec's ``plan``; ``group``: see
+    """One ``gemv_words_kernel`` launch for ``tt`` <= 4 rows (``p``: the spec's ``plan``; ``group``: see
     ``dispatch._launch_gemv``); ``tiles`` row tiles per program, capped so R * T <= 4."""
     slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, y_s, split = group
     n = spec.out_features
@@ -50,30 +50,30 @@ def launch_words(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
             p["row_words_a"], p["row_words_b"], p["groups_per_row"], p["s_mod"], p["z_mod"], xs.stride(0),
             ys.stride(-2), tt, r_tiles, p["pa"], p["pb"], spec.group_size, spec.quant_scale, spec.quant_zero,
             p["s_mode"], p["z_mode"], mps, block_n, bw)
-    _gemv_words[(triton.cdiv(n, block_n * r_tiles), m, split)](*args, num_warps=num_warps)
+    gemv_words_kernel[(triton.cdiv(n, block_n * r_tiles), m, split)](*args, num_warps=num_warps)
 
 
 def launch_generic(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
                    group: tuple, block_n: int, block_k: int, num_warps: int) -> None:
-    """One ``_gemv_generic`` launch for ``tt`` <= 4 rows (any axis and group size; no K split)."""
+    """One ``gemv_generic_kernel`` launch for ``tt`` <= 4 rows (any axis and group size; no K split)."""
     slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, _, _ = group
     n, k = spec.out_features, spec.in_features
     args = (xs, ys, t[p["qa"]], t[p["qb"]], *meta_args(t, spec), slots, slot_bytes, mat_bytes, x_m, y_m, n, k,
             p["ms"], p["mz"], xs.stride(0), ys.stride(-2), tt, p["pa"], p["pb"], spec.group_size, spec.axis,
             spec.quant_scale, spec.quant_zero, mps, block_n, block_k)
-    _gemv_generic[(triton.cdiv(n, block_n), m)](*args, num_warps=num_warps)
+    gemv_generic_kernel[(triton.cdiv(n, block_n), m)](*args, num_warps=num_warps)
 
 
 def dequantize_fused(t: dict[str, Tensor], spec: QSpec, p: dict[str, Any], dtype: torch.dtype = torch.float16,
                      out: Tensor | None = None) -> Tensor:
-    """The weight [N, K] in ``dtype`` (or into contiguous ``out``), dequantized by ``_dequant``."""
+    """The weight [N, K] in ``dtype`` (or into contiguous ``out``), dequantized by ``dequant_kernel``."""
     n, k = spec.out_features, spec.in_features
     w = torch.empty(n, k, dtype=dtype, device=t[p["qa"]].device) if out is None else out
     bn, bk = DEQ_BLOCK
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     args = (w, t[p["qa"]], t[p["qb"]], *meta_args(t, spec), n, k, p["ms"], p["mz"], p["pa"], p["pb"],
             spec.group_size, spec.axis, spec.quant_scale, spec.quant_zero, bn, bk)
-    _dequant[grid](*args, num_warps=4)
+    dequant_kernel[grid](*args, num_warps=4)
     return w
 
 
@@ -115,7 +115,7 @@ if HAVE_TRITON:
         return tl.load(slot_ptr + m // MPS).to(tl.int64) * SLOT_BYTES + (m % MPS).to(tl.int64) * MAT_BYTES
 
     @triton.jit
-    def _grouped_pointers(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+    def grouped_pointers(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                           slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS: tl.constexpr):
         """The pointers of matrix ``program_id(1)`` of a grouped launch (see ``qgemv_grouped``): the
         weight tensors moved from slot 0 to its slot (and to w3 for odd m when MPS is 2), x and y to its row."""
@@ -135,7 +135,7 @@ if HAVE_TRITON:
         return (bits | ((150 - SHIFT) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
 
     @triton.jit
-    def _ld(ptr, mask, other, EVEN: tl.constexpr):
+    def load_even(ptr, mask, other, EVEN: tl.constexpr):
         """``tl.load``, unmasked when EVEN (the launcher checked that every address is in range): a
         masked load also costs a predicate and zeroing its registers, per load per step."""
         if EVEN:
@@ -146,13 +146,13 @@ if HAVE_TRITON:
     @triton.jit
     def _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT: tl.constexpr, MODE: tl.constexpr,
                  SHARED: tl.constexpr, EVEN: tl.constexpr = False):
-        """The raw loads behind ``_scale_or_zero`` (8-bit codes or fp16 values, and the gathered meta
+        """The raw loads behind ``scale_or_zero`` (8-bit codes or fp16 values, and the gathered meta
         entries), unconverted, so a loop can issue them a step before they are used. SHARED (mode 1):
         every row of the tile has ``row % MOD == MROW``, so one row of meta entries serves them all."""
         c = rows[:, None] * GPR + kg[None, :]
         mask = (rows[:, None] < N) & mw[None, :]
         if QUANT:
-            raw = _ld(ptr + c, mask, 0, EVEN)
+            raw = load_even(ptr + c, mask, 0, EVEN)
             if MODE == 0:
                 return raw, raw, raw
             else:
@@ -165,8 +165,8 @@ if HAVE_TRITON:
                 else:
                     mi = c % MOD
                     mmask = mask
-                mz = _ld(mz_ptr + mi, mmask, 0.0, EVEN)
-                return raw, _ld(ms_ptr + mi, mmask, 0.0, EVEN), mz
+                mz = load_even(mz_ptr + mi, mmask, 0.0, EVEN)
+                return raw, load_even(ms_ptr + mi, mmask, 0.0, EVEN), mz
         else:
             raw = tl.load(ptr + c, mask=mask, other=0.0)
             return raw, raw, raw
@@ -184,16 +184,16 @@ if HAVE_TRITON:
             return raw.to(tl.float32)
 
     @triton.jit
-    def _scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
+    def scale_or_zero(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, ms0, mz0,
                        QUANT: tl.constexpr, MODE: tl.constexpr, MROW=0, SHARED: tl.constexpr = False,
                        EVEN: tl.constexpr = False):
         """Step sizes or zero points of the groups of words ``kg`` of ``rows`` (see ``dispatch.plan``'s meta modes;
-        MROW, SHARED, EVEN: see ``_sz_load`` and ``_ld``)."""
+        MROW, SHARED, EVEN: see ``_sz_load`` and ``load_even``)."""
         raw, ms, mz = _sz_load(ptr, ms_ptr, mz_ptr, rows, kg, mw, N, MOD, GPR, MROW, QUANT, MODE, SHARED, EVEN)
         return _sz_value(raw, ms, mz, ms0, mz0, QUANT, MODE)
 
     @triton.jit
-    def _single_meta(ms_ptr, mz_ptr, QUANT: tl.constexpr, MODE: tl.constexpr):
+    def single_meta(ms_ptr, mz_ptr, QUANT: tl.constexpr, MODE: tl.constexpr):
         """The one (step, zero) meta pair of a weight whose scales or zeros share it (mode 0), else zeros."""
         ms = 0.0
         mz = 0.0
@@ -216,13 +216,13 @@ if HAVE_TRITON:
             return v3
 
     @triton.jit
-    def _load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr,
+    def load_words(qa_w, qb_w, rows, offs_w, N, ROW_WA, ROW_WB, PB: tl.constexpr,
                     EVEN: tl.constexpr = False):
         """Raw words of a [BLOCK_N, BLOCK_W] tile: plane A, and plane B shifted to the same weights
-        (3-bit only; 0 otherwise). Words past the row's end read as 0 (EVEN: see ``_ld``)."""
+        (3-bit only; 0 otherwise). Words past the row's end read as 0 (EVEN: see ``load_even``)."""
         w2 = offs_w[None, :]
         mask = (rows[:, None] < N) & (w2 < ROW_WA)
-        a = _ld(qa_w + rows[:, None] * ROW_WA + w2, mask, 0, EVEN)
+        a = load_even(qa_w + rows[:, None] * ROW_WA + w2, mask, 0, EVEN)
         if PB > 0:  # 3-bit: plane B holds bit 2 of every code, 32 per word = two words of plane A
             b = tl.load(qb_w + rows[:, None] * ROW_WB + w2 // 2, mask=mask, other=0)
             b = b >> ((w2 % 2) * 16)
@@ -259,7 +259,7 @@ if HAVE_TRITON:
         return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _gemv_words(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+    def gemv_words_kernel(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                     slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, WPS, Y_S, N, ROW_WA, ROW_WB, GPR, S_MOD, Z_MOD,
                     stride_x, stride_y,
                     T: tl.constexpr, R: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
@@ -275,7 +275,7 @@ if HAVE_TRITON:
         MPS > 0: grouped launch (``qgemv_grouped``), program_id(1) picks the matrix.
         """
         if MPS > 0:
-            x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
+            x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = grouped_pointers(
                 x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                 slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS)
         VW: tl.constexpr = 32 // PA  # weights per word of plane A
@@ -288,8 +288,8 @@ if HAVE_TRITON:
         rows3 = rows0 + 3 * BLOCK_N
         qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
         qb_w = qb_ptr.to(tl.pointer_type(tl.int32))
-        ms0, mz0 = _single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
-        zms0, zmz0 = _single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
+        ms0, mz0 = single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
+        zms0, zmz0 = single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
         acc0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
@@ -300,33 +300,33 @@ if HAVE_TRITON:
         w_hi = tl.minimum(w_lo + WPS, ROW_WA)
         y_ptr += tl.program_id(2) * Y_S
         offs_w = w_lo + tl.arange(0, BLOCK_W)
-        a0, b0 = _load_words(qa_w, qb_w, rows0, offs_w, N, ROW_WA, ROW_WB, PB)
+        a0, b0 = load_words(qa_w, qb_w, rows0, offs_w, N, ROW_WA, ROW_WB, PB)
         if R > 1:
-            a1, b1 = _load_words(qa_w, qb_w, rows1, offs_w, N, ROW_WA, ROW_WB, PB)
+            a1, b1 = load_words(qa_w, qb_w, rows1, offs_w, N, ROW_WA, ROW_WB, PB)
         if R > 2:
-            a2, b2 = _load_words(qa_w, qb_w, rows2, offs_w, N, ROW_WA, ROW_WB, PB)
-            a3, b3 = _load_words(qa_w, qb_w, rows3, offs_w, N, ROW_WA, ROW_WB, PB)
+            a2, b2 = load_words(qa_w, qb_w, rows2, offs_w, N, ROW_WA, ROW_WB, PB)
+            a3, b3 = load_words(qa_w, qb_w, rows3, offs_w, N, ROW_WA, ROW_WB, PB)
         for w0 in range(w_lo, w_hi, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
             mw = offs_w < w_hi
             next_w = offs_w + BLOCK_W
             lo0, hi0 = _halves(a0)
             c0 = b0
-            a0, b0 = _load_words(qa_w, qb_w, rows0, next_w, N, ROW_WA, ROW_WB, PB)
+            a0, b0 = load_words(qa_w, qb_w, rows0, next_w, N, ROW_WA, ROW_WB, PB)
             lo1, hi1, c1 = lo0, hi0, c0
             lo2, hi2, c2 = lo0, hi0, c0
             lo3, hi3, c3 = lo0, hi0, c0
             if R > 1:
                 lo1, hi1 = _halves(a1)
                 c1 = b1
-                a1, b1 = _load_words(qa_w, qb_w, rows1, next_w, N, ROW_WA, ROW_WB, PB)
+                a1, b1 = load_words(qa_w, qb_w, rows1, next_w, N, ROW_WA, ROW_WB, PB)
             if R > 2:
                 lo2, hi2 = _halves(a2)
                 c2 = b2
-                a2, b2 = _load_words(qa_w, qb_w, rows2, next_w, N, ROW_WA, ROW_WB, PB)
+                a2, b2 = load_words(qa_w, qb_w, rows2, next_w, N, ROW_WA, ROW_WB, PB)
                 lo3, hi3 = _halves(a3)
                 c3 = b3
-                a3, b3 = _load_words(qa_w, qb_w, rows3, next_w, N, ROW_WA, ROW_WB, PB)
+                a3, b3 = load_words(qa_w, qb_w, rows3, next_w, N, ROW_WA, ROW_WB, PB)
             d0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             d1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             d2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
@@ -369,17 +369,17 @@ if HAVE_TRITON:
                 if J > 3:
                     d3 += _pick(q0, q1, q2, q3, 3 % R) * _pick(x0, x1, x2, x3, 3 // R)[None, :]
             kg = offs_w // WPG
-            s0 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows0, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
-            z0 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows0, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+            s0 = scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows0, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+            z0 = scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows0, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
             s1, s2, s3, z1, z2, z3 = s0, s0, s0, z0, z0, z0
             if R > 1:
-                s1 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows1, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
-                z1 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows1, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+                s1 = scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows1, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+                z1 = scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows1, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
             if R > 2:
-                s2 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows2, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
-                z2 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows2, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
-                s3 = _scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows3, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
-                z3 = _scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows3, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+                s2 = scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows2, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+                z2 = scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows2, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
+                s3 = scale_or_zero(s_ptr, sms_ptr, smz_ptr, rows3, kg, mw, N, S_MOD, GPR, ms0, mz0, SQ, S_MODE)
+                z3 = scale_or_zero(z_ptr, zms_ptr, zmz_ptr, rows3, kg, mw, N, Z_MOD, GPR, zms0, zmz0, ZQ, Z_MODE)
             acc0 += s0 * (d0 - z0 * xs0[None, :])
             if J > 1:
                 acc1 += _pick(s0, s1, s2, s3, 1 % R) * (
@@ -424,14 +424,14 @@ if HAVE_TRITON:
         return (_to_f32(code) - z) * s
 
     @triton.jit
-    def _gemv_generic(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+    def gemv_generic_kernel(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                       slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, N, K, MS, MZ, stride_x, stride_y,
                       T: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
                       SQ: tl.constexpr, ZQ: tl.constexpr, MPS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
         """Any axis and group size: dequantize a [BLOCK_N, BLOCK_K] tile element-wise, then dot."""
         if MPS > 0:
-            x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = _grouped_pointers(
+            x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = grouped_pointers(
                 x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                 slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS)
         pid = tl.program_id(0)
@@ -469,7 +469,7 @@ if HAVE_TRITON:
             tl.store(out + 3 * stride_y, acc3.to(y_ptr.dtype.element_ty), mask=mn)
 
     @triton.jit
-    def _dequant(w_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, N, K, MS, MZ,
+    def dequant_kernel(w_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, N, K, MS, MZ,
                  PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
                  SQ: tl.constexpr, ZQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """W [N, K] in the output's dtype, one [BLOCK_N, BLOCK_K] tile per program."""
