@@ -28,6 +28,14 @@ def tiny_ref(tiny_dir):
     return MixtralForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The exact Mixtral tokenizer, built offline from mistral-common's file into a test folder."""
+    from mixtral_nb.tokenizer import mixtral_tokenizer
+
+    return mixtral_tokenizer(cache_dir=tmp_path_factory.mktemp("tokcache"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that need another process kind run elsewhere, not as skips here: ``gpu`` tests on a
     CUDA machine (`make test-gpu`), ``interpreter`` tests in the TRITON_INTERPRET=1 child pytest

@@ -12,7 +12,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from mixtral_nb.chat import ChatSession, SessionBusy
-from mixtral_nb.tokenizer import encode_conversation, is_mixtral_tokenizer, mixtral_tokenizer
+from mixtral_nb.tokenizer import encode_conversation, is_mixtral_tokenizer
 
 
 def tiny_mixtral(vocab: int = 32000, seed: int = 0) -> MixtralForCausalLM:
@@ -24,11 +24,6 @@ def tiny_mixtral(vocab: int = 32000, seed: int = 0) -> MixtralForCausalLM:
     )
     torch.manual_seed(seed)
     return MixtralForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return mixtral_tokenizer(cache_dir=tmp_path_factory.mktemp("tokcache"))
 
 
 @pytest.fixture(scope="module")

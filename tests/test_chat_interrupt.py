@@ -22,7 +22,6 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 import mixtral_nb
 from mixtral_nb.chat import ChatSession
-from mixtral_nb.tokenizer import mixtral_tokenizer
 
 TRACED = tuple(str(Path(m.__file__).parent) for m in (mixtral_nb, transformers, torch))
 TRIALS = 45  # per engine
@@ -36,11 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return mixtral_tokenizer(cache_dir=tmp_path_factory.mktemp("tokcache"))
 
 
 @pytest.fixture(scope="module")

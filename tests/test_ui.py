@@ -8,13 +8,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from mixtral_nb.chat import ChatSession
-from mixtral_nb.tokenizer import mixtral_tokenizer
 from mixtral_nb.ui import ChatUI, _simple_markdown, render_markdown
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return mixtral_tokenizer(cache_dir=tmp_path_factory.mktemp("tokcache"))
 
 
 @pytest.fixture(scope="module")
