@@ -4,25 +4,99 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from .bench import bench_main
 from .chat import ChatSession
+from .build import parse_devices
 from .checkpoint import CheckpointError, ProjectCheckpoint, quantize, verify
+from .checkpoint.errors import HubError
 from .checkpoint.integrity import workers
+from .checkpoint.quantize import looks_like_repo_id
 from .config import article_quant_config
 from .load import load
 from .notebook_tools import dirty_notebooks, execute_to_html, prepare_for_nbval
-from .planner import detect
+from .planner import PRESETS, Machine, MemoryPlanError, detect
 from .rehearse import rehearse_main
 from .synthetic import write_article_checkpoint, write_hf_checkpoint
+from .units import fmt_bytes
+
+MODEL_WORDS = ("auto", "embedded")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is one ``--help`` away) and defaults shown in every option's help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or -5 new tokens would still generate, or silently nothing)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: give a whole number >= 1") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1: give a whole number >= 1")
+    return n
+
+
+def _float_in(lo: float, hi: float | None, lo_open: bool, what: str):
+    """argparse type: a float in [lo, hi] (``lo_open``: lo itself excluded)."""
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: {what}") from None
+        if not math.isfinite(x) or (x <= lo if lo_open else x < lo) or (hi is not None and x > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {what}")
+        return x
+
+    return parse
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a --model that is neither a keyword, a folder nor hub-shaped, before anything loads."""
+    if name in MODEL_WORDS or Path(name).exists() or looks_like_repo_id(name):
+        return
+    raise ValueError(f"--model {name!r} is neither auto, embedded, an existing folder nor a hub id (owner/name)")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a --device this machine lacks (``cuda`` without CUDA, ``gpu0``) before anything loads."""
+    if device is None:
+        return
+    try:
+        parse_devices(device)
+    except ValueError as e:
+        raise ValueError(f"--device: {e}") from None
+
+
+def _load(name: str, device: str | None):
+    """load() with a hub error that also says no folder of that name exists (a mistyped path looks like a hub id)."""
+    try:
+        return load(name, device=device)
+    except HubError as e:
+        if name in MODEL_WORDS:
+            raise
+        raise HubError(f"{e} (and there is no folder {name!r} here)") from e
 
 
 def _chat(args: argparse.Namespace) -> int:
-    model, tok = load(args.model, device=args.device)
-    session = ChatSession(model, tok, system_prompt=args.system, max_new_tokens=args.max_new_tokens)
+    check_model_name(args.model)
+    check_device(args.device)
+    model, tok = _load(args.model, args.device)
+    session = ChatSession(model, tok, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p)
     prompts = [args.prompt] if args.prompt else None
     if prompts is None:
         print("mixtral_nb chat: type a message, empty line or Ctrl-D to quit.")
@@ -54,6 +128,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    check_device(args.device)
     t0 = time.perf_counter()
     model, tok = load("embedded", device=args.device)
     print(f"loaded the embedded model in {time.perf_counter() - t0:.1f} s")
@@ -86,6 +161,8 @@ def _synthetic(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {out}")
     return 0
+
+
 def _read_all(path: str) -> tuple[int, float]:
     """Open a project folder without digest checks and read every tensor and blob into RAM, as a
     host-mirror build_model does; returns (bytes, seconds)."""
@@ -120,8 +197,34 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def plan_table(machines: dict[str, Machine], context: int = 4096) -> str:
+    """One row per machine: the plan's settings and expected memory, or why no plan fits (no traceback)."""
+    head = ("preset", "machine", "offload_per_layer", "experts in RAM", "GPU (per GPU)", "host RAM", "fits")
+    rows = []
+    for name, m in machines.items():
+        try:
+            p = m.plan(context=context)
+        except MemoryPlanError as e:
+            rows.append((name, m.description, "-", "-", "-", "-", f"no plan: {e}"))
+            continue
+        if p.device == "cpu":
+            mode = "all (CPU run)"
+        elif p.offload_per_layer == 0:
+            mode = "none needed"
+        else:
+            mode = "host mirror" if p.host_mirror else "swap"
+        rows.append((name, m.description, str(p.offload_per_layer), mode, fmt_bytes(p.gpu_bytes), fmt_bytes(p.host_bytes),
+                     "yes"))
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in (head, *rows))
+
+
 def _plan(args: argparse.Namespace) -> int:
-    print(detect().explain())
+    if args.all or args.preset:
+        names = sorted(PRESETS) if args.all else [args.preset]
+        print(plan_table({n: PRESETS[n] for n in names}, context=args.context))
+        return 0
+    print(detect(context=args.context).explain())
     return 0
 
 
@@ -152,45 +255,61 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     if argv and argv[0] == "rehearse":
         return rehearse_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m mixtral_nb", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="python -m mixtral_nb", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     c = sub.add_parser("chat", help="answer one --prompt, or chat in the terminal")
-    c.add_argument("--model", default="auto", help="embedded, a local folder, a hub id, or auto (Mixtral on a GPU)")
-    c.add_argument("--prompt", default=None)
-    c.add_argument("--system", default=None)
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--device", default=None)
+    c.add_argument("--model", default="auto",
+                   help="auto (Mixtral with a GPU, else embedded), embedded, a local folder, or a hub id owner/name")
+    c.add_argument("--prompt", default=None, help="answer this one message and exit (none: chat in the terminal)")
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=256, help="most tokens per reply (>= 1)")
+    c.add_argument("--temperature", type=_float_in(0.0, None, False, "give a number >= 0 (0: greedy)"), default=0.0,
+                   help="sampling temperature; 0 is greedy (always the likeliest token)")
+    c.add_argument("--top-p", type=_float_in(0.0, 1.0, True, "give a number in (0, 1]"), default=1.0,
+                   help="nucleus sampling: sample among the likeliest tokens whose probabilities add up to this "
+                        "(used when --temperature > 0)")
+    c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (none: the GPU if there is one, else cpu)")
     c.set_defaults(fn=_chat)
     d = sub.add_parser("demo", help="the embedded model end to end (what `make demo` runs)")
     d.add_argument("--html", default=None, help="also execute notebooks/walkthrough.ipynb and write it as HTML here")
-    d.add_argument("--device", default=None)
+    d.add_argument("--device", default=None, help="cpu, cuda or cuda:N (none: the GPU if there is one, else cpu)")
     d.set_defaults(fn=_demo)
     q = sub.add_parser("quantize", help="original HF Mixtral folder or hub id -> project checkpoint")
-    q.add_argument("src")
-    q.add_argument("dst")
+    q.add_argument("src", help="original fp16 Mixtral folder, or its hub id owner/name")
+    q.add_argument("dst", help="folder to write the quantized project checkpoint to")
     q.set_defaults(fn=_quantize)
     sy = sub.add_parser("synthetic", help="write a full-size Mixtral-8x7B checkpoint of random values (rehearsals)")
     sy.add_argument("--layout", choices=("article", "hf"), default="article",
                     help="article: the article's pre-quantized hqq files; hf: the original fp16 shards")
-    sy.add_argument("dst")
-    sy.add_argument("--layers", type=int, default=None, help="write only the first N layers")
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("dst", help="folder to write")
+    sy.add_argument("--layers", type=_positive_int, default=None, help="write only the first N layers (none: all)")
+    sy.add_argument("--seed", type=int, default=0, help="random seed of the values")
     sy.set_defaults(fn=_synthetic)
     v = sub.add_parser("verify", help="check a checkpoint folder's files against their recorded digests")
-    v.add_argument("path")
+    v.add_argument("path", help="checkpoint folder")
     v.add_argument("--time", action="store_true", help="print bytes hashed, seconds and GB/s")
     v.add_argument("--time-load", action="store_true", help="also time reading every weight without verification")
     v.set_defaults(fn=_verify)
-    sub.add_parser("plan", help="print the memory plan for this machine").set_defaults(fn=_plan)
+    pl = sub.add_parser("plan", help="print the memory plan for this machine, or a table for the preset machines")
+    which = pl.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="the plan of this preset machine instead of this one, as a table row")
+    which.add_argument("--all", action="store_true", help="a table of the plans of every preset machine")
+    pl.add_argument("--context", type=_positive_int, default=4096, help="tokens of KV cache to plan for")
+    pl.set_defaults(fn=_plan)
     sub.add_parser("bench", help="benchmark (see `bench --help`)")
     sub.add_parser("rehearse", help="the Colab journey at Mixtral size within Colab's limits (see `rehearse --help`)")
     sub.add_parser("notebooks", help="execute every notebook to artifacts/*.html").set_defaults(fn=_notebooks)
     sub.add_parser("check-notebooks", help="fail if a notebook has outputs").set_defaults(fn=_check_notebooks)
     nv = sub.add_parser("nbval-prepare", help="copy the notebooks with their expected check outputs, for nbval")
-    nv.add_argument("dst")
+    nv.add_argument("dst", help="folder to copy the notebooks to")
     nv.set_defaults(fn=_nbval_prepare)
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, CheckpointError) as e:  # bad input or a machine that cannot do it: one line, no traceback
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
