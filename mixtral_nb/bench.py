@@ -460,9 +460,13 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
 # command line
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mixtral_nb bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_HelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--baseline", action="store_true", help="the article's algorithm in the same harness")
     g.add_argument("--compare", action="store_true", help="ours, then the baseline, in one process; prints the ratio")
@@ -475,18 +479,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a small model on CPU (CI)")
     p.add_argument("--profile", default=None, metavar="PATH", help="write a host + device profile of 16 decode steps")
     p.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1: split layers over GPUs, each capped at --vram-gib")
-    p.add_argument("--offload-per-layer", type=int, default=4)
-    p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--vram-gib", type=float, default=15.0)
-    p.add_argument("--pinned-gib", type=float, default=11.0)
+    p.add_argument("--offload-per-layer", type=int, default=4, help="experts of each layer kept off the GPU")
+    p.add_argument("--prefetch", type=int, default=2, help="next-layer experts to load early (0: no prefetch)")
+    p.add_argument("--vram-gib", type=float, default=15.0, help="VRAM cap per GPU")
+    p.add_argument("--pinned-gib", type=float, default=11.0, help="pinned host memory the expert cache may use")
     p.add_argument("--extra-host-slots", type=int, default=-1,
-                   help="swap mode: host blobs beyond the minimum (default: whatever --pinned-gib allows)")
+                   help="swap mode: host blobs beyond the minimum (-1: whatever --pinned-gib allows)")
     p.add_argument("--clean-window", type=int, default=OffloadConfig.__dataclass_fields__["clean_window"].default,
                    help="eviction may skip this many - 1 LRU experts for one with a host copy (1 = strict LRU)")
-    p.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
-    p.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --tiny)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (None: 128, or 16 with --tiny)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens to decode (None: 128, or 16 with --tiny)")
     p.add_argument("--repeat", type=int, default=1, help="decode runs; the median is reported")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the prompt")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number to PATH")
     return p
 

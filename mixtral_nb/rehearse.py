@@ -724,14 +724,17 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def rehearse_main(argv: list[str] | None = None) -> int:
     """``python -m mixtral_nb rehearse ...``: 0 when every stage ran within the limits."""
-    p = argparse.ArgumentParser(prog="python -m mixtral_nb rehearse", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mixtral_nb rehearse", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--article", type=Path, help="an existing folder in the article's pre-quantized layout")
     src.add_argument("--synthetic", type=Path, help="write a full-size synthetic article folder here (kept; reused)")
-    p.add_argument("--layers", type=int, default=None, help="synthetic: layers to write (default: all 32)")
-    p.add_argument("--device", default="cuda:0")
-    p.add_argument("--vram-cap-mib", type=float, default=COLAB_VRAM_MIB)
-    p.add_argument("--host-limit-gb", type=float, default=COLAB_HOST_LIMIT_GB)
+    p.add_argument("--layers", type=int, default=None, help="synthetic: layers to write (all 32 when not given)")
+    p.add_argument("--device", default="cuda:0", help="where the model runs (cpu for a quick check)")
+    p.add_argument("--vram-cap-mib", type=float, default=COLAB_VRAM_MIB,
+                   help="VRAM the process may use, CUDA context included (a T4's usable memory)")
+    p.add_argument("--host-limit-gb", type=float, default=COLAB_HOST_LIMIT_GB,
+                   help="host memory (RSS + pinned) past which the rehearsal fails")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per chat reply")
     p.add_argument("--json", type=Path, default=None, help="write the whole report here")
     p.add_argument("--notebook", action="store_true", help="also execute notebooks/walkthrough.ipynb, driving its widget")

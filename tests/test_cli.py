@@ -137,7 +137,7 @@ def test_plan_when_this_machine_fits_nothing_is_one_line(capsys):
     assert out == ""
 
 
-@pytest.mark.parametrize("cmd", ["chat", "demo", "synthetic", "verify", "plan"])
+@pytest.mark.parametrize("cmd", ["chat", "demo", "synthetic", "verify", "plan", "bench", "rehearse"])
 def test_help_of_every_subcommand_shows_defaults(capsys, cmd):
     rc, out, _ = call(capsys, cmd, "--help")
     assert rc == 0
