@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cache import CacheGroup, ExpertCache
-from .checkpoint import CheckpointError, ProjectCheckpoint, attn_key, layer_of, resolve_checkpoint
+from .checkpoint import CheckpointError, attn_key, layer_of, resolve_checkpoint
 from .config import OffloadConfig, QuantConfig
 from .expert import ExpertFormat
 from .moe import OffloadedExperts
@@ -286,7 +286,7 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     devices = parse_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(device)
-    ck = resolve_checkpoint(state_path, quant_config, device=device, dtype=dtype, verify=verify, blobs_while_reading=True)
+    ck = resolve_checkpoint(state_path, quant_config, device=device, dtype=dtype, verify=verify)
     config, quant, fmt = ck.config, ck.quant, ck.fmt
 
     L, E = config.num_hidden_layers, config.num_local_experts
@@ -377,8 +377,6 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
         m.set_next_router(model.model.layers[i + 1].mlp.gate.weight if nxt else None, nxt)
     if len(devices) > 1:
         _hop_devices(model, layer_dev, devices)
-    if isinstance(ck, ProjectCheckpoint):
-        ck.finish_verification()  # a first open hashed the blobs as the caches read them: corrupt ones raise here
     model.expert_cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
     model.eval()
     model.mixtral_nb_devices = set(devices)

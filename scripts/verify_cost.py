@@ -3,7 +3,7 @@
     python scripts/verify_cost.py /tmp/synth        # writes the synthetic article folder there if missing
 
 Times build_model at the colab-t4 plan with a cold page cache (dropped before each cold build: needs
-root) and a warm one: first open (no VERIFIED marker: expert blobs hashed as the cache reads them),
+root) and a warm one: first open (no VERIFIED marker: every file hashed before the build),
 no verification, and a forced whole-file pass. BENCHMARKS.md records the results.
 """
 

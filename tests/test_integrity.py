@@ -90,24 +90,6 @@ def test_flipped_bytes_in_an_expert_file_are_caught_before_building(project, tmp
         build_model("cpu", None, offload(), bad)
 
 
-def test_build_hashes_expert_blobs_as_it_reads_them(project, tmp_path, monkeypatch, ref_logits):
-    """A first build needs no second pass over the expert files: their blobs are checked as the cache reads them."""
-    import mixtral_nb.checkpoint.project as project_mod
-
-    ok = copy(project, tmp_path / "ok")
-    hashed: list[str] = []
-    real = project_mod.digest_files
-    monkeypatch.setattr(project_mod, "digest_files", lambda folder, names, *a: hashed.extend(names) or real(folder, names, *a))
-    with torch.no_grad():
-        logits = build_model("cpu", None, offload(), ok)(IDS).logits
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
-    assert hashed and not [n for n in hashed if n.startswith("experts-")]
-    assert (ok / "VERIFIED").is_file()  # the next open skips the digests
-    hashed.clear()
-    build_model("cpu", None, offload(), ok)
-    assert hashed == []
-
-
 def test_trunk_full_of_ff_is_caught(project, tmp_path):
     bad = copy(project, tmp_path / "bad")
     p = bad / "trunk.safetensors"

@@ -35,8 +35,6 @@ import json
 import os
 import re
 import shutil
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -52,8 +50,7 @@ from ..quant import QSpec
 from .errors import CheckpointError, CorruptFileError, read_json
 from .files import SafetensorsFiles
 from .hub import check_disk
-from .integrity import (ALGO, DigestRun, FolderLock, atomic_text, blob_digest, bytes_digest, digest_files, stat_key,
-                        workers)
+from .integrity import ALGO, FolderLock, DigestRun, atomic_text, bytes_digest, blob_digest, digest_files, stat_key
 from .structure import ATTN, load_config
 
 FORMAT = "mixtral_nb"
@@ -101,13 +98,11 @@ class ProjectCheckpoint:
 
     ``verify``: None checks the digests unless ``VERIFIED`` says the files are unchanged since the last
     check; True always checks; False skips the digests (structure is always checked).
-    ``blobs_while_reading`` (with ``verify=None``): expert blobs are checked as :meth:`blob` reads them
-    and by :meth:`finish_verification`, instead of by a pass over the files on open (build_model).
     """
 
     kind = "project"
 
-    def __init__(self, folder: Path, verify: bool | None = None, *, blobs_while_reading: bool = False) -> None:
+    def __init__(self, folder: Path, verify: bool | None = None) -> None:
         self.folder = folder = Path(folder)
         if not (folder / "COMPLETE").is_file():
             raise CheckpointError(
@@ -125,7 +120,6 @@ class ProjectCheckpoint:
                 )
         self.config = load_config(folder)
         self.files = SafetensorsFiles(folder)
-        self._pool: ThreadPoolExecutor | None = None  # set while a first open hashes blobs as they are read
         try:
             self.quant = QuantConfig.from_json(m["quant"])
             self.fmt = ExpertFormat.from_json(m["expert_format"])
@@ -135,7 +129,7 @@ class ProjectCheckpoint:
         except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
             raise CheckpointError(f"{folder / 'manifest.json'} is malformed ({e!r}): {FIX_PROJECT}") from None
         if verify is not False:
-            self._verify(force=bool(verify), blobs_while_reading=blobs_while_reading)
+            self._verify(force=bool(verify))
 
     def _read_manifest(self) -> dict[str, Any]:
         path = self.folder / "manifest.json"
@@ -218,7 +212,7 @@ class ProjectCheckpoint:
         names = sorted(self.manifest.get("hashes", {}))
         return {"algo": ALGO, "manifest": bytes_digest(raw), "files": {n: stat_key(self.folder / n) for n in names}}
 
-    def _verify(self, force: bool, blobs_while_reading: bool = False) -> None:
+    def _verify(self, force: bool) -> None:
         hashes = self.manifest.get("hashes")
         if hashes is None:
             self._record_hashes()
@@ -230,71 +224,12 @@ class ProjectCheckpoint:
                     return
             except (OSError, ValueError):
                 pass
-            if blobs_while_reading and self._blob_hashes_complete():
-                self._verify_while_reading()
-                return
         run = self.check_digests()
         bad = [n for n, d in run.digests.items() if d != hashes[n]]
         if bad:
             raise CorruptFileError(self.corrupt_message(bad))
         try:
             atomic_text(json.dumps(self._marker()), marker)
-        except OSError:
-            pass  # a read-only folder is checked on every open
-
-    def _blob_hashes_complete(self) -> bool:
-        want = self.manifest.get("blob_hashes", {})
-        E = self.config.num_local_experts
-        return all(len(want.get(expert_file(i), ())) == E for i in range(self.config.num_hidden_layers))
-
-    def _verify_while_reading(self) -> None:
-        """First open: hash the small files now and every expert blob as :meth:`blob` reads it.
-
-        A build reads every blob anyway, so hashing them then costs CPU time on idle cores instead
-        of a second pass over the disk; :meth:`finish_verification` (build_model calls it before
-        returning the model) raises for a corrupt blob and records ``VERIFIED``. Expert files'
-        headers are not hashed: their shapes were checked on open.
-        """
-        hashes = self.manifest["hashes"]
-        small = [n for n in sorted(hashes) if not n.startswith("experts-")]
-        run = digest_files(self.folder, small)
-        bad = [n for n in small if run.digests[n] != hashes[n]]
-        if bad:
-            raise CorruptFileError(self.corrupt_message(bad))
-        self._pool = ThreadPoolExecutor(workers())
-        self._pending: deque[tuple[str, int, Future]] = deque()
-        self._checked: dict[str, set[int]] = {}
-        self._bad: dict[str, list[int]] = {}
-
-    def _settle(self, keep: int) -> None:
-        """Collect blob digests until at most ``keep`` are outstanding (bounds the blobs held for hashing)."""
-        want = self.manifest["blob_hashes"]
-        while len(self._pending) > keep:
-            name, e, fut = self._pending.popleft()
-            if fut.result() != want[name][e]:
-                self._bad.setdefault(name, []).append(e)
-            self._checked.setdefault(name, set()).add(e)
-
-    def finish_verification(self) -> None:
-        """End a first open's verification: every blob checked (those not read yet are read now)."""
-        if self._pool is None:
-            return
-        for i in range(self.config.num_hidden_layers):
-            name = expert_file(i)
-            for e in range(self.config.num_local_experts):
-                if e not in self._checked.get(name, set()) and not any(
-                        n == name and x == e for n, x, _ in self._pending):
-                    self.blob(i, e)
-        self._settle(0)
-        self._pool.shutdown()
-        self._pool = None
-        if self._bad:
-            raise CorruptFileError(
-                f"{', '.join(f'{self.folder / n} (experts {sorted(b)})' for n, b in sorted(self._bad.items()))} "
-                f"{'does' if len(self._bad) == 1 else 'do'} not match the digests recorded when the checkpoint was "
-                f"written: corrupt (disk or copy error); {FIX_PROJECT}, or copy the files again")
-        try:
-            atomic_text(json.dumps(self._marker()), self.folder / "VERIFIED")
         except OSError:
             pass  # a read-only folder is checked on every open
 
@@ -347,11 +282,7 @@ class ProjectCheckpoint:
         """One expert's blob (a copy); only the current layer's file stays mapped."""
         name = expert_file(layer)
         self.files.keep_only({name})
-        blob = self.files.slice(name, "blobs")[e]
-        if self._pool is not None:
-            self._pending.append((name, e, self._pool.submit(blob_digest, blob)))
-            self._settle(2 * workers())
-        return blob
+        return self.files.slice(name, "blobs")[e]
 
 
 # ---------------------------------------------------------------------------------------------

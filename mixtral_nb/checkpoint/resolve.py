@@ -41,13 +41,12 @@ def _folder(path: str | os.PathLike) -> Path:
 
 
 def open_checkpoint(path: str | os.PathLike, quant_config: QuantConfig | None = None, progress: bool = True,
-                    verify: bool | None = None, *, blobs_while_reading: bool = False) -> HFCheckpoint | ProjectCheckpoint:
+                    verify: bool | None = None) -> HFCheckpoint | ProjectCheckpoint:
     """Detect a folder's layout and open it, validated (and, for a project folder, checksummed).
 
     The article's pre-quantized folder is converted once into a sibling ``<folder>-mixtral_nb``
     (lossless; a message says so) and that is opened. ``quant_config`` is checked against
-    pre-quantized files before any conversion starts. ``verify``, ``blobs_while_reading``: see
-    :class:`ProjectCheckpoint`.
+    pre-quantized files before any conversion starts. ``verify``: see :class:`ProjectCheckpoint`.
     """
     folder = _folder(path)
     kind = detect_layout(folder)
@@ -55,7 +54,7 @@ def open_checkpoint(path: str | os.PathLike, quant_config: QuantConfig | None = 
         folder = ensure_converted(folder, quant_config=quant_config, progress=progress)
         kind = "project"
     if kind == "project":
-        ck = ProjectCheckpoint(folder, verify=verify, blobs_while_reading=blobs_while_reading)
+        ck = ProjectCheckpoint(folder, verify=verify)
         check_quant(ck.quant, quant_config, folder)
         return ck
     return HFCheckpoint(folder)
@@ -63,7 +62,7 @@ def open_checkpoint(path: str | os.PathLike, quant_config: QuantConfig | None = 
 
 def resolve_checkpoint(state_path: str | os.PathLike | Any, quant_config: QuantConfig | None = None, *,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-                       verify: bool | None = None, token: str | None = None, blobs_while_reading: bool = False) -> Any:
+                       verify: bool | None = None, token: str | None = None) -> Any:
     """Any ``state_path`` -> an object with ProjectCheckpoint's reading interface (see the module docstring).
 
     ``device`` and ``dtype`` matter for original folders only: where attention and experts are
@@ -78,8 +77,7 @@ def resolve_checkpoint(state_path: str | os.PathLike | Any, quant_config: QuantC
     path = Path(state_path)
     if not path.exists() and looks_like_repo_id(str(state_path)):
         path = hub.download(str(state_path), cache_root() / "hub" / str(state_path).replace("/", "--"), token=token)
-    ck = open_checkpoint(path, quant_config=quant_config, progress=progress, verify=verify,
-                         blobs_while_reading=blobs_while_reading)
+    ck = open_checkpoint(path, quant_config=quant_config, progress=progress, verify=verify)
     if isinstance(ck, HFCheckpoint):
         return QuantizedView(ck, quant_config or QuantConfig(None, None), torch.device(device), dtype)
     return ck
