@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cache import CacheGroup, ExpertCache
-from .checkpoint import CheckpointError, attn_key, layer_of, resolve_checkpoint
+from .checkpoint import CheckpointError, CorruptFileError, attn_key, layer_of, resolve_checkpoint
 from .config import OffloadConfig, QuantConfig
 from .expert import ExpertFormat
 from .moe import OffloadedExperts
@@ -359,19 +359,33 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
 
     caches: list[ExpertCache] = []
     mods: list[OffloadedExperts] = []
-    for k, dev in enumerate(devices):
-        layers = [i for i in range(L) if layer_part[i] == k]
-        part = copy.copy(config)
-        part.num_hidden_layers = len(layers)
-        mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
-        cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
-                            lambda j, e, layers=layers: load_blob(layers[j], e),
-                            host_mirror=mirror)
-        caches.append(cache)
-        for j, i in enumerate(layers):
-            mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],
-                                         offload_config.prefetch, cache_layer=j))
-            model.model.layers[i].mlp.experts = mods[-1]
+    corrupt = None
+    try:
+        for k, dev in enumerate(devices):
+            layers = [i for i in range(L) if layer_part[i] == k]
+            part = copy.copy(config)
+            part.num_hidden_layers = len(layers)
+            mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
+            cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
+                                lambda j, e, layers=layers: load_blob(layers[j], e),
+                                host_mirror=mirror)
+            caches.append(cache)
+            for j, i in enumerate(layers):
+                mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],
+                                             offload_config.prefetch, cache_layer=j))
+                model.model.layers[i].mlp.experts = mods[-1]
+    except CorruptFileError as e:  # a blob failed its read-time check (checkpoint.project)
+        corrupt = CorruptFileError(str(e))
+    if corrupt is not None:
+        # raised out here, without the first error's traceback, whose frames hold the half-built
+        # cache: the GPU and pinned memory go back before the user sees the error
+        model = params = attn_parts = caches = mods = cache = None
+        gc.collect()
+        for dev in devices:
+            if dev.type == "cuda":
+                with torch.cuda.device(dev):
+                    torch.cuda.empty_cache()
+        raise corrupt
     for i, m in enumerate(mods):
         nxt = mods[i + 1] if i + 1 < L else None
         m.set_next_router(model.model.layers[i + 1].mlp.gate.weight if nxt else None, nxt)

@@ -114,6 +114,8 @@ def test_edited_config_of_a_project_is_caught(project, tmp_path):
 def test_verified_marker_skips_hashing_until_a_file_changes(project, tmp_path, ref_logits):
     ok = copy(project, tmp_path / "ok")
     open_checkpoint(ok)
+    assert not (ok / "VERIFIED").exists()  # the expert blobs are checked as a load reads them
+    build_model("cpu", None, offload(), ok)
     marker = json.loads((ok / "VERIFIED").read_text())
     assert set(marker["files"]) >= {"trunk.safetensors", "experts-000.safetensors", "config.json"}
     # a flip that keeps size, inode and modification time is not seen by the marker ...
@@ -130,10 +132,74 @@ def test_verified_marker_skips_hashing_until_a_file_changes(project, tmp_path, r
         torch.testing.assert_close(build_model("cpu", None, offload(), ok)(IDS).logits, ref_logits, rtol=0, atol=0)
 
 
+def test_each_blob_is_checked_as_the_load_reads_it(project, tmp_path):
+    """A first load checks config, trunk and headers at open and each expert blob against its read-time sum
+    as the cache reads it: the corrupt expert is named, no model survives, nothing is marked verified."""
+    from mixtral_nb.build import live_models
+
+    bad = copy(project, tmp_path / "bad")
+    ck = open_checkpoint(bad)
+    assert sorted(ck.pending) == [f"experts-{i:03d}.safetensors" for i in range(3)]
+    p = bad / "experts-002.safetensors"
+    flip(p, p.stat().st_size - 3)  # the last expert of the last layer: read last
+    before = len(live_models())
+    with pytest.raises(CheckpointError, match=r"experts-002\.safetensors \(experts \[1\]\) does not match the digest"):
+        build_model("cpu", None, offload(), bad)
+    assert len(live_models()) == before and not (bad / "VERIFIED").exists()
+    flip(p, p.stat().st_size - 3)
+    build_model("cpu", None, offload(), bad)
+    assert (bad / "VERIFIED").exists()
+
+
+def test_a_corrupt_expert_header_is_caught_at_open(project, tmp_path):
+    bad = copy(project, tmp_path / "bad")
+    p = bad / "experts-000.safetensors"
+    raw = bytearray(p.read_bytes())
+    i = raw.index(b"blob_checks")
+    raw[i] = ord("B")  # still a valid header: only its digest can tell
+    p.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"experts-000\.safetensors \(its header\) does not match"):
+        open_checkpoint(bad)
+
+
+def test_a_folder_without_read_sums_is_hashed_whole_before_building(project, tmp_path):
+    old = copy(project, tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    del m["read_sums"]
+    write_manifest(old, m)
+    p = old / "experts-001.safetensors"
+    flip(p, data_start(p) + 7)
+    with pytest.raises(CheckpointError, match=r"experts-001\.safetensors \(experts \[0\]\) does not match"):
+        open_checkpoint(old)
+
+
+def test_read_time_sum_sees_every_single_bit_flip_and_ignores_threads():
+    from mixtral_nb.checkpoint.integrity import fast_digest
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (3 * 4096 + 13,), dtype=torch.uint8, generator=gen)
+    want = fast_digest(data)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fast_digest(data) == want
+    finally:
+        torch.set_num_threads(threads)
+    for pos in torch.randint(0, data.numel(), (200,), generator=gen).tolist():
+        for bit in (0, 7):
+            bad = data.clone()
+            bad[pos] ^= 1 << bit
+            assert fast_digest(bad) != want, (pos, bit)
+    swapped = data.clone()
+    swapped[:8], swapped[8:16] = data[8:16].clone(), data[:8].clone()  # two words of one row swapped
+    assert fast_digest(swapped) != want
+    assert fast_digest(data[1:]) != fast_digest(data[:-1])
+
+
 def test_old_checkpoint_without_digests_gets_them_on_first_open(project, tmp_path, capsys, ref_logits):
     old = copy(project, tmp_path / "old")
     m = json.loads((old / "manifest.json").read_text())
-    for key in ("hashes", "blob_hashes", "hash_algo"):
+    for key in ("hashes", "blob_hashes", "hash_algo", "read_sums"):
         del m[key]
     (old / "manifest.json").write_text(json.dumps(m, indent=1))
     (old / "COMPLETE").write_text("ok\n")  # what the previous version wrote

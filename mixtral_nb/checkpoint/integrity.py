@@ -10,12 +10,20 @@ remembered together with the file's stat key (size, modification time in ns, ino
 stat key is unchanged is trusted to hold the remembered content; replacing or rewriting a file
 changes its stat key, and then it is hashed again. Resume therefore costs a ``stat`` per file
 when nothing changed, and one read of the files that did.
+
+Read-time sums: blake2b runs at about 0.6 GB/s per core, slower than a load reads its files, so a
+first load checks a cheaper sum of the bytes it has already read (:func:`fast_digest`): the data as
+64-bit words in rows of 4 KiB, the wrapping sum of every row and of every column, and a blake2b of
+those sums (a 512th of the data). Any change to one word changes its row's and its column's sum;
+it runs at memory speed on every core. It guards against accidental corruption (disk, copy, a
+truncated download), which is what a checksum here is for; the explicit ``verify`` keeps blake2b.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import socket
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import Tensor
 
 from ..units import MiB
@@ -33,6 +42,8 @@ from .errors import CheckpointError
 ALGO = "blake2b-64MiB"  # recorded next to the digests, so another scheme can be told apart later
 CHUNK = 64 * MiB
 DIGEST_SIZE = 32
+FAST_ALGO = "rowcol-sum64-4KiB"  # the read-time sums (module docstring)
+_ROW = 4096  # bytes per row of the read-time sums
 
 
 def workers() -> int:
@@ -95,6 +106,55 @@ def blob_digest(blob: Tensor) -> str:
     """Digest of one expert blob in memory (recorded per expert, so a corrupt file can name the expert)."""
     view = blob.contiguous().view(-1).numpy()
     return hashlib.blake2b(view, digest_size=16).hexdigest()
+
+
+def _sums(data: Tensor, h: "hashlib._Hash") -> None:
+    """Feed the row and column sums of ``data`` (uint8, contiguous, 8-byte aligned) into ``h``."""
+    main = data.numel() // _ROW * _ROW
+    if main:
+        words = data[:main].view(torch.int64).view(-1, _ROW // 8)
+        # integer addition wraps modulo 2**64 in any order, so the sums do not depend on threading
+        h.update(words.sum(dim=1).numpy().tobytes())
+        h.update(words.sum(dim=0).numpy().tobytes())
+    h.update(data[main:].numpy().tobytes())
+
+
+def fast_digest(data: Tensor) -> str:
+    """The read-time sum of a tensor's bytes (module docstring): a first load checks each expert blob it
+    has just read with this, instead of hashing its file again."""
+    flat = data.detach().contiguous().view(-1)
+    if flat.device.type != "cpu":
+        raise ValueError("fast_digest reads host memory: pass a CPU tensor")
+    flat = flat.view(torch.uint8)
+    if flat.data_ptr() % 8:
+        flat = flat.clone()
+    h = hashlib.blake2b(str(flat.numel()).encode(), digest_size=16)
+    _sums(flat, h)
+    return h.hexdigest()
+
+
+def fast_file_digest(path: Path) -> str:
+    """The read-time sum of a whole file, read in 64 MiB chunks into one reused buffer."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    buf = torch.empty(min(CHUNK, max(size, 1)), dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with open(path, "rb") as f:
+        for _ in range(math.ceil(size / CHUNK)):
+            n = f.readinto(view)
+            if not n:
+                raise CheckpointError(f"{path} became shorter while it was read: copy it again")
+            _sums(buf[:n], h)
+    return h.hexdigest()
+
+
+def header_digest(path: Path) -> str:
+    """Digest of a safetensors file's length prefix and header (the bytes before its tensor data)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        rest = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+    return bytes_digest(head + rest)
 
 
 def bytes_digest(data: bytes) -> str:

@@ -10,7 +10,8 @@ Layout (self-describing; loading needs no settings from code):
                                    blob is row e, ready to copy into a pinned or GPU slot as is
     manifest.json                  format version, quant settings, expert blob layout, attention
                                    specs, file sizes, file digests (``hashes``), per-expert blob
-                                   digests (``blob_hashes``), where it came from
+                                   digests (``blob_hashes``), the read-time sums (``read_sums``),
+                                   where it came from
     COMPLETE                       written last; holds the digest of manifest.json
     progress.json                  the settings and source fingerprint the folder is being written with
     VERIFIED                       the stat keys of the files when their digests were last checked
@@ -23,9 +24,12 @@ is never taken for a finished checkpoint, and a rerun with the same settings and
 content skips finished layers. One writer at a time: a lock file (:class:`.integrity.FolderLock`).
 
 Integrity: every file's digest (:mod:`.integrity`) is recorded in the manifest, and the manifest's
-in ``COMPLETE``. The first open after writing hashes every file and compares (a corrupt file is a
-:class:`CorruptFileError` naming it and, for an expert file, the experts); success is recorded in
-``VERIFIED`` with the files' stat keys, so later opens skip the hashing until a file changes.
+in ``COMPLETE``. The first open after writing checks config.json, the trunk and the expert files'
+headers at once, and each expert blob against its read-time sum as it is read (a load reads every
+blob once, so this costs no second read of the 10+ GB of experts); a corrupt file is a
+:class:`CorruptFileError` naming it and, for an expert file, the experts. Once every blob has been
+read and found good, ``VERIFIED`` records the files' stat keys, so later opens skip the checks until
+a file changes. ``verify`` (and folders without read-time sums) hash every file with blake2b.
 Folders written before digests existed get them computed and recorded on first open, with a note.
 """
 
@@ -50,7 +54,8 @@ from ..quant import QSpec
 from .errors import CheckpointError, CorruptFileError, read_json
 from .files import SafetensorsFiles
 from .hub import check_disk
-from .integrity import ALGO, FolderLock, DigestRun, atomic_text, bytes_digest, blob_digest, digest_files, stat_key
+from .integrity import (ALGO, FAST_ALGO, DigestRun, FolderLock, atomic_text, blob_digest, bytes_digest, digest_files,
+                        fast_digest, fast_file_digest, header_digest, stat_key)
 from .structure import ATTN, load_config
 
 FORMAT = "mixtral_nb"
@@ -104,6 +109,7 @@ class ProjectCheckpoint:
 
     def __init__(self, folder: Path, verify: bool | None = None) -> None:
         self.folder = folder = Path(folder)
+        self.pending: dict[str, set[int]] = {}  # expert blobs still to check as they are read (module docstring)
         if not (folder / "COMPLETE").is_file():
             raise CheckpointError(
                 f"{folder} is an unfinished mixtral_nb checkpoint (no COMPLETE marker): rerun quantize() with the "
@@ -171,6 +177,8 @@ class ProjectCheckpoint:
         if "blob_hashes" in m and not (isinstance(m["blob_hashes"], dict) and all(
                 isinstance(v, list) and all(isinstance(x, str) for x in v) for v in m["blob_hashes"].values())):
             raise CheckpointError(f"{path}: 'blob_hashes' is malformed: {FIX_PROJECT}")
+        if "read_sums" in m and not _read_sums_ok(m["read_sums"]):
+            raise CheckpointError(f"{path}: 'read_sums' is malformed: {FIX_PROJECT}")
         return m
 
     def _check_files(self, attn_specs: dict[str, QSpec]) -> None:
@@ -224,14 +232,50 @@ class ProjectCheckpoint:
                     return
             except (OSError, ValueError):
                 pass
+        sums = self.manifest.get("read_sums")
+        if isinstance(sums, dict) and sums.get("algo") == FAST_ALGO:
+            self._verify_while_reading(sums)
+            return
         run = self.check_digests()
         bad = [n for n, d in run.digests.items() if d != hashes[n]]
         if bad:
             raise CorruptFileError(self.corrupt_message(bad))
+        self._mark_verified()
+
+    def _mark_verified(self) -> None:
         try:
-            atomic_text(json.dumps(self._marker()), marker)
+            atomic_text(json.dumps(self._marker()), self.folder / "VERIFIED")
         except OSError:
             pass  # a read-only folder is checked on every open
+
+    def _verify_while_reading(self, sums: dict[str, Any]) -> None:
+        """Check the small files and the trunk now, and arm the check of each expert blob as it is read."""
+        E = self.config.num_local_experts
+        experts = sorted(n for n in self.manifest["files"] if n.startswith("experts-"))
+        if set(sums["blobs"]) != set(experts) or set(sums["headers"]) != set(experts) or any(
+                len(sums["blobs"][n]) != E for n in experts) or "trunk.safetensors" not in sums["files"]:
+            raise CheckpointError(f"{self.folder / 'manifest.json'}: 'read_sums' does not cover the checkpoint's files: "
+                                  f"{FIX_PROJECT}")
+        bad = [n for n in ("config.json",) if n in self.manifest["hashes"]
+               and digest_files(self.folder, [n]).digests[n] != self.manifest["hashes"][n]]
+        bad += [n for n, want in sorted(sums["files"].items()) if fast_file_digest(self.folder / n) != want]
+        bad += [n for n in experts if header_digest(self.folder / n) != sums["headers"][n]]
+        if bad:
+            raise CorruptFileError(self._corrupt_text([f"{self.folder / n}" + (" (its header)" if n in experts else "")
+                                                       for n in bad]))
+        self.pending = {n: set(range(E)) for n in experts}
+
+    def _check_blob(self, name: str, e: int, blob: Tensor) -> None:
+        todo = self.pending.get(name)
+        if todo is None or e not in todo:
+            return
+        if fast_digest(blob) != self.manifest["read_sums"]["blobs"][name][e]:
+            raise CorruptFileError(self._corrupt_text([f"{self.folder / name} (experts [{e}])"]))
+        todo.discard(e)
+        if not todo:
+            del self.pending[name]
+            if not self.pending:
+                self._mark_verified()
 
     def check_digests(self) -> DigestRun:
         """Hash every file the manifest has a digest for (the explicit check behind :func:`verify`)."""
@@ -253,8 +297,13 @@ class ProjectCheckpoint:
                 finally:
                     self.files.close()
             parts.append(f"{self.folder / name}{detail}")
-        return (f"{', '.join(parts)} {'does' if len(bad) == 1 else 'do'} not match the digest recorded when the checkpoint "
-                f"was written: the file is corrupt (disk or copy error); {FIX_PROJECT}, or copy the files again")
+        return self._corrupt_text(parts)
+
+    @staticmethod
+    def _corrupt_text(parts: list[str]) -> str:
+        return (f"{', '.join(parts)} {'does' if len(parts) == 1 else 'do'} not match the digest recorded when the "
+                f"checkpoint was written: the file is corrupt (disk or copy error); {FIX_PROJECT}, or copy the files "
+                "again")
 
     def _record_hashes(self) -> None:
         """A folder from before digests existed: compute and record them (later opens verify against them)."""
@@ -282,7 +331,9 @@ class ProjectCheckpoint:
         """One expert's blob (a copy); only the current layer's file stays mapped."""
         name = expert_file(layer)
         self.files.keep_only({name})
-        return self.files.slice(name, "blobs")[e]
+        blob = self.files.slice(name, "blobs")[e]
+        self._check_blob(name, e, blob)
+        return blob
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +420,12 @@ class Writer:
 
     def write_layer(self, layer: int, trunk_part: dict[str, Tensor], blobs: Tensor) -> None:
         digests = [blob_digest(b) for b in blobs]
+        sums = [fast_digest(b) for b in blobs]
         _atomic_save(trunk_part, self._part(layer))
-        _atomic_save({"blobs": blobs}, self.dst / expert_file(layer), metadata={"blob_digests": json.dumps(digests)})
+        # one metadata key: safetensors writes several in no fixed order, and a resumed folder must be
+        # byte-identical to one written in one go
+        _atomic_save({"blobs": blobs}, self.dst / expert_file(layer),
+                     metadata={"blob_checks": json.dumps({"digests": digests, "sums": sums})})
 
     def globals_done(self) -> bool:
         return self._part(None).exists()
@@ -387,14 +442,24 @@ class Writer:
         _atomic_save(trunk, self.dst / "trunk.safetensors")
         del trunk
         atomic_text(config_json, self.dst / "config.json")
-        blob_hashes = {}
+        blob_hashes, blob_sums = {}, {}
         for layer in range(num_layers):
-            with safe_open(str(self.dst / expert_file(layer)), framework="pt", device="cpu") as f:
-                blob_hashes[expert_file(layer)] = json.loads((f.metadata() or {}).get("blob_digests", "[]"))
+            name = expert_file(layer)
+            with safe_open(str(self.dst / name), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if "blob_checks" in meta:
+                    checks = json.loads(meta["blob_checks"])
+                    blob_hashes[name], blob_sums[name] = checks["digests"], checks["sums"]
+                else:  # a layer written by a version without read-time sums (a resumed folder)
+                    blob_hashes[name] = json.loads(meta.get("blob_digests", "[]"))
+                    blob_sums[name] = [fast_digest(b) for b in f.get_tensor("blobs")]
         files = {p.name: p.stat().st_size for p in sorted(self.dst.glob("*.safetensors"))}
         run = digest_files(self.dst, ["config.json", *files])
+        experts = sorted(blob_sums)
+        read_sums = {"algo": FAST_ALGO, "files": {"trunk.safetensors": fast_file_digest(self.dst / "trunk.safetensors")},
+                     "headers": {n: header_digest(self.dst / n) for n in experts}, "blobs": blob_sums}
         text = json.dumps({**manifest, "files": files, "hashes": run.digests, "hash_algo": ALGO,
-                           "blob_hashes": blob_hashes}, indent=1)
+                           "blob_hashes": blob_hashes, "read_sums": read_sums}, indent=1)
         atomic_text(text, self.dst / "manifest.json")
         atomic_text(json.dumps({"manifest": bytes_digest(text.encode())}), self.dst / "COMPLETE")
         shutil.rmtree(self.dst / "parts", ignore_errors=True)
@@ -448,3 +513,11 @@ def write_project(source: Source, dst: Path, *, quant: QuantConfig, fmt: ExpertF
                     "attn_specs": {k: v.to_json() for k, v in attn_specs.items()}, "source": fingerprint}
         writer.finish(cfg.to_json_string(use_diff=True), manifest, L)
     return dst
+
+
+def _read_sums_ok(rs: Any) -> bool:
+    """The shape of the manifest's ``read_sums`` (what a corrupt or hand-edited manifest may break)."""
+    return (isinstance(rs, dict) and isinstance(rs.get("algo"), str) and _str_dict(rs.get("files"), (str,))
+            and _str_dict(rs.get("headers"), (str,)) and isinstance(rs.get("blobs"), dict)
+            and all(isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+                    for k, v in rs["blobs"].items()))
