@@ -191,8 +191,11 @@ def test_read_time_sum_sees_every_single_bit_flip_and_ignores_threads():
             bad[pos] ^= 1 << bit
             assert fast_digest(bad) != want, (pos, bit)
     swapped = data.clone()
-    swapped[:8], swapped[8:16] = data[8:16].clone(), data[:8].clone()  # two words of one row swapped
+    swapped[:4096], swapped[4096:8192] = data[4096:8192].clone(), data[:4096].clone()  # two pages swapped
     assert fast_digest(swapped) != want
+    zeroed = data.clone()
+    zeroed[4096:8192] = 0  # a page lost
+    assert fast_digest(zeroed) != want
     assert fast_digest(data[1:]) != fast_digest(data[:-1])
 
 
