@@ -271,6 +271,22 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     memory goes to the new one; using it raises :class:`ReleasedModelError`), so re-running a
     notebook's load cell does not hold two copies; ``keep_previous=True`` keeps it.
     """
+    corrupt = None
+    try:
+        return _build(device, quant_config, offload_config, state_path, dtype, host_mirror, verify, keep_previous)
+    except CorruptFileError as e:  # a read-time check failed midway (checkpoint.project)
+        corrupt = CorruptFileError(str(e))
+    # raised out here, once the first error and its traceback are gone: their frames held the half-built
+    # model, whose GPU and pinned memory now go back before the user sees the error
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise corrupt
+
+
+def _build(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
+           state_path: str | os.PathLike | Any, dtype: torch.dtype | None, host_mirror: bool | None,
+           verify: bool | None, keep_previous: bool):
     from transformers import MixtralForCausalLM  # heavy: the package import stays fast without it
 
     if not isinstance(offload_config, OffloadConfig):
@@ -359,33 +375,19 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
 
     caches: list[ExpertCache] = []
     mods: list[OffloadedExperts] = []
-    corrupt = None
-    try:
-        for k, dev in enumerate(devices):
-            layers = [i for i in range(L) if layer_part[i] == k]
-            part = copy.copy(config)
-            part.num_hidden_layers = len(layers)
-            mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
-            cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
-                                lambda j, e, layers=layers: load_blob(layers[j], e),
-                                host_mirror=mirror)
-            caches.append(cache)
-            for j, i in enumerate(layers):
-                mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],
-                                             offload_config.prefetch, cache_layer=j))
-                model.model.layers[i].mlp.experts = mods[-1]
-    except CorruptFileError as e:  # a blob failed its read-time check (checkpoint.project)
-        corrupt = CorruptFileError(str(e))
-    if corrupt is not None:
-        # raised out here, without the first error's traceback, whose frames hold the half-built
-        # cache: the GPU and pinned memory go back before the user sees the error
-        model = params = attn_parts = caches = mods = cache = None
-        gc.collect()
-        for dev in devices:
-            if dev.type == "cuda":
-                with torch.cuda.device(dev):
-                    torch.cuda.empty_cache()
-        raise corrupt
+    for k, dev in enumerate(devices):
+        layers = [i for i in range(L) if layer_part[i] == k]
+        part = copy.copy(config)
+        part.num_hidden_layers = len(layers)
+        mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
+        cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
+                            lambda j, e, layers=layers: load_blob(layers[j], e),
+                            host_mirror=mirror)
+        caches.append(cache)
+        for j, i in enumerate(layers):
+            mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],
+                                         offload_config.prefetch, cache_layer=j))
+            model.model.layers[i].mlp.experts = mods[-1]
     for i, m in enumerate(mods):
         nxt = mods[i + 1] if i + 1 < L else None
         m.set_next_router(model.model.layers[i + 1].mlp.gate.weight if nxt else None, nxt)

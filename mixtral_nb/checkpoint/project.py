@@ -39,6 +39,8 @@ import json
 import os
 import re
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -110,6 +112,7 @@ class ProjectCheckpoint:
     def __init__(self, folder: Path, verify: bool | None = None) -> None:
         self.folder = folder = Path(folder)
         self.pending: dict[str, set[int]] = {}  # expert blobs still to check as they are read (module docstring)
+        self._checks: _ReadChecks | None = None
         if not (folder / "COMPLETE").is_file():
             raise CheckpointError(
                 f"{folder} is an unfinished mixtral_nb checkpoint (no COMPLETE marker): rerun quantize() with the "
@@ -258,23 +261,27 @@ class ProjectCheckpoint:
                                   f"{FIX_PROJECT}")
         bad = [n for n in ("config.json",) if n in self.manifest["hashes"]
                and digest_files(self.folder, [n]).digests[n] != self.manifest["hashes"][n]]
-        bad += [n for n, want in sorted(sums["files"].items()) if fast_file_digest(self.folder / n) != want]
         bad += [n for n in experts if header_digest(self.folder / n) != sums["headers"][n]]
         if bad:
             raise CorruptFileError(self._corrupt_text([f"{self.folder / n}" + (" (its header)" if n in experts else "")
                                                        for n in bad]))
         self.pending = {n: set(range(E)) for n in experts}
+        self._checks = _ReadChecks(self._corrupt_text)
+        for n, want in sorted(sums["files"].items()):  # the trunk: summed while the build reads it
+            self._checks.submit(str(self.folder / n), fast_file_digest, self.folder / n, want=want)
 
     def _check_blob(self, name: str, e: int, blob: Tensor) -> None:
         todo = self.pending.get(name)
-        if todo is None or e not in todo:
+        if todo is None or e not in todo or self._checks is None:
             return
-        if fast_digest(blob) != self.manifest["read_sums"]["blobs"][name][e]:
-            raise CorruptFileError(self._corrupt_text([f"{self.folder / name} (experts [{e}])"]))
+        self._checks.submit(f"{self.folder / name} (experts [{e}])", fast_digest, blob,
+                            want=self.manifest["read_sums"]["blobs"][name][e])
         todo.discard(e)
         if not todo:
             del self.pending[name]
-            if not self.pending:
+            if not self.pending:  # the last blob was read: every check must pass before the load returns
+                self._checks.drain()
+                self._checks = None
                 self._mark_verified()
 
     def check_digests(self) -> DigestRun:
@@ -326,6 +333,8 @@ class ProjectCheckpoint:
     def trunk(self) -> Iterator[tuple[str, Tensor]]:
         for key in self.files.header("trunk.safetensors"):
             yield key, self.files.tensor("trunk.safetensors", key)
+        if self._checks is not None:  # a corrupt trunk stops the load before the experts are read
+            self._checks.drain()
 
     def blob(self, layer: int, e: int) -> Tensor:
         """One expert's blob (a copy); only the current layer's file stays mapped."""
@@ -334,6 +343,34 @@ class ProjectCheckpoint:
         blob = self.files.slice(name, "blobs")[e]
         self._check_blob(name, e, blob)
         return blob
+
+
+class _ReadChecks:
+    """Read-time sums computed in a thread beside the reader (torch's sums release the GIL), so a
+    first load spends little more than it would without them. At most two checks wait at a time
+    (each holds a blob's copy); a failed one raises at the next submit or drain, so before the
+    load returns."""
+
+    def __init__(self, corrupt_text: Callable[[list[str]], str]) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mixtral_nb-read-sums")
+        self.queue: deque[tuple[str, Future, str]] = deque()
+        self.corrupt_text = corrupt_text
+
+    def _pop(self) -> None:
+        label, fut, want = self.queue.popleft()
+        if fut.result() != want:
+            self.queue.clear()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise CorruptFileError(self.corrupt_text([label]))
+
+    def submit(self, label: str, fn: Callable[..., str], *args: Any, want: str) -> None:
+        while self.queue and (self.queue[0][1].done() or len(self.queue) >= 2):
+            self._pop()
+        self.queue.append((label, self.pool.submit(fn, *args), want))
+
+    def drain(self) -> None:
+        while self.queue:
+            self._pop()
 
 
 # ---------------------------------------------------------------------------------------------
