@@ -3,8 +3,8 @@
     python scripts/verify_cost.py /tmp/synth        # writes the synthetic article folder there if missing
 
 Times build_model at the colab-t4 plan with a cold page cache (dropped before each cold build: needs
-root) and a warm one: first open (no VERIFIED marker: config, trunk and headers checked at open, each
-expert blob against its read-time sum as the cache reads it), and no verification, each twice
+root) and a warm one: first open (no VERIFIED marker: config and headers checked at open, the trunk and
+each expert blob against read-time sums as the build reads them), and no verification, each twice
 (cold builds vary by a few seconds). Also times the explicit blake2b pass of `verify`.
 BENCHMARKS.md records the results.
 """

@@ -24,9 +24,10 @@ is never taken for a finished checkpoint, and a rerun with the same settings and
 content skips finished layers. One writer at a time: a lock file (:class:`.integrity.FolderLock`).
 
 Integrity: every file's digest (:mod:`.integrity`) is recorded in the manifest, and the manifest's
-in ``COMPLETE``. The first open after writing checks config.json, the trunk and the expert files'
-headers at once, and each expert blob against its read-time sum as it is read (a load reads every
-blob once, so this costs no second read of the 10+ GB of experts); a corrupt file is a
+in ``COMPLETE``. The first open after writing checks config.json and the expert files' headers at
+once, and the trunk and each expert blob against read-time sums as a load reads them, in a thread
+beside it (a load reads every blob once, so this costs no second read of the 10+ GB of experts;
+build_model raises before it returns a model); a corrupt file is a
 :class:`CorruptFileError` naming it and, for an expert file, the experts. Once every blob has been
 read and found good, ``VERIFIED`` records the files' stat keys, so later opens skip the checks until
 a file changes. ``verify`` (and folders without read-time sums) hash every file with blake2b.
