@@ -1,4 +1,5 @@
-"""Command line: ``python -m mixtral_nb {demo,chat,bench,rehearse,policy,quantize,verify,synthetic,plan,notebooks,check-notebooks}``."""
+"""Command line: ``python -m mixtral_nb COMMAND`` (demo, chat, bench, rehearse, policy, quantize, verify, synthetic,
+plan, notebooks, check-notebooks, nbval-prepare)."""
 
 from __future__ import annotations
 

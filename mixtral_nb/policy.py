@@ -171,6 +171,7 @@ def simulate(trace: Trace, slots: int | Sequence[int], policy: str = "clean_lru"
             res = resident[layer]
             order = sorted(need, key=lambda e: e not in res)  # hits first, so they compute while misses load
             protect = set(need)
+            crowded = False  # every resident expert was needed: from then on the computed ones are evictable
             hits = misses = wb = 0
             for i, e in enumerate(order):
                 uses[layer][e] += 1
@@ -181,10 +182,10 @@ def simulate(trace: Trace, slots: int | Sequence[int], policy: str = "clean_lru"
                 misses += 1
                 out = None
                 if len(res) >= per_layer[layer]:
-                    out = victim(layer, protect, s)
-                    if out is None:  # every resident expert is still needed: those computed so far become evictable
-                        protect = set(order[i:])
-                        out = victim(layer, protect, s)
+                    out = None if crowded else victim(layer, protect, s)
+                    if out is None:  # the experts before this one are computed first, then evictable
+                        crowded = True
+                        out = victim(layer, set(order[i:]), s)
                     assert out is not None
                 if not cache.mirror and host_free < cache.buffer_size + 1:
                     host_free += 1  # the host copy is given up: the expert now lives on the GPU only
