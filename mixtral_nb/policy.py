@@ -61,6 +61,18 @@ class CacheModel:
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"CacheModel.{name}={v!r}: give an integer >= {low}")
 
+    @classmethod
+    def of(cls, model: Any) -> "CacheModel":
+        """The settings of a built model's own expert cache (the first GPU's, when split), so a replay
+        answers "what if this cache had another budget or policy"."""
+        cache = getattr(model, "expert_cache", None)
+        cache = getattr(cache, "caches", [cache])[0]
+        if cache is None:
+            raise ValueError("CacheModel.of: the model has no expert cache: pass a model made by build_model or load")
+        c = cache.config
+        return cls(mirror=bool(cache.mirror), buffer_size=c.buffer_size, extra_host_slots=c.extra_host_slots,
+                   clean_window=c.clean_window)
+
 
 @dataclass
 class SimResult:
