@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import math
+import numbers
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -121,13 +122,13 @@ def _slots_list(slots: int | Sequence[int], trace: Trace) -> list[int]:
     L, E = trace.num_layers, trace.num_experts
     if isinstance(slots, bool):
         raise ValueError(f"slots={slots!r}: give an integer or one integer per layer")
-    out = [slots] * L if isinstance(slots, int) else list(slots)
+    out = [slots] * L if isinstance(slots, numbers.Integral) else list(slots)
     if len(out) != L:
         raise ValueError(f"slots has {len(out)} entries, the trace has {L} layers: give one per layer or one integer")
     for i, s in enumerate(out):
-        if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= E:
+        if not isinstance(s, numbers.Integral) or isinstance(s, bool) or not 1 <= s <= E:
             raise ValueError(f"slots[{i}]={s!r}: every layer needs between 1 and {E} (num_experts) GPU slots")
-    return out
+    return [int(s) for s in out]
 
 
 def simulate(trace: Trace, slots: int | Sequence[int], policy: str = "clean_lru",
@@ -226,7 +227,7 @@ def distribute(total: int, num_layers: int, num_experts: int, miss_rates: Sequen
     """``total`` GPU slots split over the layers: evenly (``miss_rates`` None; the first layers get the
     remainder), or each layer 1 plus a share of the rest proportional to its miss rate (largest
     remainders rounded up), never more than ``num_experts`` per layer."""
-    if not isinstance(total, int) or isinstance(total, bool) or not num_layers <= total <= num_layers * num_experts:
+    if not isinstance(total, numbers.Integral) or isinstance(total, bool) or not num_layers <= total <= num_layers * num_experts:
         raise ValueError(f"total={total!r} slots: give an integer between {num_layers} (one per layer) and "
                          f"{num_layers * num_experts} (every expert resident)")
     if miss_rates is None or not any(w > 0 for w in miss_rates):

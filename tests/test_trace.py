@@ -8,7 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixtral_nb import OffloadConfig, QuantConfig, build_model
+from mixtral_nb import OffloadConfig, QuantConfig, article_quant_config, build_model
+from mixtral_nb.engine import make_engine
+from mixtral_nb.generate import generate
 from mixtral_nb.policy import (POLICIES, CacheModel, budget_slots, distribute, format_table, parse_synthetic,
                                policy_main, policy_table, simulate)
 from mixtral_nb.trace import Trace, TraceRecorder, record_routing, synthetic_trace
@@ -223,3 +225,36 @@ def test_table_and_cli(capsys, tmp_path):
     assert err.startswith("error: --slots 9") and len(err.strip().splitlines()) == 1
     assert policy_main(["--synthetic", "p=0.5", "--policies", "fifo"]) == 2
     assert "choose from" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [False, True])
+def test_recorder_on_the_gpu_decoder(tiny_dir, quant):
+    """The Decoder on CUDA (graphs for attention and routing, experts eager; with quantized experts the
+    grouped kernels): the recorded trace, replayed, gives the cache's own counters, across several
+    batched device-to-host flushes."""
+    cfg = OffloadConfig(main_size=4 * 3, offload_size=4 * 5, buffer_size=2, offload_per_layer=5, prefetch=0)
+    model = build_model("cuda", article_quant_config() if quant else QuantConfig(None, None), cfg, tiny_dir,
+                        host_mirror=False)
+    engine = make_engine(model)
+    assert engine.kind == "decoder"
+    generate(engine, PROMPT.cuda(), 4)  # graphs captured outside the recording
+    model.expert_cache.reset_stats()
+    rec = TraceRecorder(4, 8, 2, flush_every=5)
+    with record_routing(model, rec):
+        generate(engine, PROMPT.cuda(), 16)
+    trace = rec.trace()
+    assert trace.num_steps == 16 and trace.decode_tokens == 15
+    stats = model.expert_cache.stats(wait=True)
+    r = simulate(trace, 3, "clean_lru", CacheModel(mirror=False, buffer_size=2))
+    assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
+    assert r.writebacks * model.expert_cache.blob_bytes == stats["bytes_d2h"]
+
+
+@pytest.mark.gpu
+def test_all_resident_on_the_gpu_warns(tiny_dir):
+    cfg = OffloadConfig(main_size=4 * 8, offload_size=0, buffer_size=1, offload_per_layer=0, prefetch=0)
+    model = build_model("cuda", QuantConfig(None, None), cfg, tiny_dir)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs"), record_routing(model) as rec:
+        pass
+    assert not rec.visible
