@@ -382,8 +382,8 @@ def policy_main(argv: list[str] | None = None) -> int:
     src.add_argument("--synthetic", metavar="SPEC", help="a synthetic trace: p=REPEAT[,zipf=S,tokens=N,layers=L,"
                      "experts=E,k=K,prefill=N,seed=S], e.g. p=0.5")
     src.add_argument("--embedded", action="store_true", help="record the embedded model's routing over a few chat "
-                     "turns on CPU (downloads nothing; about a minute)")
-    p.add_argument("--slots", default=None, help="GPU slots per layer to try, comma-separated (default: 1 .. experts-1)")
+                     "turns on CPU (downloads nothing; minutes on a slow CPU)")
+    p.add_argument("--slots", default=None, help="GPU slots per layer to try, comma-separated (none: 1 .. experts-1)")
     p.add_argument("--total", default=None, help="total GPU slots over all layers to try, comma-separated "
                    "(split by --distribute) instead of --slots")
     p.add_argument("--distribute", choices=("even", "miss"), default="even",
