@@ -44,7 +44,8 @@ VERSION = 1
 @dataclass(frozen=True, eq=False)
 class Trace:
     """Expert ids ``ids`` [tokens, layers, k] of a run, cut into steps of ``step_tokens`` tokens each;
-    ``prefill[i]`` marks a step of several tokens (a prompt chunk) rather than one decoded token."""
+    ``prefill[i]`` marks a step of several tokens (a prompt chunk) rather than one decoded token (a
+    recorded one-token prompt chunk counts as decoded: the router cannot tell them apart)."""
 
     ids: np.ndarray
     step_tokens: np.ndarray

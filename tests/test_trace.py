@@ -134,7 +134,9 @@ def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirro
         assert np.array_equal(got, exp)
 
     stats = model.expert_cache.stats()
-    r = simulate(trace, 3, policy, CacheModel(mirror=mirror, buffer_size=2, extra_host_slots=extra, clean_window=window))
+    cache = CacheModel(mirror=mirror, buffer_size=2, extra_host_slots=extra, clean_window=window)
+    assert CacheModel.of(model) == cache
+    r = simulate(trace, 3, policy, cache)
     assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
     assert r.writebacks * model.expert_cache.blob_bytes == stats["bytes_d2h"]
     assert r.misses * model.expert_cache.blob_bytes == stats["bytes_h2d"]
