@@ -1,4 +1,5 @@
-"""Command line: ``python -m mixtral_nb {demo,chat,bench,rehearse,quantize,verify,synthetic,plan,notebooks,check-notebooks}``."""
+"""Command line: ``python -m mixtral_nb COMMAND`` (demo, chat, bench, rehearse, policy, quantize, verify, synthetic,
+plan, notebooks, check-notebooks, nbval-prepare)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .config import article_quant_config
 from .load import load
 from .notebook_tools import dirty_notebooks, execute_to_html, prepare_for_nbval
 from .planner import PRESETS, Machine, MemoryPlanError, detect
+from .policy import policy_main
 from .rehearse import rehearse_main
 from .synthetic import write_article_checkpoint, write_hf_checkpoint
 from .units import fmt_bytes
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     if argv and argv[0] == "rehearse":
         return rehearse_main(argv[1:])
+    if argv and argv[0] == "policy":
+        return policy_main(argv[1:])
     p = _Parser(prog="python -m mixtral_nb", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     c = sub.add_parser("chat", help="answer one --prompt, or chat in the terminal")
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.set_defaults(fn=_plan)
     sub.add_parser("bench", help="benchmark (see `bench --help`)")
     sub.add_parser("rehearse", help="the Colab journey at Mixtral size within Colab's limits (see `rehearse --help`)")
+    sub.add_parser("policy", help="expert-cache hit rate by policy and budget on a routing trace (see `policy --help`)")
     sub.add_parser("notebooks", help="execute every notebook to artifacts/*.html").set_defaults(fn=_notebooks)
     sub.add_parser("check-notebooks", help="fail if a notebook has outputs").set_defaults(fn=_check_notebooks)
     nv = sub.add_parser("nbval-prepare", help="copy the notebooks with their expected check outputs, for nbval")

@@ -64,6 +64,7 @@ class OffloadedExperts(nn.Module):
         self._staging: tuple[Tensor, Tensor, Any] | None = None  # pinned host, device, numpy view of host
         self._graphs: dict[tuple, Any] = {}
         self.graphs = True  # replay captured graphs for one-token expert groups (CUDA)
+        self.recorder: Any = None  # trace.record_routing sets it to see each call's routing (off: None)
 
     @property
     def cache(self) -> ExpertCache:
@@ -176,6 +177,8 @@ class OffloadedExperts(nn.Module):
         grouped = decode and self.grouped(hidden_states)
         if grouped and self.static():
             return self._decode_static(hidden_states, top_k_index, top_k_weights)
+        if self.recorder is not None:  # a routing trace; the graph path above is not recorded
+            self.recorder.record(self.layer_idx, top_k_index)
         flat = top_k_index.reshape(-1)
         # decode sends the k expert ids themselves; prefill sends per-expert token counts
         parts = [flat if decode else torch.bincount(flat, minlength=E)]
