@@ -17,6 +17,7 @@ do not fit this machine", and its message names the numbers and the setting to c
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 
 from .config import OffloadConfig, QuantConfig, article_quant_config, check_int
 from .expert import ExpertFormat
+from .monitor import nvml_index
 from .quant import QSpec
 from .units import GiB, MiB, fmt_bytes
 
@@ -416,22 +418,45 @@ def preset(name: str, **kw: Any) -> Plan:
     return PRESETS[name].plan(**kw)
 
 
+def own_context_bytes(index: int) -> int:
+    """Device memory this process holds on GPU ``index`` outside torch's allocator (its CUDA context),
+    from NVML's per-process figures; 0 when NVML cannot say (the plan then stays on the safe side)."""
+    try:
+        import pynvml  # optional: a missing or broken NVML only makes the plan more conservative
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(index))
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid == os.getpid())
+    except Exception:  # noqa: BLE001 - any NVML failure means "unknown"
+        return 0
+    return max(0, used - int(torch.cuda.memory_reserved(index)))
+
+
+def _usable_vram(index: int) -> int:
+    """Free VRAM plus this process's own CUDA context: plans count the context themselves
+    (CUDA_CONTEXT), and measuring initialised it, so it must not be subtracted twice."""
+    return int(torch.cuda.mem_get_info(index)[0]) + min(own_context_bytes(index), CUDA_CONTEXT)
+
+
 def machine(device: Any = None) -> Machine:
-    """This machine: free VRAM of ``device`` (default: current CUDA device, if any), available RAM, free disk."""
+    """This machine: usable VRAM of ``device`` (default: current CUDA device, if any; free memory plus
+    this process's CUDA context, which plans count), available RAM, free disk."""
     ram = psutil.virtual_memory().available
     disk = shutil.disk_usage(".").free
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         if device is not None:  # one named GPU
             dev = torch.device(device)
-            return Machine(int(torch.cuda.mem_get_info(dev)[0]), int(ram), 1, disk, torch.cuda.get_device_name(dev))
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            return Machine(_usable_vram(index), int(ram), 1, disk, torch.cuda.get_device_name(dev))
         n = torch.cuda.device_count()  # all GPUs (layers are split across them); plan for the smallest
-        free = min(torch.cuda.mem_get_info(i)[0] for i in range(n))
+        free = min(_usable_vram(i) for i in range(n))
         return Machine(int(free), int(ram), n, disk, f"{n} x {torch.cuda.get_device_name(0)}")
     return Machine(0, int(ram), 0, disk, "CPU")
 
 
 def detect(device: Any = None, **kw: Any) -> Plan:
-    """The plan for this machine (free VRAM via torch.cuda.mem_get_info, available RAM via psutil)."""
+    """The plan for this machine (VRAM via torch.cuda.mem_get_info and NVML, available RAM via psutil)."""
     return machine(device).plan(**kw)
 
 

@@ -168,3 +168,18 @@ def test_plan_edited_by_hand_or_for_fewer_layers_stays_consistent():
     cfg = short.offload_config()
     assert cfg.slots_per_layer(4, 8) == p.layer_slots()[:4]
     assert cfg.extra_host_slots == p.extra_host_slots * 4 // 32
+
+
+def test_detect_counts_this_process_context_once(monkeypatch):
+    """Measuring free VRAM creates this process's CUDA context; the plan subtracts a context itself, so
+    what NVML says this process holds (at most CUDA_CONTEXT) is added back, and nothing when NVML cannot say."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "T4")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (14 * GiB, 15 * GiB))
+    monkeypatch.setattr(P, "own_context_bytes", lambda i: 300 * 1024**2)
+    assert P.machine().vram_bytes == 14 * GiB + 300 * 1024**2
+    monkeypatch.setattr(P, "own_context_bytes", lambda i: 5 * GiB)  # never more than a context's worth
+    assert P.machine("cuda:0").vram_bytes == 14 * GiB + P.CUDA_CONTEXT
+    monkeypatch.setattr(P, "own_context_bytes", lambda i: 0)
+    assert P.machine().vram_bytes == 14 * GiB
