@@ -111,7 +111,8 @@ def test_tiny_at_the_colab_plan(capsys, tmp_path):
     plan = bench.bench_plan(bench._parser().parse_args(["--plan", "colab-t4"]), 4)
     assert ours["gpu_expert_slots"] == sum(plan.layer_slots()) and ours["extra_host_slots"] > 0
     assert ours["ttft_s"] > 0 and ours["ttft_prompt_tokens"] == 64
-    assert 0 <= ours["d2h_per_h2d"] <= 1 and ours["h2d_bytes_per_token"] > 0
+    assert ours["h2d_bytes_per_token"] > 0
+    assert ours["d2h_per_h2d"] <= 0.3  # spare host blobs: evictions rarely write back
     for flag in (["--emulate", "t4"], ["--copy-only"]):
         with pytest.raises(SystemExit) as e:
             bench.bench_main(["--tiny", *flag])

@@ -95,3 +95,25 @@ def test_colab_plan_writes_back_rarely():
     narrow = make_cache(dataclasses.replace(cfg, clean_window=1), 32)
     st_narrow = drive(narrow, 300)
     assert st_narrow["bytes_d2h"] / st_narrow["bytes_h2d"] > ratio + 0.2
+
+
+@pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]])
+def test_model_with_per_layer_slots_equals_transformers(tiny_dir, tiny_ref, devices):
+    """build_model with layers of different slot counts (one device, or split over two: each cache
+    gets its own layers' counts) and spare host blobs gives transformers' logits and greedy tokens."""
+    from mixtral_nb import QuantConfig, build_model
+
+    cfg = OffloadConfig.for_slots(8, (7, 3, 5, 2), buffer_size=2, prefetch=1, host_mirror=False,
+                                  extra_host_slots=3, clean_window=8)
+    model = build_model(devices, QuantConfig(None, None), cfg, tiny_dir)
+    caches = getattr(model.expert_cache, "caches", [model.expert_cache])
+    assert [c.layer_slots for c in caches] == ([[7, 3, 5, 2]] if len(devices) == 1 else [[7, 3], [5, 2]])
+    prompt = torch.randint(3, 512, (1, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = model(prompt).logits, tiny_ref(prompt).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+    out = model.generate(prompt[:, :8], max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    ref = tiny_ref.generate(prompt[:, :8], max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert torch.equal(out, ref)
+    st = model.expert_cache.stats()
+    assert st["misses"] > 0 and st["bytes_d2h"] < st["bytes_h2d"]
