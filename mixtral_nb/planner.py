@@ -36,10 +36,11 @@ HOST_OVERHEAD = int(2.5 * GiB)  # Python, torch, transformers, the tokenizer, pa
 HOST_MARGIN = int(1.5 * GiB)  # spare RAM required before choosing host-mirror mode
 ACT_MARGIN = 256 * MiB  # activations, logits, allocator fragmentation
 MAX_BYTES = 1 << 60  # bound on memory sizes given to the planner (an exbibyte): catches unit mix-ups
-VRAM_MARGIN = 384 * MiB  # left unplanned when filling VRAM with slots (the rehearsal's peak was 191 MiB over the plan)
+VRAM_MARGIN = 384 * MiB  # left unplanned when filling VRAM with slots: covers the Colab rehearsal's peak over its plan
 # Swap mode fills host RAM up to (RAM - HOST_KEEP_FREE) with pinned blobs plus the process's peak
-# around them: a free Colab (12.7 GB) kills a runtime above ~11.0 GB of host memory, pinned + process;
-# the process's peak beyond its pinned blobs is the rehearsal's (re)build peak (10.26 - 6.64 GB) plus margin.
+# around them: a free Colab (12.7 GB) kills a runtime above 11.0 GB of host memory, pinned + process.
+# HOST_PEAK_OVERHEAD is the process's peak beyond its pinned blobs during a (re)build, as the Colab
+# rehearsal measures it (BENCHMARKS.md), plus a margin.
 HOST_KEEP_FREE = int(1.7e9)
 HOST_PEAK_OVERHEAD = int(3.8e9)
 

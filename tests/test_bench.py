@@ -118,3 +118,44 @@ def test_tiny_at_the_colab_plan(capsys, tmp_path):
             bench.bench_main(["--tiny", *flag])
         assert e.value.code == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+class RecordingThrottle(bench.Throttle):
+    """The throttle's arithmetic with its GPU spin recorded instead (a CPU has no torch.cuda._sleep)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        object.__setattr__(self, "spins", [])
+
+    def spin(self, seconds: float) -> None:
+        self.spins.append(seconds)
+
+
+def test_t4_emulation_pads_every_layer_and_the_head(tiny_dir):
+    """The hooks pad each layer twice (attention before the experts' host sync, the experts used after)
+    and lm_head once per forward; removing them leaves the model as it was."""
+    from mixtral_nb import OffloadConfig, QuantConfig, build_model
+    from mixtral_nb.engine import make_engine
+    from mixtral_nb.generate import generate_tokens
+
+    cfg = OffloadConfig.for_model(4, 8, offload_per_layer=3, buffer_size=2, prefetch=0)
+    model = build_model("cpu", QuantConfig(None, None), cfg, tiny_dir)
+    th = RecordingThrottle(h2d_bps=50e9, d2h_bps=50e9, hbm_bps=2e12, spin_hz=1e9)
+    emu = bench.T4Emulation(model, th, context=32)
+    attn, expert, head = bench.layer_read_bytes(model, 32)
+    assert emu.attn_s == pytest.approx(th.gpu_pad_s(attn)) and emu.head_s == pytest.approx(th.gpu_pad_s(head))
+    assert model.expert_cache.copy_pad == th.pad_copy
+    engine = make_engine(model, "decoder", max_length=64)
+    prompt = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tokens = list(generate_tokens(engine, prompt, 3))  # a prefill and two one-token steps
+    assert len(tokens) == 3
+    assert len(th.spins) == 3 * (4 * 2 + 1)
+    assert th.spins.count(emu.attn_s) == 12 and th.spins.count(emu.head_s) == 3
+    assert th.spins.count(pytest.approx(2 * emu.expert_s)) >= 8  # one token: its two experts
+    assert th.spins.count(pytest.approx(8 * emu.expert_s)) == 4  # the 8-token prefill: all 8 experts
+    emu.remove()
+    assert model.expert_cache.copy_pad is None
+    with torch.inference_mode():
+        list(generate_tokens(engine, prompt, 2))
+    assert len(th.spins) == 27
