@@ -637,7 +637,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         ttft = _ttft(engine, long_prompt, device)
         emulated: dict[str, float] = {}
         if args.emulate == "t4" and device.type == "cuda":
-            throttle = Throttle(h2d_bps, d2h_bps, hbm_bps, spin_cycles_per_s(device))
+            rates = copy_microbench(device, cache.blob_bytes, None)  # expert-sized copies, as the cache makes them
+            throttle = Throttle(rates["h2d"], rates["d2h"], hbm_bps, spin_cycles_per_s(device))
             emu = T4Emulation(model, throttle, args.prompt_len + args.new_tokens / 2)
             try:
                 e_pre, e_dec, e_tot, e_fin = _decode_runs(args, engine, cache, prompt, device, vocab)
@@ -784,9 +785,8 @@ def copy_main(args: argparse.Namespace) -> int:
     """``bench --copy-only``: the throttle alone, on expert-sized copies (prints ``copy.*`` lines)."""
     device = torch.device("cuda", torch.cuda.current_device())
     blob = ExpertFormat.make(4096, 14336, article_quant_config().ffn, torch.float16).layout.total_bytes
-    h2d, d2h, hbm = copy_bandwidth(device, "h2d"), copy_bandwidth(device, "d2h"), copy_bandwidth(device, "d2d", mib=512)
-    throttle = Throttle(h2d, d2h, hbm, spin_cycles_per_s(device))
     plain = copy_microbench(device, blob, None)
+    throttle = Throttle(plain["h2d"], plain["d2h"], copy_bandwidth(device, "d2d", mib=512), spin_cycles_per_s(device))
     slow = copy_microbench(device, blob, throttle)
     out = {"expert_bytes": float(blob), "spin_ghz": throttle.spin_hz / 1e9, "target_gbps": T4_H2D_BPS / 1e9,
            "h2d_plain_gbps": plain["h2d"] / 1e9, "d2h_plain_gbps": plain["d2h"] / 1e9,
