@@ -25,6 +25,18 @@ attention, the experts used), KV cache and lm_head read from GPU memory per toke
 240 GB/s are a Colab T4's pinned-copy and memory bandwidths, as measured on a T4. It assumes no
 overlap of copies with compute (pessimistic) and carries over this machine's CPU/launch overhead
 unchanged (optimistic if the host CPU is slower, as Colab's is).
+
+``--plan NAME`` runs the planner's plan for a machine in ``planner.PRESETS`` (e.g. ``colab-t4``:
+per-layer GPU slots, spare host blobs, the VRAM cap of that machine counting the CUDA context).
+``--emulate t4`` measures a second time, on the same model, with a T4's limits imposed instead of
+projected: every expert copy is followed on its own stream by a GPU-side spin
+(``torch.cuda._sleep``, calibrated against the GPU clock) so the stream stays busy as long as the
+copy would take at 9.7 GB/s, and each layer's GPU work is padded the same way to what its bytes
+take at 240 GB/s (attention before the layer's host sync, the experts after them, lm_head last);
+the VRAM cap (15,095 MiB) then counts the CUDA context. Copies still overlap compute exactly as
+they would on the T4. ``--copy-only`` measures expert-sized copies, plain and throttled, both
+directions (the throttle should read 9.7 GB/s). Every run also reports the time to first token
+for a ``--ttft-prompt``-token prompt and D2H/H2D bytes per token.
 """
 
 from __future__ import annotations
@@ -45,19 +57,21 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import kernels, planner
 from .build import build_model
 from .config import OffloadConfig, QuantConfig, article_quant_config
 from .engine import make_engine
 from .expert import ExpertFormat
 from .generate import generate_tokens
+from .hostmem import HostBuffer
 from .kernels import route_topk
 from .quant import QSpec
 from .tiny import tiny_config
 from .units import GiB as GIB
 
-T4_H2D_BPS = 9.7e9
-T4_HBM_BPS = 240e9
+T4_H2D_BPS = 9.7e9  # a Colab T4's pinned copy bandwidth, both directions
+T4_HBM_BPS = 240e9  # its memory bandwidth
+T4_VRAM_BYTES = planner.PRESETS["colab-t4"].vram_bytes  # what a T4 offers, CUDA context included
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -190,17 +204,18 @@ def _sync(device: torch.device) -> None:
 
 
 def copy_bandwidth(device: torch.device, kind: str, mib: int = 256, reps: int = 5) -> float:
-    """Bytes/s of a pinned host->device copy (``h2d``) or device->device copy (``d2d``, read+write).
+    """Bytes/s of a pinned host->device copy (``h2d``), device->host (``d2h``) or device->device copy
+    (``d2d``, read+write).
 
-    On CPU both are plain memory copies (``mib`` is capped at 64 there, to stay quick).
+    On CPU all are plain memory copies (``mib`` is capped at 64 there, to stay quick).
     """
     if device.type != "cuda":
         mib = min(mib, 64)
     n = mib << 20
-    pin = device.type == "cuda" and kind == "h2d"
-    src = torch.empty(n, dtype=torch.uint8, pin_memory=pin, device="cpu" if kind == "h2d" else device)
+    pin = device.type == "cuda" and kind in ("h2d", "d2h")
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=pin and kind == "h2d", device="cpu" if kind == "h2d" else device)
     src.fill_(7)
-    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty(n, dtype=torch.uint8, pin_memory=pin and kind == "d2h", device="cpu" if kind == "d2h" else device)
     times = []
     for i in range(reps + 1):
         _sync(device)
@@ -209,7 +224,7 @@ def copy_bandwidth(device: torch.device, kind: str, mib: int = 256, reps: int = 
         _sync(device)
         if i:
             times.append(time.perf_counter() - t0)
-    moved = n if kind == "h2d" else 2 * n
+    moved = 2 * n if kind == "d2d" else n
     del src, dst
     return moved / statistics.median(times)
 
@@ -259,6 +274,157 @@ class IIDRouting:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# T4 emulation
+
+
+def spin_cycles_per_s(device: torch.device, cycles: int = 4_000_000, reps: int = 5) -> float:
+    """Clock cycles per second of ``torch.cuda._sleep`` on ``device``: the median of timed spins."""
+    times = []
+    with torch.cuda.device(device):
+        torch.cuda._sleep(cycles)  # warm-up (and lets the clock rise)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+    return cycles_per_s(cycles, times)
+
+
+def cycles_per_s(cycles: int, seconds: list[float]) -> float:
+    """The calibration's arithmetic: ``cycles`` spun per run, over the median run time."""
+    t = statistics.median(seconds)
+    if not t > 0:
+        raise ValueError(f"spin calibration measured {t} s for {cycles} cycles: the GPU timer did not advance")
+    return cycles / t
+
+
+@dataclasses.dataclass(frozen=True)
+class Throttle:
+    """How long to keep a stream busy after work this machine does faster than a T4 would.
+
+    A copy of n bytes takes n / target on the T4 and n / measured here, so the spin after it lasts
+    the difference; GPU work reading n bytes likewise, against the memory bandwidths. Never negative:
+    a machine slower than the T4 is not sped up.
+    """
+
+    h2d_bps: float  # measured here
+    d2h_bps: float
+    hbm_bps: float
+    spin_hz: float  # torch.cuda._sleep cycles per second
+    target_copy_bps: float = T4_H2D_BPS
+    target_hbm_bps: float = T4_HBM_BPS
+
+    def copy_pad_s(self, kind: str, nbytes: float) -> float:
+        measured = self.h2d_bps if kind == "h2d" else self.d2h_bps
+        return max(0.0, nbytes / self.target_copy_bps - nbytes / measured)
+
+    def gpu_pad_s(self, nbytes: float) -> float:
+        return max(0.0, nbytes / self.target_hbm_bps - nbytes / self.hbm_bps)
+
+    def cycles(self, seconds: float) -> int:
+        return int(round(seconds * self.spin_hz))
+
+    def spin(self, seconds: float) -> None:
+        """Keep the current stream busy for ``seconds`` (CUDA only)."""
+        n = self.cycles(seconds)
+        if n > 0:
+            torch.cuda._sleep(n)
+
+    def pad_copy(self, kind: str, nbytes: int, stream: Any) -> None:
+        """``ExpertCache.copy_pad``: called right after a copy is queued, with ``stream`` current."""
+        self.spin(self.copy_pad_s(kind, nbytes))
+
+
+def layer_read_bytes(model: Any, context: float) -> tuple[float, float, float]:
+    """Bytes a one-token step reads per layer before the experts (attention weights, norms, router, KV
+    cache at ``context`` positions), per expert used, and for the head (final norm + lm_head)."""
+    c = model.config
+    layers = model.model.layers
+    per_layer = 0.0
+    for layer in layers:
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            per_layer += t.numel() * t.element_size()
+    per_layer /= len(layers)
+    emb = model.model.embed_tokens.weight
+    hd = c.hidden_size // c.num_attention_heads
+    per_layer += context * 2 * c.num_key_value_heads * hd * emb.element_size()
+    head = sum(t.numel() * t.element_size() for t in model.lm_head.parameters())
+    head += sum(t.numel() * t.element_size() for t in model.model.norm.parameters())
+    expert = float(model.expert_cache.layout.raw_bytes)
+    return per_layer, expert, float(head)
+
+
+class T4Emulation:
+    """The T4's limits on a running model: copy padding through ``ExpertCache.copy_pad`` and compute
+    padding through forward hooks (on each layer's experts, and lm_head). ``remove()`` undoes both."""
+
+    def __init__(self, model: Any, throttle: Throttle, context: float) -> None:
+        self.throttle = throttle
+        self.caches = [model.expert_cache] if not hasattr(model.expert_cache, "caches") else model.expert_cache.caches
+        for c in self.caches:
+            c.copy_pad = throttle.pad_copy
+        attn, expert, head = layer_read_bytes(model, context)
+        self.attn_s = throttle.gpu_pad_s(attn)
+        self.expert_s = throttle.gpu_pad_s(expert)
+        self.head_s = throttle.gpu_pad_s(head)
+        self.handles = []
+        for layer in model.model.layers:
+            ex = layer.mlp.experts
+            self.handles.append(ex.register_forward_pre_hook(self._before_experts))
+            self.handles.append(ex.register_forward_hook(self._after_experts))
+        self.handles.append(model.lm_head.register_forward_hook(self._after_head))
+
+    def _before_experts(self, module: Any, args: Any) -> None:
+        # the attention and router of this layer ran just before: pad them before the layer's host sync
+        self.throttle.spin(self.attn_s)
+
+    def _after_experts(self, module: Any, args: Any, output: Any) -> None:
+        index = args[1]
+        used = min(module.num_experts, index.numel())  # one token: its k experts (prefill: at most all of them)
+        self.throttle.spin(self.expert_s * used)
+
+    def _after_head(self, module: Any, args: Any, output: Any) -> None:
+        self.throttle.spin(self.head_s)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for c in self.caches:
+            c.copy_pad = None
+
+
+def copy_microbench(device: torch.device, nbytes: int, throttle: Throttle | None, copies: int = 24) -> dict[str, float]:
+    """GB/s of ``copies`` back-to-back expert-sized copies per direction on a side stream, as the cache
+    queues them (pinned host buffer, one blob each), with the throttle's spin after each when given."""
+    host = HostBuffer(nbytes, True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device=device)
+    out = {}
+    try:
+        for kind in ("h2d", "d2h"):
+            dst, src = (gpu, host.data) if kind == "h2d" else (host.data, gpu)
+            times = []
+            for rep in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.stream(stream):
+                    start.record(stream)
+                    for _ in range(copies):
+                        dst.copy_(src, non_blocking=True)
+                        if throttle is not None:
+                            throttle.pad_copy(kind, nbytes, stream)
+                    end.record(stream)
+                end.synchronize()
+                if rep:
+                    times.append(start.elapsed_time(end) / 1000.0)
+            out[kind] = copies * nbytes / statistics.median(times)
+    finally:
+        host.release()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +487,65 @@ def run_one(args: argparse.Namespace, mode: str) -> dict[str, float]:
         torch.set_num_threads(threads)
 
 
+def cuda_context_bytes(device: torch.device) -> int:
+    """Device memory this process holds outside torch's allocator (the CUDA context, cuBLAS, kernels)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device))
+
+
+def vram_cap_bytes(args: argparse.Namespace, mode: str, plan: Any) -> tuple[float | None, bool]:
+    """(cap, counts the CUDA context) for this run: none for ``resident``; a T4's 15,095 MiB with the
+    context counted under --emulate or a preset's VRAM with --plan; else --vram-gib for torch alone."""
+    if mode == "resident":
+        return None, False
+    if plan is not None:
+        return float(plan.vram_bytes), True
+    if args.emulate == "t4":
+        return float(T4_VRAM_BYTES), True
+    return args.vram_gib * GIB, False
+
+
+def bench_plan(args: argparse.Namespace, num_layers: int) -> Any:
+    """The planner's plan for --plan (None without), for this model's layer count."""
+    if not args.plan:
+        return None
+    p = planner.preset(args.plan)
+    if num_layers != p.sizes.num_layers:  # --tiny: the same per-layer settings on fewer layers
+        p = dataclasses.replace(p, sizes=dataclasses.replace(p.sizes, num_layers=num_layers))
+    return p
+
+
+def _decode_runs(args: argparse.Namespace, engine: Any, cache: Any, prompt: Tensor, device: torch.device,
+                 vocab: int) -> tuple[list[float], list[float], dict[str, float], bool]:
+    prefill_times, decode_times = [], []
+    totals: dict[str, float] = {}
+    finite = True
+    for _ in range(args.repeat):
+        t_p, t_d, toks = _generate(engine, prompt, args.new_tokens, device, between=cache.reset_stats)
+        st = cache.stats(wait=True)
+        st.update(pred_correct=cache.pred_correct, pred_total=cache.pred_total, actual_total=cache.actual_total)
+        for k, v in st.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        prefill_times.append(t_p)
+        decode_times.append(t_d)
+        finite = finite and bool((toks >= 0).all() and (toks < vocab).all())
+    return prefill_times, decode_times, totals, finite
+
+
+def _ttft(engine: Any, prompt: Tensor, device: torch.device, reps: int = 2) -> float:
+    """Seconds from a fresh sequence to the first token of ``prompt`` (the median after a warm-up run)."""
+    times = []
+    for i in range(reps + 1):
+        engine.reset()
+        _sync(device)
+        t0 = time.perf_counter()
+        next(generate_tokens(engine, prompt, 1))
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -329,20 +554,32 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     cfg = tiny_bench_config() if args.tiny else mixtral_8x7b_config()
     L, E = cfg["num_hidden_layers"], cfg["num_local_experts"]
+    plan = bench_plan(args, L)
+    cap, with_context = vram_cap_bytes(args, mode, plan)
+    context_bytes = 0
     for dev in devices:
         if dev.type == "cuda":
             total = torch.cuda.get_device_properties(dev).total_memory
-            frac = 1.0 if mode == "resident" else min(1.0, args.vram_gib * GIB / total)
+            torch.cuda.init()
+            torch.empty(1, device=dev)  # the context exists before it is measured
+            context_bytes = cuda_context_bytes(dev) if with_context else 0
+            frac = 1.0 if cap is None else min(1.0, max(0.0, cap - context_bytes) / total)
             torch.cuda.set_per_process_memory_fraction(frac, dev)
             torch.cuda.reset_peak_memory_stats(dev)
 
     h2d_bps = copy_bandwidth(device, "h2d")
+    d2h_bps = copy_bandwidth(device, "d2h")
     hbm_bps = copy_bandwidth(device, "d2d", mib=512)
 
     ck = SyntheticCheckpoint(cfg, article_quant_config(), device, dtype, seed=args.seed)
     blob_bytes = ck.expert_bytes
     opl = 0 if mode == "resident" else args.offload_per_layer
-    if mode == "ours":
+    pinned_limit = args.pinned_gib * GIB
+    if mode == "ours" and plan is not None:
+        off = plan.offload_config()
+        mirror = bool(off.host_mirror)
+        pinned_limit = math.inf  # the plan sized its host buffers itself
+    elif mode == "ours":
         mirror = L * E * blob_bytes <= args.pinned_gib * GIB
         # swap mode: spend the rest of the pinned budget on host copies of GPU-resident experts
         extra = 0 if mirror or opl == 0 else max(0, int(args.pinned_gib * GIB // blob_bytes) - (L * opl + 4))
@@ -353,9 +590,13 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         off = dataclasses.replace(off, extra_host_slots=min(extra, off.main_size))
     else:
         mirror = False
+        if plan is not None and mode == "baseline":  # the article's code at the plan's offload_per_layer
+            opl = plan.offload_per_layer
+            pinned_limit = math.inf
         off = OffloadConfig.for_model(L, E, offload_per_layer=opl, buffer_size=1, prefetch=0, host_mirror=False)
-    host_need = (L * E if mirror else L * opl + off.buffer_size + off.extra_host_slots) * blob_bytes
-    if device.type == "cuda" and host_need > args.pinned_gib * GIB:
+    slots = off.slots_per_layer(L, E)
+    host_need = (L * E if mirror else L * E - sum(slots) + off.buffer_size + off.extra_host_slots) * blob_bytes
+    if device.type == "cuda" and host_need > pinned_limit:
         raise SystemExit(f"bench: {mode} needs {host_need / GIB:.1f} GiB of pinned host memory, over "
                          f"--pinned-gib {args.pinned_gib}: raise it or lower --offload-per-layer")
 
@@ -376,9 +617,10 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     gen = torch.Generator().manual_seed(args.seed + 2)
     vocab = cfg["vocab_size"]
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
+    long_prompt = torch.randint(0, vocab, (1, args.ttft_prompt), generator=gen).to(device)
 
     kind = "transformers" if mode == "baseline" else args.engine  # the article's code runs transformers' forward
-    engine = make_engine(model, kind, max_length=args.prompt_len + args.new_tokens + 1)
+    engine = make_engine(model, kind, max_length=max(args.prompt_len + args.new_tokens, args.ttft_prompt) + 1)
     if routing is not None and kind == "decoder":
         engine.routing = routing.route  # the Decoder computes routing without the gate module's hook
     with torch.inference_mode():
@@ -391,18 +633,34 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
             _generate(engine, prompt[:, : min(8, args.prompt_len)], 4, device)
         if args.profile:
             _profile_decode(engine, prompt, device, args.profile)
-        prefill_times, decode_times = [], []
-        totals: dict[str, float] = {}
-        finite = True
-        for _ in range(args.repeat):
-            t_p, t_d, toks = _generate(engine, prompt, args.new_tokens, device, between=cache.reset_stats)
-            st = cache.stats(wait=True)
-            st.update(pred_correct=cache.pred_correct, pred_total=cache.pred_total, actual_total=cache.actual_total)
-            for k, v in st.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            prefill_times.append(t_p)
-            decode_times.append(t_d)
-            finite = finite and bool((toks >= 0).all() and (toks < vocab).all())
+        prefill_times, decode_times, totals, finite = _decode_runs(args, engine, cache, prompt, device, vocab)
+        ttft = _ttft(engine, long_prompt, device)
+        emulated: dict[str, float] = {}
+        if args.emulate == "t4" and device.type == "cuda":
+            rates = copy_microbench(device, cache.blob_bytes, None)  # expert-sized copies, as the cache makes them
+            throttle = Throttle(rates["h2d"], rates["d2h"], hbm_bps, spin_cycles_per_s(device))
+            emu = T4Emulation(model, throttle, args.prompt_len + args.new_tokens / 2)
+            try:
+                e_pre, e_dec, e_tot, e_fin = _decode_runs(args, engine, cache, prompt, device, vocab)
+                e_ttft = _ttft(engine, long_prompt, device, reps=1)
+            finally:
+                emu.remove()
+            finite = finite and e_fin
+            e_tok = args.new_tokens * args.repeat
+            emulated = {
+                "emulated_t4_tok_s": args.new_tokens / statistics.median(e_dec),
+                "emulated_t4_prefill_tok_s": args.prompt_len / statistics.median(e_pre),
+                "emulated_t4_ttft_s": e_ttft,
+                "emulated_t4_hit_rate": e_tot["hits"] / max(1.0, e_tot["hits"] + e_tot["misses"]),
+                "emulated_t4_h2d_bytes_per_token": e_tot["bytes_h2d"] / e_tok,
+                "emulated_t4_d2h_bytes_per_token": e_tot["bytes_d2h"] / e_tok,
+                "emulated_t4_h2d_busy_s_per_token": e_tot["h2d_s"] / e_tok,
+                "emulated_t4_copy_wait_s_per_token": e_tot["wait_s"] / e_tok,
+                "spin_ghz": throttle.spin_hz / 1e9,
+                "t4_pad_attention_ms_per_layer": emu.attn_s * 1e3,
+                "t4_pad_expert_ms": emu.expert_s * 1e3,
+                "t4_pad_h2d_ms_per_expert": throttle.copy_pad_s("h2d", cache.blob_bytes) * 1e3,
+            }
         logits = model(input_ids=prompt[:, :4]).logits
         finite = finite and bool(torch.isfinite(logits).all())
 
@@ -421,8 +679,11 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         "decode_tok_s": decode_tok_s,
         "prefill_tok_s": args.prompt_len / prefill_s,
         "prefill_s": prefill_s,
+        "ttft_s": ttft,
+        "ttft_prompt_tokens": float(args.ttft_prompt),
         "h2d_bytes_per_token": h2d_tok,
         "d2h_bytes_per_token": d2h_tok,
+        "d2h_per_h2d": d2h_tok / h2d_tok if h2d_tok else 0.0,
         "hit_rate": totals["hits"] / max(1.0, totals["hits"] + totals["misses"]),
         "expert_uses_per_token": uses,
         "prefetch_recall": totals["pred_correct"] / totals["actual_total"] if totals.get("actual_total") else 0.0,
@@ -432,16 +693,22 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         "h2d_busy_s_per_token": totals["h2d_s"] / n_tok,
         "host_syncs_per_token": totals["host_syncs"] / n_tok,
         "peak_vram_gib": max(torch.cuda.max_memory_allocated(d) for d in devices) / GIB if device.type == "cuda" else 0.0,
+        "vram_cap_gib": (cap or 0.0) / GIB if device.type == "cuda" else 0.0,
+        "cuda_context_gib": context_bytes / GIB,
         "devices": float(len(devices)),
+        "gpu_expert_slots": float(sum(slots)),
+        "extra_host_slots": float(off.extra_host_slots),
         "pinned_host_gib": cache.host_bytes / GIB,
         "gpu_expert_slots_gib": cache.gpu_bytes / GIB,
         "h2d_gbps": h2d_bps / 1e9,
+        "d2h_gbps": d2h_bps / 1e9,
         "hbm_copy_gbps": hbm_bps / 1e9,
         "transfer_limit_tok_s": limit,
         "efficiency": decode_tok_s / limit if h2d_tok else math.nan,
         "gpu_read_bytes_per_token": gpu_read,
         "overhead_s_per_token": overhead,
         "t4_projected_tok_s": 1.0 / t4_s,
+        **emulated,
         "host_mirror": float(mirror),
         "build_s": build_s,
         "outputs_finite": float(finite),
@@ -479,6 +746,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a small model on CPU (CI)")
     p.add_argument("--profile", default=None, metavar="PATH", help="write a host + device profile of 16 decode steps")
     p.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1: split layers over GPUs, each capped at --vram-gib")
+    p.add_argument("--plan", choices=sorted(planner.PRESETS), default=None,
+                   help="run the planner's plan for this machine (per-layer GPU slots, spare host blobs, its VRAM "
+                        "counting the CUDA context) instead of --offload-per-layer/--vram-gib/--pinned-gib; "
+                        "colab-t4 is what a free Colab runs")
+    p.add_argument("--emulate", choices=("t4",), default=None,
+                   help="also measure with a T4's limits imposed: copies throttled to 9.7 GB/s on their streams, "
+                        "GPU work padded to 240 GB/s, VRAM capped at 15,095 MiB counting the CUDA context (CUDA only)")
+    p.add_argument("--copy-only", action="store_true",
+                   help="only the copy microbenchmark: expert-sized copies each way, plain and throttled to a T4's "
+                        "rate (CUDA only)")
+    p.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for the time-to-first-token figure")
     p.add_argument("--offload-per-layer", type=int, default=4, help="experts of each layer kept off the GPU")
     p.add_argument("--prefetch", type=int, default=2, help="next-layer experts to load early (0: no prefetch)")
     p.add_argument("--vram-gib", type=float, default=15.0, help="VRAM cap per GPU")
@@ -503,9 +781,42 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}"
 
 
+def copy_main(args: argparse.Namespace) -> int:
+    """``bench --copy-only``: the throttle alone, on expert-sized copies (prints ``copy.*`` lines)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    blob = ExpertFormat.make(4096, 14336, article_quant_config().ffn, torch.float16).layout.total_bytes
+    plain = copy_microbench(device, blob, None)
+    throttle = Throttle(plain["h2d"], plain["d2h"], copy_bandwidth(device, "d2d", mib=512), spin_cycles_per_s(device))
+    slow = copy_microbench(device, blob, throttle)
+    out = {"expert_bytes": float(blob), "spin_ghz": throttle.spin_hz / 1e9, "target_gbps": T4_H2D_BPS / 1e9,
+           "h2d_plain_gbps": plain["h2d"] / 1e9, "d2h_plain_gbps": plain["d2h"] / 1e9,
+           "h2d_t4_gbps": slow["h2d"] / 1e9, "d2h_t4_gbps": slow["d2h"] / 1e9,
+           "h2d_t4_error": slow["h2d"] / T4_H2D_BPS - 1, "d2h_t4_error": slow["d2h"] / T4_H2D_BPS - 1}
+    print(f"# mixtral_nb bench --copy-only: {torch.cuda.get_device_name(device)}, {out['expert_bytes']:.0f}-byte "
+          "copies on a side stream, throttled = each followed by a calibrated spin on the same stream")
+    for k, v in out.items():
+        print(f"copy.{k} = {_fmt(v)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "copy": out}, f, indent=1, default=str)
+    return 0
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mixtral_nb bench``; prints ``name = value`` lines."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.tiny
+    if (args.emulate or args.copy_only) and not cuda:
+        parser.error(f"{'--copy-only' if args.copy_only else '--emulate ' + args.emulate} needs a CUDA GPU "
+                     "(this run is on the CPU): leave it out, or run on a GPU machine")
+    if args.emulate and args.resident:
+        parser.error("--emulate pads the offloaded path (copies, per-layer expert calls): --resident has neither; "
+                     "leave one out")
+    if args.ttft_prompt < 1:
+        parser.error(f"--ttft-prompt must be at least 1, got {args.ttft_prompt}")
+    if args.copy_only:
+        return copy_main(args)
     default_len = 16 if args.tiny else 128
     args.prompt_len = args.prompt_len or default_len
     args.new_tokens = args.new_tokens or default_len
@@ -518,7 +829,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     print(f"# engine={args.engine} (baseline: transformers) prompt_len={args.prompt_len} "
           f"new_tokens={args.new_tokens} repeat={args.repeat} "
           f"offload_per_layer={args.offload_per_layer} prefetch={args.prefetch} vram_gib={args.vram_gib} "
-          f"pinned_gib={args.pinned_gib}")
+          f"pinned_gib={args.pinned_gib} plan={args.plan} emulate={args.emulate} ttft_prompt={args.ttft_prompt}")
+    if args.plan:
+        print("# plan: " + bench_plan(args, 32).explain().replace("\n", "\n# "))
     print("# t4_s = h2d_bytes/9.7e9 + gpu_read_bytes/240e9 + overhead_s;  overhead_s = max(0, measured_s"
           " - h2d_bytes/h2d_Bps - gpu_read_bytes/hbm_Bps)")
     results: dict[str, dict[str, float]] = {}

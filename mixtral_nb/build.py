@@ -379,8 +379,9 @@ def _build(device: torch.device | str, quant_config: QuantConfig | None, offload
         layers = [i for i in range(L) if layer_part[i] == k]
         part = copy.copy(config)
         part.num_hidden_layers = len(layers)
-        mirror = _check_memory(part, quant, fmt, offload_config, dev, dtype, host_mirror, share=len(devices))
-        cache = ExpertCache(fmt, len(layers), E, offload_config, dev,
+        dev_config = offload_config.part(layers)  # per-layer GPU slots: this device's layers
+        mirror = _check_memory(part, quant, fmt, dev_config, dev, dtype, host_mirror, share=len(devices))
+        cache = ExpertCache(fmt, len(layers), E, dev_config, dev,
                             lambda j, e, layers=layers: load_blob(layers[j], e),
                             host_mirror=mirror)
         caches.append(cache)

@@ -1,15 +1,22 @@
 """ExpertCache: which experts sit in GPU slots, and moving them between host and GPU.
 
 - GPU slots are rows of one preallocated [buffers, blob_bytes] uint8 tensor; each layer owns
-  ``E - offload_per_layer`` of them at a time (a per-layer LRU, as in the article), and
-  ``buffer_size`` more are spare, so a miss can load into a free buffer while the evicted expert is
-  still being read by queued kernels or copied out.
+  ``E - offload_per_layer`` of them at a time (a per-layer LRU, as in the article), or its own count
+  from ``OffloadConfig.gpu_slots`` (layers may differ), and ``buffer_size`` more are spare, so a miss
+  can load into a free buffer while the evicted expert is still being read by queued kernels or
+  copied out.
 - Host blobs are rows of one page-locked buffer (on CUDA) of exactly their size (:mod:`.hostmem`).
 - Host-mirror mode keeps every expert on the host: an eviction just drops the GPU copy (no
   device-to-host traffic). Otherwise (Colab: host RAM too small for all experts) the host holds the
   offloaded experts plus spare buffers, and a swap copies in and out on two different streams. With
-  more host blobs than that (``extra_host_slots``), an expert copied to the GPU keeps its host copy
-  while more than ``buffer_size`` blobs are free, and evicting it later needs no write-back.
+  more host blobs than that (``extra_host_slots``), GPU-resident experts also keep a host copy
+  ("clean" residents): the spare blobs are handed out evenly over the layers at build time (layers
+  with fewer slots, which miss more, first), one blob stays free for write-backs. Evicting a clean
+  expert needs no write-back, and the loaded expert then keeps its host copy, so a layer's number of
+  clean residents stays constant: with clean-first eviction over the whole layer (``clean_window``
+  >= E), a layer with two clean residents never writes back under top-2 routing, one with one rarely.
+  Only a dirty eviction (no clean victim) writes back, and the loaded expert then gives its host
+  copy to the write-back when no other blob is free.
 - A miss queues its host-to-GPU copy before the evicted expert's write-back, so the copy the
   compute waits for starts first.
 - Copies run on their own CUDA streams; the compute stream waits on per-buffer events only when a
@@ -39,6 +46,29 @@ from .config import OffloadConfig
 from .expert import ExpertFormat
 from .graphs import GraphPool
 from .hostmem import HostBuffer
+
+
+HOST_RESERVE = 1  # swap mode: host blobs kept free for a write-back (each swap frees one as it takes one)
+
+
+def spread_clean(n: int, slots: list[int], num_experts: int) -> list[int]:
+    """How many of each layer's GPU residents start with a host copy when ``n`` spare host blobs are
+    handed out: one per layer in turn, layers with fewer slots (more misses) first, at most a layer's
+    slots, none where every expert is resident (nothing is ever evicted there). Even spreading
+    matters: a layer left with no clean resident writes back on every miss."""
+    out = [0] * len(slots)
+    order = [i for i in sorted(range(len(slots)), key=lambda i: (slots[i], i)) if slots[i] < num_experts]
+    n = max(0, n)
+    while n > 0:
+        placed = False
+        for i in order:
+            if n and out[i] < slots[i]:
+                out[i] += 1
+                n -= 1
+                placed = True
+        if not placed:
+            break
+    return out
 
 
 @dataclasses.dataclass
@@ -91,14 +121,15 @@ class ExpertCache:
         self.L, self.E = num_layers, num_experts
         self.config = config
         self.device = torch.device(device)
-        self.slots = config.gpu_slots_per_layer(num_experts)
+        self.layer_slots = config.slots_per_layer(num_layers, num_experts)
+        self.slots = min(self.layer_slots)  # every layer has at least this many (all E: nothing ever misses)
         self.mirror = config.host_mirror if host_mirror is None else host_mirror
         if self.mirror is None:
             self.mirror = True
         self.s = _Streams(self.device)
         pin = self.s.cuda and config.pin_memory
 
-        n_gpu = self.L * self.slots + config.buffer_size
+        n_gpu = sum(self.layer_slots) + config.buffer_size
         self.gpu = torch.empty(n_gpu, self.blob_bytes, dtype=torch.uint8, device=self.device)
         self.gpu_rows = list(self.gpu.unbind(0))  # one view per buffer, made once (indexing costs a dispatch)
         self.gpu_views = [fmt.views(row) for row in self.gpu_rows]
@@ -111,14 +142,16 @@ class ExpertCache:
         self.keep_dense = self.device.type == "cpu" and fmt.specs is not None
         self._dense: dict[int, tuple] = {}
 
-        host_per_layer = self.E if self.mirror else self.E - self.slots
         n_spare_host = 0 if self.mirror else config.buffer_size + config.extra_host_slots
-        n_host = self.L * host_per_layer + n_spare_host
+        n_host = (self.L * self.E if self.mirror else sum(self.E - s for s in self.layer_slots)) + n_spare_host
+        # swap mode: the spare blobs, all but one, start as host copies of GPU-resident experts
+        clean = [0] * self.L if self.mirror else spread_clean(n_spare_host - HOST_RESERVE, self.layer_slots, self.E)
         self.host_buffer = HostBuffer(n_host * self.blob_bytes, pin)  # exact size: torch's pinned allocator rounds up
         self.host: list[Tensor] = self.host_buffer.rows(n_host, self.blob_bytes)
         self.host_read = [self.s.event() for _ in self.host]  # after an H2D copy read the buffer
 
-        # placement: the first `slots` experts of each layer start on the GPU (like the article)
+        # placement: the first `slots` experts of each layer start on the GPU (like the article); in swap
+        # mode the first clean[layer] of them also keep a host copy
         self.lru: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(self.L)]
         self.host_of: list[list[int | None]] = [[None] * self.E for _ in range(self.L)]
         self.prefetched: list[set[int]] = [set() for _ in range(self.L)]
@@ -128,11 +161,12 @@ class ExpertCache:
                 blob = load_blob(layer, e)
                 if blob.numel() != self.blob_bytes:
                     raise ValueError(f"expert blob ({layer}, {e}) has {blob.numel()} bytes, layout expects {self.blob_bytes}")
-                if self.mirror or e >= self.slots:
+                slots = self.layer_slots[layer]
+                if self.mirror or e >= slots or e < clean[layer]:
                     self.host[h].copy_(blob)
                     self.host_of[layer][e] = h
                     h += 1
-                if e < self.slots:
+                if e < slots:
                     self.gpu[b].copy_(blob)
                     self.lru[layer][e] = b
                     b += 1
@@ -140,6 +174,7 @@ class ExpertCache:
         self.graph_pool = GraphPool()  # for the CUDA graphs of this cache's expert groups
         self.gpu_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(b, n_gpu))
         self.host_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(h, len(self.host)))
+        self.copy_pad: Callable[[str, int, torch.cuda.Stream], None] | None = None
         self.reset_stats()
 
     # ------------------------------------------------------------------ counters
@@ -240,7 +275,7 @@ class ExpertCache:
 
         Only then is the mapping fixed, so kernels can look experts up on the GPU without a host sync.
         """
-        if self.slots != self.E:
+        if any(s != self.E for s in self.layer_slots):
             raise RuntimeError("slot_table() needs every expert resident (offload_per_layer=0)")
         if self._slot_table is None:
             table = [[self.lru[layer][e] for e in range(self.E)] for layer in range(self.L)]
@@ -268,10 +303,12 @@ class ExpertCache:
                     self._stats.prefetch_used += 1
             return lru[expert]
         victim = None
-        if len(lru) >= self.slots:
+        victim_clean = False
+        if len(lru) >= self.layer_slots[layer]:
             victim = self._victim(layer, protect)
             if victim is None:
                 return None
+            victim_clean = self.host_of[layer][victim] is not None
             if not self.gpu_free:  # no spare buffer: the victim's buffer must be freed first
                 self._evict(layer, victim, main)
                 victim = None
@@ -284,8 +321,9 @@ class ExpertCache:
         h = self.host_of[layer][expert]
         assert h is not None, f"expert ({layer}, {expert}) is neither on the GPU nor on the host"
         self._copy_in(h, buf, ready, main)
-        if not self.mirror and len(self.host_free) < self.config.buffer_size + 1:
-            # swap mode, few free host blobs: give this one up (the expert now lives on the GPU only)
+        if not self.mirror and not victim_clean and len(self.host_free) <= HOST_RESERVE:
+            # swap mode, a write-back coming and no spare blob: give this one to it (the expert now lives
+            # on the GPU only). A clean victim frees no blob but needs none either: this one stays a copy.
             self.host_free.append((h, self.host_read[h]))
             self.host_of[layer][expert] = None
         lru[expert] = buf
@@ -352,6 +390,8 @@ class ExpertCache:
         torch.cuda.set_stream(stream)  # copy_ enqueues on the current stream
         try:
             dst.copy_(src, non_blocking=True)
+            if self.copy_pad is not None:  # e.g. the benchmark's T4 emulation: the stream stays busy longer
+                self.copy_pad(kind, src.numel() * src.element_size(), stream)
         finally:
             torch.cuda.set_stream(main)
         end.record(stream)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import numbers
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 MAX_COUNT = 1 << 24  # bound on every count: far above any MoE model (experts, layers), far below float overflow
@@ -61,6 +61,13 @@ class OffloadConfig:
     ``clean_window``: eviction may pass over up to this many - 1 least recently used experts to pick
     one that still has its host copy (no write-back); 1 is the article's strict LRU. Simulated over
     32 layers with 45 spare blobs: 3 cuts write-backs per miss from 0.65 to 0.25 at the same hit rate.
+    A window of ``num_experts`` (the whole layer, what the planner uses) keeps each layer's number of
+    clean residents constant once spare blobs are handed out, so write-backs nearly vanish.
+
+    ``gpu_slots`` (optional, one count per layer): GPU slots of each layer when layers differ (the
+    planner fills the VRAM it measures and gives more slots to layers that miss more). None: every
+    layer has ``num_experts - offload_per_layer``. :meth:`for_slots` derives the article's fields
+    from it (``offload_per_layer`` is then the most any layer offloads).
     """
 
     main_size: int
@@ -72,6 +79,7 @@ class OffloadConfig:
     pin_memory: bool = True
     extra_host_slots: int = 0
     clean_window: int = 3
+    gpu_slots: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         ints = {
@@ -88,6 +96,14 @@ class OffloadConfig:
         for f in fields(self):  # the switches: annotated "bool" or "bool | None"
             if f.type in ("bool", "bool | None"):
                 check_bool(getattr(self, f.name), f"OffloadConfig.{f.name}", allow_none=f.type != "bool")
+        if self.gpu_slots is not None:
+            slots = self.gpu_slots
+            if isinstance(slots, (str, bytes)) or not isinstance(slots, (tuple, list)) or not slots:
+                raise ValueError(f"OffloadConfig.gpu_slots must be a non-empty tuple of ints (one per layer) or None, "
+                                 f"got {slots!r} ({type(slots).__name__})")
+            object.__setattr__(self, "gpu_slots", tuple(
+                check_int(v, f"OffloadConfig.gpu_slots[{i}]", 1, why=" (a layer needs at least one GPU slot)")
+                for i, v in enumerate(slots)))
         if self.offload_size < self.offload_per_layer:
             raise ValueError(
                 f"OffloadConfig.offload_size={self.offload_size} is smaller than offload_per_layer="
@@ -110,8 +126,53 @@ class OffloadConfig:
                 raise ValueError(f"OffloadConfig.for_model derives {bad}: pass offload_per_layer instead")
         return cls(main_size=L * (E - opl), offload_size=L * opl, offload_per_layer=opl, **kw)
 
+    @classmethod
+    def for_slots(cls, num_experts: int, gpu_slots: Any, **kw: Any) -> "OffloadConfig":
+        """The config with ``gpu_slots[i]`` GPU slots in layer i (layers may differ); the article's fields
+        derived: main_size = sum, offload_size = the rest, offload_per_layer = the most any layer offloads."""
+        E = check_int(num_experts, "num_experts", 1)
+        probe = cls(main_size=1, offload_size=0, offload_per_layer=0, gpu_slots=gpu_slots)  # validates the counts
+        slots = probe.gpu_slots
+        assert slots is not None
+        for i, s in enumerate(slots):
+            if s > E:
+                raise ValueError(f"OffloadConfig.gpu_slots[{i}]={s} is more than the layer's {E} experts: use at most {E}")
+        for bad in ("main_size", "offload_size", "offload_per_layer"):
+            if bad in kw:
+                raise ValueError(f"OffloadConfig.for_slots derives {bad}: pass gpu_slots only")
+        return cls(main_size=sum(slots), offload_size=len(slots) * E - sum(slots), offload_per_layer=E - min(slots),
+                   gpu_slots=slots, **kw)
+
+    def slots_per_layer(self, num_layers: int, num_experts: int) -> list[int]:
+        """GPU slots of each of ``num_layers`` layers (``gpu_slots``, or the same count everywhere)."""
+        if self.gpu_slots is None:
+            return [self.gpu_slots_per_layer(num_experts)] * num_layers
+        if len(self.gpu_slots) != num_layers:
+            raise ValueError(f"OffloadConfig.gpu_slots has {len(self.gpu_slots)} entries, the model has {num_layers} "
+                             "layers: give one count per layer (or None)")
+        for i, s in enumerate(self.gpu_slots):
+            if s > num_experts:
+                raise ValueError(f"OffloadConfig.gpu_slots[{i}]={s} is more than the layer's {num_experts} experts: "
+                                 f"use at most {num_experts}")
+        return list(self.gpu_slots)
+
+    def part(self, layers: list[int]) -> "OffloadConfig":
+        """This config for a subset of the layers (a model split over GPUs: one cache per device)."""
+        if self.gpu_slots is None:
+            return self
+        return replace(self, gpu_slots=tuple(self.gpu_slots[i] for i in layers))
+
     def check_model(self, num_layers: int, num_experts: int) -> None:
         """Refuse main_size/offload_size too small for a model of these sizes (one clear error)."""
+        if self.gpu_slots is not None:
+            slots_l = self.slots_per_layer(num_layers, num_experts)
+            main, off = sum(slots_l), num_layers * num_experts - sum(slots_l)
+            if self.main_size < main or self.offload_size < off:
+                raise ValueError(
+                    f"OffloadConfig(main_size={self.main_size}, offload_size={self.offload_size}) is too small for "
+                    f"gpu_slots summing to {main} of {num_layers * num_experts} experts: use main_size={main}, "
+                    f"offload_size={off}, or OffloadConfig.for_slots({num_experts}, gpu_slots)")
+            return
         slots = self.gpu_slots_per_layer(num_experts)
         main, off = num_layers * slots, num_layers * self.offload_per_layer
         if self.main_size < main or self.offload_size < off:
@@ -124,7 +185,7 @@ class OffloadConfig:
             )
 
     def gpu_slots_per_layer(self, num_experts: int) -> int:
-        """Experts of one layer that hold a GPU slot at any time."""
+        """Experts of one layer that hold a GPU slot at any time (with ``gpu_slots``: the fewest of any layer)."""
         slots = num_experts - self.offload_per_layer
         if slots < 1:
             raise ValueError(

@@ -3,10 +3,13 @@
 The byte math: an expert blob's size comes from our own layout (2-bit g16 with 8-bit
 meta: ~66.4 MB for Mixtral-8x7B), 4-bit g64 attention ~22.3 MB/layer, fp16 embeddings + lm_head
 0.52 GB, plus a CUDA context (~0.5 GB), the KV cache for ``context`` tokens and a workspace for
-dequantizing one expert matrix (the pure-torch path) and activations. The planner keeps as many
-experts per layer on the GPU as fit (fewer misses), keeps every expert in host RAM as well when
-RAM holds them all with a margin ("host mirror": evictions never copy back), and otherwise swaps
-through spare host buffers, which is what a free Colab T4 (12.7 GB RAM) needs.
+dequantizing one expert matrix (the pure-torch path) and activations. The planner fills the VRAM
+left after those with expert slots (a budget in bytes, not a fixed count per layer: layers may get
+different counts, more where misses are known to be more frequent), keeps every expert in host RAM
+as well when RAM holds them all with a margin ("host mirror": evictions never copy back), and
+otherwise swaps, which is what a free Colab T4 (12.7 GB RAM) needs. In swap mode it fills the host
+RAM a runtime may use with spare host blobs, which become host copies of GPU-resident experts, so
+an eviction rarely has to write an expert back (see :mod:`.cache`).
 
 ``MemoryPlanError`` is a ``ValueError``: like OffloadConfig's own checks it means "these settings
 do not fit this machine", and its message names the numbers and the setting to change.
@@ -14,6 +17,7 @@ do not fit this machine", and its message names the numbers and the setting to c
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,6 +27,7 @@ import torch
 
 from .config import OffloadConfig, QuantConfig, article_quant_config, check_int
 from .expert import ExpertFormat
+from .monitor import nvml_index
 from .quant import QSpec
 from .units import GiB, MiB, fmt_bytes
 
@@ -31,6 +36,13 @@ HOST_OVERHEAD = int(2.5 * GiB)  # Python, torch, transformers, the tokenizer, pa
 HOST_MARGIN = int(1.5 * GiB)  # spare RAM required before choosing host-mirror mode
 ACT_MARGIN = 256 * MiB  # activations, logits, allocator fragmentation
 MAX_BYTES = 1 << 60  # bound on memory sizes given to the planner (an exbibyte): catches unit mix-ups
+VRAM_MARGIN = 384 * MiB  # left unplanned when filling VRAM with slots: covers the Colab rehearsal's peak over its plan
+# Swap mode fills host RAM up to (RAM - HOST_KEEP_FREE) with pinned blobs plus the process's peak
+# around them: a free Colab (12.7 GB) kills a runtime above 11.0 GB of host memory, pinned + process.
+# HOST_PEAK_OVERHEAD is the process's peak beyond its pinned blobs during a (re)build, as the Colab
+# rehearsal measures it (BENCHMARKS.md), plus a margin.
+HOST_KEEP_FREE = int(1.7e9)
+HOST_PEAK_OVERHEAD = int(3.8e9)
 
 
 class MemoryPlanError(ValueError):
@@ -124,12 +136,45 @@ def _dtype(nbytes: int):
 
 
 def cache_bytes(sizes: ModelSizes, offload_per_layer: int, buffer_size: int, host_mirror: bool,
-                extra_host_slots: int = 0) -> tuple[int, int]:
-    """(GPU-slot bytes, host-buffer bytes) the ExpertCache allocates for these settings."""
+                extra_host_slots: int = 0, slots: int | None = None) -> tuple[int, int]:
+    """(GPU-slot bytes, host-buffer bytes) the ExpertCache allocates for these settings; ``slots``: the
+    total of per-layer GPU slots when layers differ (None: layers x (experts - offload_per_layer))."""
     L, E, b = sizes.num_layers, sizes.num_experts, sizes.expert_bytes
-    gpu = (L * (E - offload_per_layer) + buffer_size) * b
-    host = L * E * b if host_mirror else (L * offload_per_layer + buffer_size + extra_host_slots) * b
+    resident = L * (E - offload_per_layer) if slots is None else slots
+    gpu = (resident + buffer_size) * b
+    host = L * E * b if host_mirror else (L * E - resident + buffer_size + extra_host_slots) * b
     return gpu, host
+
+
+def distribute_slots(total: int, num_layers: int, num_experts: int, miss_rates: Any = None) -> list[int]:
+    """``total`` GPU slots over the layers, 1 to ``num_experts`` each: evenly, or, with measured per-layer
+    ``miss_rates``, each next slot to the layer where rate x offloaded experts is largest (a layer that
+    misses more, and still has more to gain, first)."""
+    L, E = num_layers, num_experts
+    total = max(L, min(total, L * E))
+    if miss_rates is None:
+        base, rest = divmod(total, L)
+        return [base + (1 if i < rest else 0) for i in range(L)]
+    w = list(miss_rates)
+    slots = [1] * L
+    for _ in range(total - L):
+        best = max((i for i in range(L) if slots[i] < E), key=lambda i: (w[i] * (E - slots[i]), -i))
+        slots[best] += 1
+    return slots
+
+
+def _check_rates(miss_rates: Any, num_layers: int) -> list[float] | None:
+    if miss_rates is None:
+        return None
+    try:
+        rates = [float(r) for r in miss_rates]
+    except (TypeError, ValueError):
+        raise ValueError(f"miss_rates must be a sequence of per-layer miss rates (floats in [0, 1]), got "
+                         f"{miss_rates!r}") from None
+    if len(rates) != num_layers or not all(0.0 <= r <= 1.0 for r in rates):
+        raise ValueError(f"miss_rates needs {num_layers} values in [0, 1] (one per layer), got {len(rates)}: "
+                         f"{rates[:4]}...")
+    return rates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +200,9 @@ class Plan:
     disk_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     num_gpus: int = 1  # layers split over this many GPUs; gpu_bytes/vram_bytes are per GPU
+    gpu_slots: tuple[int, ...] | None = None  # GPU slots per layer (None: experts - offload_per_layer each)
+    extra_host_slots: int = 0  # swap mode: spare host blobs (host copies of resident experts), per GPU
+    clean_window: int = 3  # OffloadConfig.clean_window (the whole layer in swap plans)
 
     def devices(self) -> list[str]:
         """The ``device`` argument for build_model: one GPU, or all of them (layers split across)."""
@@ -162,11 +210,28 @@ class Plan:
             return ["cpu"]
         return [f"cuda:{i}" for i in range(max(1, self.num_gpus))]
 
+    def layer_slots(self) -> list[int]:
+        """GPU slots of each of the model's layers. A plan whose ``offload_per_layer`` was changed by hand
+        (``dataclasses.replace``) gets that count everywhere; one for fewer layers than planned (a quick
+        rehearsal) keeps the first layers' counts."""
+        L, E = self.sizes.num_layers, self.sizes.num_experts
+        if self.gpu_slots is None or E - min(self.gpu_slots) != self.offload_per_layer:
+            return [E - self.offload_per_layer] * L
+        return [self.gpu_slots[i % len(self.gpu_slots)] for i in range(L)]
+
     def offload_config(self) -> OffloadConfig:
-        """The article-style OffloadConfig of this plan."""
-        return OffloadConfig.for_model(self.sizes.num_layers, self.sizes.num_experts,
-                                       offload_per_layer=self.offload_per_layer, buffer_size=self.buffer_size,
-                                       prefetch=self.prefetch, host_mirror=self.host_mirror)
+        """The article-style OffloadConfig of this plan (``gpu_slots`` when layers differ)."""
+        L, E = self.sizes.num_layers, self.sizes.num_experts
+        slots = self.layer_slots()
+        kw: dict[str, Any] = {"buffer_size": self.buffer_size, "prefetch": self.prefetch,
+                              "host_mirror": self.host_mirror, "clean_window": self.clean_window}
+        extra = 0 if self.host_mirror else self.extra_host_slots
+        if extra and self.gpu_slots is not None and L < len(self.gpu_slots):  # fewer layers: their share
+            extra = extra * L // len(self.gpu_slots)
+        kw["extra_host_slots"] = extra
+        if len(set(slots)) == 1:
+            return OffloadConfig.for_model(L, E, offload_per_layer=E - slots[0], **kw)
+        return OffloadConfig.for_slots(E, tuple(slots), **kw)
 
     def explain(self) -> str:
         """A few lines a notebook can print: what goes where and why."""
@@ -177,12 +242,15 @@ class Plan:
         elif self.host_mirror:
             mode = "host mirror: every expert also stays in host RAM, evictions never copy back"
         else:
-            mode = "swap: host RAM holds only the offloaded experts, a miss swaps through spare buffers"
+            mode = "swap: host RAM holds the offloaded experts, a miss swaps through spare buffers"
+            if self.extra_host_slots:
+                mode += (f"; {self.extra_host_slots} spare host blobs keep copies of resident experts, so "
+                         "evictions rarely write back")
         where = "GPU" if self.device == "cuda" else "RAM (CPU run)"
         lines = [
             f"Memory plan ({self.device}, {_g(self.vram_bytes)} VRAM, {_g(self.host_ram_bytes)} host RAM):",
             f"  expert blob {s.expert_bytes / 1e6:.1f} MB x {L * E} experts = {_g(s.expert_bytes * L * E)}",
-            f"  {E - self.offload_per_layer} of {E} experts per layer in {where} (offload_per_layer="
+            f"  {self._slots_text()} in {where} (offload_per_layer="
             f"{self.offload_per_layer}), {self.buffer_size} spare buffers, prefetch {self.prefetch}",
             f"  {mode}",
             f"  expected GPU use {_g(self.gpu_bytes)}{' per GPU' if self.num_gpus > 1 else ''}; "
@@ -193,15 +261,25 @@ class Plan:
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def _slots_text(self) -> str:
+        slots = self.layer_slots()
+        E = self.sizes.num_experts
+        if len(set(slots)) == 1:
+            return f"{slots[0]} of {E} experts per layer"
+        counts = {s: slots.count(s) for s in sorted(set(slots), reverse=True)}
+        return (f"{sum(slots)} of {len(slots) * E} experts (" + ", ".join(f"{n} layers x {s}" for s, n in counts.items())
+                + ")")
+
 
 def _g(n: int | float | None) -> str:
     return fmt_bytes(n, "GiB")
 
 
 def _needs(sizes: ModelSizes, opl: int, buffers: int, mirror: bool, cuda: bool, context: int,
-           loaded: bool = False, extra_host: int = 0) -> tuple[int, int, int]:
-    """(GPU bytes, host-buffer bytes, host total) for a setting; ``loaded``: the trunk is already in memory."""
-    gpu_slots, host_buf = cache_bytes(sizes, opl, buffers, mirror, extra_host)
+           loaded: bool = False, extra_host: int = 0, slots: int | None = None) -> tuple[int, int, int]:
+    """(GPU bytes, host-buffer bytes, host total) for a setting; ``loaded``: the trunk is already in memory;
+    ``slots``: total GPU slots when layers differ."""
+    gpu_slots, host_buf = cache_bytes(sizes, opl, buffers, mirror, extra_host, slots)
     base = 0 if loaded else sizes.trunk_bytes + (CUDA_CONTEXT if cuda else 0)
     runtime = sizes.runtime_bytes(context)
     if cuda:
@@ -212,11 +290,13 @@ def _needs(sizes: ModelSizes, opl: int, buffers: int, mirror: bool, cuda: bool, 
 
 def plan(vram_bytes: int, host_ram_bytes: int, disk_bytes: int | None = None, num_gpus: int = 1,
          model: str | Any = "mixtral-8x7b", quant: QuantConfig | None = None, context: int = 4096,
-         buffer_size: int = 4, prefetch: int = 2) -> Plan:
-    """The best OffloadConfig for a machine: most experts per layer on the GPU that fit, host mirror if RAM allows.
+         buffer_size: int = 4, prefetch: int = 2, miss_rates: Any = None) -> Plan:
+    """The best OffloadConfig for a machine: VRAM filled with expert slots, host mirror if RAM allows.
 
-    ``vram_bytes`` is the usable memory of one GPU (0: CPU only); ``host_ram_bytes`` the RAM the
-    process may use. Raises :class:`MemoryPlanError` when no setting fits.
+    ``vram_bytes`` is the usable memory of one GPU (0: CPU only, CUDA context included: the plan
+    subtracts it); ``host_ram_bytes`` the RAM the process may use. ``miss_rates`` (one per layer,
+    e.g. measured by a trace at an earlier plan) gives layers that miss more the spare slots; None:
+    evenly. Raises :class:`MemoryPlanError` when no setting fits.
     """
     vram_bytes = check_int(vram_bytes, "vram_bytes", 0, MAX_BYTES, why=" (0: CPU only)")
     host_ram_bytes = check_int(host_ram_bytes, "host_ram_bytes", 0, MAX_BYTES)
@@ -245,31 +325,41 @@ def plan(vram_bytes: int, host_ram_bytes: int, disk_bytes: int | None = None, nu
     if n > 1:
         notes.append(f"{n} GPUs: {part.num_layers} layers on each, hidden states cross once per boundary")
     buffers = min(buffer_size, max(1, E))
-    chosen = None
-    for opl in range(0, E):
-        gpu, _, _ = _needs(part, opl, buffers, False, True, context)
-        if gpu <= vram_bytes:
-            chosen = opl
-            break
-    if chosen is None:
+    lp, b = part.num_layers, sizes.expert_bytes
+    # the VRAM budget in bytes: what is left after the trunk, the runtime and the spare buffers, in slots
+    fixed, _, _ = _needs(part, 0, buffers, False, True, context, slots=0)
+    total = (vram_bytes - VRAM_MARGIN - fixed) // b
+    if total < lp:
         gpu, _, _ = _needs(part, E - 1, buffers, False, True, context)
         raise MemoryPlanError(f"even offload_per_layer={E - 1} needs {_g(gpu)} of VRAM, {_g(vram_bytes)} available: "
                               "use a GPU with more memory, fewer bits, or a shorter context")
-    opl = chosen
+    rates = _check_rates(miss_rates, L)
+    part_rates = None if rates is None else rates[:lp]  # (one GPU: all layers)
+    slots = distribute_slots(int(total), lp, E, part_rates)
+    resident = sum(slots)
+    opl = E - min(slots)
     if opl == 0:
         buffers = 1  # nothing ever misses: one spare buffer (OffloadConfig needs one) is enough
         notes.append("every expert fits on the GPU: no offloading, no misses")
-    all_experts = L * E * sizes.expert_bytes
+    all_experts = L * E * b
     mirror = opl > 0 and all_experts + HOST_OVERHEAD + HOST_MARGIN <= host_ram_bytes
-    gpu, pinned, host = _needs(part, opl, buffers, mirror, True, context)
+    extra = 0
+    if opl > 0 and not mirror:
+        # fill the host RAM a runtime may use: spare blobs become host copies of resident experts
+        required = (lp * E - resident + buffers) * b
+        budget = (host_ram_bytes - HOST_KEEP_FREE - HOST_PEAK_OVERHEAD) // n - required
+        extra = int(max(0, min(budget // b, sum(s for s in slots if s < E))))
+    gpu, pinned, host = _needs(part, opl, buffers, mirror, True, context, extra_host=extra, slots=resident)
     pinned, host = pinned * n, host + pinned * (n - 1)  # every GPU's cache keeps its own host buffers
     if host > host_ram_bytes:
         raise MemoryPlanError(f"offload_per_layer={opl} needs {_g(host)} of host RAM ({_g(pinned)} of expert buffers), "
                               f"{_g(host_ram_bytes)} available: use a machine with more RAM or fewer bits per expert")
     if opl > 0 and not mirror:
-        notes.append(f"host RAM cannot also hold all {L * E} experts ({_g(all_experts)}): swap mode")
+        notes.append(f"host RAM cannot also hold all {L * E} experts ({_g(all_experts)}): swap mode, host memory "
+                     f"at most {_g(pinned + HOST_PEAK_OVERHEAD)} at its peak (pinned + process)")
+    gpu_slots = tuple(slots[i % lp] for i in range(L)) if len(set(slots)) > 1 else None
     p = Plan("cuda", opl, buffers, prefetch if opl > 0 else 0, mirror, gpu, pinned, host, vram_bytes, host_ram_bytes,
-             sizes, context, disk_bytes, notes, n)
+             sizes, context, disk_bytes, notes, n, gpu_slots, extra, E if opl > 0 and not mirror else 3)
     _disk_note(p)
     return p
 
@@ -329,22 +419,45 @@ def preset(name: str, **kw: Any) -> Plan:
     return PRESETS[name].plan(**kw)
 
 
+def own_context_bytes(index: int) -> int:
+    """Device memory this process holds on GPU ``index`` outside torch's allocator (its CUDA context),
+    from NVML's per-process figures; 0 when NVML cannot say (the plan then stays on the safe side)."""
+    try:
+        import pynvml  # optional: a missing or broken NVML only makes the plan more conservative
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(index))
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid == os.getpid())
+    except Exception:  # noqa: BLE001 - any NVML failure means "unknown"
+        return 0
+    return max(0, used - int(torch.cuda.memory_reserved(index)))
+
+
+def _usable_vram(index: int) -> int:
+    """Free VRAM plus this process's own CUDA context: plans count the context themselves
+    (CUDA_CONTEXT), and measuring initialised it, so it must not be subtracted twice."""
+    return int(torch.cuda.mem_get_info(index)[0]) + min(own_context_bytes(index), CUDA_CONTEXT)
+
+
 def machine(device: Any = None) -> Machine:
-    """This machine: free VRAM of ``device`` (default: current CUDA device, if any), available RAM, free disk."""
+    """This machine: usable VRAM of ``device`` (default: current CUDA device, if any; free memory plus
+    this process's CUDA context, which plans count), available RAM, free disk."""
     ram = psutil.virtual_memory().available
     disk = shutil.disk_usage(".").free
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         if device is not None:  # one named GPU
             dev = torch.device(device)
-            return Machine(int(torch.cuda.mem_get_info(dev)[0]), int(ram), 1, disk, torch.cuda.get_device_name(dev))
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            return Machine(_usable_vram(index), int(ram), 1, disk, torch.cuda.get_device_name(dev))
         n = torch.cuda.device_count()  # all GPUs (layers are split across them); plan for the smallest
-        free = min(torch.cuda.mem_get_info(i)[0] for i in range(n))
+        free = min(_usable_vram(i) for i in range(n))
         return Machine(int(free), int(ram), n, disk, f"{n} x {torch.cuda.get_device_name(0)}")
     return Machine(0, int(ram), 0, disk, "CPU")
 
 
 def detect(device: Any = None, **kw: Any) -> Plan:
-    """The plan for this machine (free VRAM via torch.cuda.mem_get_info, available RAM via psutil)."""
+    """The plan for this machine (VRAM via torch.cuda.mem_get_info and NVML, available RAM via psutil)."""
     return machine(device).plan(**kw)
 
 
@@ -370,21 +483,31 @@ def check_fits(what: Plan | OffloadConfig, vram_bytes: int | None, ram_bytes: in
     if sizes is not None and not isinstance(sizes, ModelSizes):
         raise ValueError(f"sizes must be a ModelSizes (planner.ModelSizes.of(...)), got {type(sizes).__name__}")
     extra = 0
+    slots: int | None = None  # total GPU slots when layers differ
     if isinstance(what, Plan):
         sizes, opl, buffers, context = per_gpu(what.sizes, what.num_gpus), what.offload_per_layer, what.buffer_size, \
             what.context
         mirror = what.host_mirror if host_mirror is None else host_mirror
+        extra = 0 if mirror else what.extra_host_slots
+        if what.gpu_slots is not None:
+            slots = sum(what.layer_slots()[:sizes.num_layers])
     elif isinstance(what, OffloadConfig):
         sizes = sizes or ModelSizes.of()
         what.gpu_slots_per_layer(sizes.num_experts)  # offload_per_layer must leave a GPU slot
         opl, buffers, extra = what.offload_per_layer, what.buffer_size, what.extra_host_slots
         mirror = what.host_mirror if host_mirror is None else host_mirror
         mirror = True if mirror is None else mirror
+        if what.gpu_slots is not None:
+            slots = sum(what.slots_per_layer(sizes.num_layers, sizes.num_experts))
     else:
         raise ValueError(f"check_fits needs a Plan or an OffloadConfig, got {type(what).__name__}")
     cuda = vram_bytes is not None
     E = sizes.num_experts
-    gpu, pinned, host = _needs(sizes, opl, buffers, mirror, cuda, context, loaded, extra)
+    gpu, pinned, host = _needs(sizes, opl, buffers, mirror, cuda, context, loaded, extra, slots)
+    if cuda and gpu > vram_bytes and slots is not None:
+        over = -(-(gpu - vram_bytes) // sizes.expert_bytes)
+        raise MemoryPlanError(f"needs {_g(gpu)} of VRAM, {_g(vram_bytes)} free: give gpu_slots {over} fewer slots "
+                              "in all (planner.detect() fills the VRAM it measures)")
     if cuda and gpu > vram_bytes:
         fix = next((o for o in range(opl + 1, E) if _needs(sizes, o, buffers, mirror, cuda, context, loaded)[0]
                     <= vram_bytes), None)
@@ -392,9 +515,9 @@ def check_fits(what: Plan | OffloadConfig, vram_bytes: int | None, ram_bytes: in
                 else f"even offload_per_layer={E - 1} does not fit: free GPU memory or use fewer bits per expert")
         raise MemoryPlanError(f"needs {_g(gpu)} of VRAM, {_g(vram_bytes)} free: {hint}")
     if host > ram_bytes:
-        if mirror and opl > 0 and _needs(sizes, opl, buffers, False, cuda, context, loaded)[2] <= ram_bytes:
+        if mirror and opl > 0 and _needs(sizes, opl, buffers, False, cuda, context, loaded, slots=slots)[2] <= ram_bytes:
             hint = "set host_mirror=False (swap mode keeps only the offloaded experts in RAM)"
-        elif extra and _needs(sizes, opl, buffers, mirror, cuda, context, loaded)[2] <= ram_bytes:
+        elif extra and _needs(sizes, opl, buffers, mirror, cuda, context, loaded, slots=slots)[2] <= ram_bytes:
             hint = f"lower extra_host_slots (now {extra}): each spare host blob takes {_g(sizes.expert_bytes)}"
         elif cuda:
             fix = next((o for o in range(opl - 1, -1, -1)

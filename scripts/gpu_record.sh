@@ -13,6 +13,10 @@
 #   decoder   Decoder and transformers' forward, fp16, against the fp32 model, on 1 and 2 GPUs
 #   bench     the T4-budget comparison (ours vs the article's algorithm, one process), then `resident`
 #   resident  every expert on the GPU, no VRAM cap
+#   colab     what a free Colab runs: the copy microbenchmark (plain vs throttled to a T4's 9.7 GB/s), then
+#             the colab-t4 plan (ours vs the article's code, one process, iid routing) on this GPU capped at a
+#             T4's 15,095 MiB counting the CUDA context, measured plain and with the T4's limits emulated
+#             (--emulate t4), with the T4 projection, D2H/H2D per token and the time to first token (512 tokens)
 #   gemv      one-token GEMV timings against the copy bandwidth: python scripts/kernel_bench.py bench
 #   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
 #
@@ -30,6 +34,8 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # the benchmark's summary keys worth showing on screen (the full output is in the step's log)
 KEYS="decode_tok_s|prefill_tok_s|\.hit_rate|efficiency|speedup|transfer_limit|t4_projected|peak_vram|pinned_host|h2d_gbps"
 KEYS="$KEYS|wait_s|overhead_s|host_syncs|h2d_bytes|d2h_bytes|h2d_busy|outputs_finite|devices"
+KEYS="$KEYS|emulated_t4_tok_s|emulated_t4_ttft|emulated_t4_prefill|d2h_per_h2d|ttft_s|vram_cap|cuda_context|gpu_expert_slots\b"
+KEYS="$KEYS|extra_host_slots|^copy\.|^# plan|^#   "
 
 step_assets() {
   $PY - "$TINYQ" <<'EOF'
@@ -68,6 +74,15 @@ step_resident() {
     | tee "$OUT/resident.txt" | grep -E "$KEYS"
   return "${PIPESTATUS[0]}"
 }
+step_colab() {
+  timeout 90 $PY -m mixtral_nb.bench --copy-only --json "$OUT/copy.json" | tee "$OUT/copy.txt"
+  local rc_copy=${PIPESTATUS[0]}
+  timeout 380 $PY -m mixtral_nb.bench --compare --plan colab-t4 --emulate t4 --routing iid --repeat 2 --new-tokens 64 \
+    --json "$OUT/colab.json" | tee "$OUT/colab.txt" | grep -E "$KEYS"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc_copy" -ne 0 ] && return "$rc_copy"
+  return "$rc"
+}
 step_gemv() { timeout 300 $PY scripts/kernel_bench.py bench; }
 step_rehearse() {
   if [ ! -f scripts/gpu_rehearse.sh ]; then echo "scripts/gpu_rehearse.sh is missing"; return 2; fi
@@ -78,7 +93,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env kernels compile decoder bench gemv)
 for s in "${steps[@]}"; do
   if ! declare -F "step_$s" >/dev/null; then
-    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident gemv rehearse" >&2
+    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv rehearse" >&2
     exit 2
   fi
 done

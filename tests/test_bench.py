@@ -81,3 +81,81 @@ def test_synthetic_weights_have_the_intended_scale():
         target = shape[1] ** -0.5
         assert 0.7 * target < w.std().item() < 1.4 * target
         assert abs(w.mean().item()) < 0.3 * target
+
+
+def test_t4_throttle_arithmetic():
+    """The padding that makes this GPU's copies and memory reads last as long as a T4's."""
+    th = bench.Throttle(h2d_bps=50e9, d2h_bps=40e9, hbm_bps=4e12, spin_hz=1.5e9)
+    n = 66_404_736  # one Mixtral expert blob
+    assert math.isclose(th.copy_pad_s("h2d", n), n / 9.7e9 - n / 50e9)
+    assert math.isclose(th.copy_pad_s("d2h", n), n / 9.7e9 - n / 40e9)
+    # padded copy + the copy itself = the T4's time: n bytes at 9.7 GB/s
+    assert math.isclose(n / 50e9 + th.copy_pad_s("h2d", n), n / bench.T4_H2D_BPS)
+    assert math.isclose(th.gpu_pad_s(1e9), 1e9 / 240e9 - 1e9 / 4e12)
+    assert th.cycles(th.copy_pad_s("h2d", n)) == round((n / 9.7e9 - n / 50e9) * 1.5e9)
+    slower = bench.Throttle(h2d_bps=5e9, d2h_bps=5e9, hbm_bps=100e9, spin_hz=1e9)
+    assert slower.copy_pad_s("h2d", n) == 0 and slower.gpu_pad_s(1e9) == 0 and slower.cycles(0.0) == 0
+    # calibration: cycles over the median spin time
+    assert bench.cycles_per_s(3_000_000, [0.0021, 0.002, 0.0019]) == pytest.approx(1.5e9)
+    with pytest.raises(ValueError, match="timer did not advance"):
+        bench.cycles_per_s(1000, [0.0, 0.0, 0.0])
+
+
+@pytest.mark.timeout(120)
+def test_tiny_at_the_colab_plan(capsys, tmp_path):
+    """--plan colab-t4 on the tiny model: the plan's per-layer slots and spare host blobs, D2H/H2D and
+    the time to first token reported; --emulate and --copy-only refuse a CPU run in one line."""
+    printed, _ = run(["--tiny", "--plan", "colab-t4", "--routing", "iid", "--new-tokens", "24", "--ttft-prompt", "64"],
+                     capsys, tmp_path)
+    ours = printed["ours"]
+    plan = bench.bench_plan(bench._parser().parse_args(["--plan", "colab-t4"]), 4)
+    assert ours["gpu_expert_slots"] == sum(plan.layer_slots()) and ours["extra_host_slots"] > 0
+    assert ours["ttft_s"] > 0 and ours["ttft_prompt_tokens"] == 64
+    assert ours["h2d_bytes_per_token"] > 0
+    assert ours["d2h_per_h2d"] <= 0.3  # spare host blobs: evictions rarely write back
+    for flag in (["--emulate", "t4"], ["--copy-only"]):
+        with pytest.raises(SystemExit) as e:
+            bench.bench_main(["--tiny", *flag])
+        assert e.value.code == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+class RecordingThrottle(bench.Throttle):
+    """The throttle's arithmetic with its GPU spin recorded instead (a CPU has no torch.cuda._sleep)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        object.__setattr__(self, "spins", [])
+
+    def spin(self, seconds: float) -> None:
+        self.spins.append(seconds)
+
+
+def test_t4_emulation_pads_every_layer_and_the_head(tiny_dir):
+    """The hooks pad each layer twice (attention before the experts' host sync, the experts used after)
+    and lm_head once per forward; removing them leaves the model as it was."""
+    from mixtral_nb import OffloadConfig, QuantConfig, build_model
+    from mixtral_nb.engine import make_engine
+    from mixtral_nb.generate import generate_tokens
+
+    cfg = OffloadConfig.for_model(4, 8, offload_per_layer=3, buffer_size=2, prefetch=0)
+    model = build_model("cpu", QuantConfig(None, None), cfg, tiny_dir)
+    th = RecordingThrottle(h2d_bps=50e9, d2h_bps=50e9, hbm_bps=2e12, spin_hz=1e9)
+    emu = bench.T4Emulation(model, th, context=32)
+    attn, expert, head = bench.layer_read_bytes(model, 32)
+    assert emu.attn_s == pytest.approx(th.gpu_pad_s(attn)) and emu.head_s == pytest.approx(th.gpu_pad_s(head))
+    assert model.expert_cache.copy_pad == th.pad_copy
+    engine = make_engine(model, "decoder", max_length=64)
+    prompt = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tokens = list(generate_tokens(engine, prompt, 3))  # a prefill and two one-token steps
+    assert len(tokens) == 3
+    assert len(th.spins) == 3 * (4 * 2 + 1)
+    assert th.spins.count(emu.attn_s) == 12 and th.spins.count(emu.head_s) == 3
+    assert th.spins.count(pytest.approx(2 * emu.expert_s)) >= 8  # one token: its two experts
+    assert th.spins.count(pytest.approx(8 * emu.expert_s)) == 4  # the 8-token prefill: all 8 experts
+    emu.remove()
+    assert model.expert_cache.copy_pad is None
+    with torch.inference_mode():
+        list(generate_tokens(engine, prompt, 2))
+    assert len(th.spins) == 27

@@ -343,3 +343,22 @@ def test_memory_plan_refuses_a_bad_offload_per_layer():
     with pytest.raises(ValueError, match=r"offload_per_layer must be between 0 and 7 .*, got 8"):
         memory_plan(s, preset="colab-t4", offload_per_layer=8)
     assert memory_plan(s, preset="colab-t4", offload_per_layer=5).offload_config().offload_per_layer == 5
+
+
+def test_gpu_slots_per_layer():
+    cfg = OffloadConfig.for_slots(8, [6, 5, 6], buffer_size=2)
+    assert cfg.gpu_slots == (6, 5, 6) and (cfg.main_size, cfg.offload_size, cfg.offload_per_layer) == (17, 7, 3)
+    assert cfg.slots_per_layer(3, 8) == [6, 5, 6] and cfg.part([0, 2]).gpu_slots == (6, 6)
+    cfg.check_model(3, 8)
+    uniform = OffloadConfig.for_model(3, 8, offload_per_layer=2)
+    assert uniform.slots_per_layer(3, 8) == [6, 6, 6] and uniform.part([1]) is uniform
+    with pytest.raises(ValueError, match=r"gpu_slots\[1\] must be between 1 and \d+ \(a layer needs at least one GPU"):
+        OffloadConfig.for_slots(8, (6, 0))
+    with pytest.raises(ValueError, match=r"gpu_slots\[0\] must be an int, got 5.5"):
+        OffloadConfig.for_slots(8, (5.5,))
+    with pytest.raises(ValueError, match=r"gpu_slots must be a non-empty tuple of ints .* got 'abc'"):
+        OffloadConfig(main_size=1, offload_size=0, offload_per_layer=0, gpu_slots="abc")
+    with pytest.raises(ValueError, match="for_slots derives main_size"):
+        OffloadConfig.for_slots(8, (6,), main_size=3)
+    with pytest.raises(ValueError, match=r"too small for gpu_slots summing to 17 .* use main_size=17"):
+        dataclasses.replace(cfg, main_size=10).check_model(3, 8)

@@ -130,16 +130,19 @@ def test_lru_eviction_order(mirror):
 
 @pytest.mark.parametrize("window", [1, 2])
 def test_clean_first_eviction(window):
-    """Swap mode with spare host blobs: a loaded expert keeps its host copy, and eviction prefers such
-    a clean expert within ``clean_window`` of the LRU end (no write-back); window 1 is strict LRU."""
-    cache = _blob_cache(mirror=False, extra=2, window=window)
-    cache.fetch(0, 2)  # evicts 0 (resident from the start: no host copy, written back); 2 keeps its copy
-    assert list(cache.lru[0]) == [1, 2] and cache.host_of[0][2] is not None
-    d2h = cache.stats()["bytes_d2h"]
-    assert d2h == cache.blob_bytes
-    cache.fetch(0, 3)
-    assert list(cache.lru[0]) == ([2, 3] if window == 1 else [1, 3])
-    assert cache.stats()["bytes_d2h"] == d2h + (cache.blob_bytes if window == 1 else 0)
+    """Swap mode with a spare host blob: a resident starts with its host copy (clean), and eviction
+    prefers a clean expert within ``clean_window`` of the LRU end (no write-back; the loaded expert then
+    keeps its own host copy); window 1 is strict LRU."""
+    cache = _blob_cache(mirror=False, extra=1, window=window)
+    assert cache.host_of[0][0] is not None and cache.host_of[0][1] is None  # 0 clean, 1 dirty
+    cache.fetch(0, 0)  # hit: LRU order is now [1, 0]
+    cache.fetch(0, 2)
+    if window == 1:  # strict LRU: 1 goes, written back; no blob to spare, so 2 gives its host copy up
+        assert list(cache.lru[0]) == [0, 2] and cache.host_of[0][2] is None
+        assert cache.stats()["bytes_d2h"] == cache.blob_bytes
+    else:  # 0 is clean: it goes with no write-back, and 2 stays clean, so the layer still has one clean
+        assert list(cache.lru[0]) == [1, 2] and cache.host_of[0][2] is not None
+        assert cache.stats()["bytes_d2h"] == 0
     for e, buf in cache.lru[0].items():
         assert cache.gpu_views[buf][0][0, 0].item() == float(e)
     for e in range(4):  # every expert is on the GPU or on the host, with its own values

@@ -32,7 +32,9 @@ def test_presets_fit_and_choose_sensible_modes():
         assert p.gpu_bytes <= m.vram_bytes or p.device == "cpu"
         assert p.host_bytes <= m.host_ram_bytes
         cfg = p.offload_config()
-        assert cfg.main_size == 32 * (8 - p.offload_per_layer) and cfg.offload_size == 32 * p.offload_per_layer
+        slots = p.layer_slots()
+        assert cfg.main_size == sum(slots) and cfg.offload_size == 32 * 8 - sum(slots)
+        assert cfg.offload_per_layer == 8 - min(slots) == p.offload_per_layer
         assert "Memory plan" in p.explain()
     colab = plans["colab-t4"]
     assert colab.device == "cuda" and not colab.host_mirror and 3 <= colab.offload_per_layer <= 5  # 12.7 GB RAM: swap
@@ -118,3 +120,66 @@ def test_two_gpus_split_layers_and_hold_every_expert():
     # the same VRAM per GPU with one GPU cannot hold them all
     assert plan(two.vram_bytes, two.host_ram_bytes, num_gpus=1).offload_per_layer > 0
     assert one.devices() == ["cuda:0"] and preset("cpu").devices() == ["cpu"]
+
+
+def test_colab_plan_fills_vram_and_host_ram_within_colab_limits():
+    """The colab-t4 plan is a byte budget: VRAM filled with slots (layers may differ by one), host RAM
+    filled with spare blobs up to the 11.0 GB a Colab runtime survives (pinned + the process's peak)."""
+    p = preset("colab-t4")
+    m = P.PRESETS["colab-t4"]
+    s = p.sizes
+    slots = p.layer_slots()
+    assert max(slots) - min(slots) <= 1 and sum(slots) > 32 * 5  # more than the old fixed 5 per layer
+    assert m.vram_bytes - s.expert_bytes - P.VRAM_MARGIN < p.gpu_bytes <= m.vram_bytes - P.VRAM_MARGIN
+    assert p.pinned_bytes + P.HOST_PEAK_OVERHEAD <= 11.0e9  # the hard rule
+    assert p.pinned_bytes + P.HOST_PEAK_OVERHEAD + s.expert_bytes > 11.0e9  # and nothing left on the table
+    cfg = p.offload_config()
+    assert cfg.gpu_slots == tuple(slots) and cfg.extra_host_slots == p.extra_host_slots > 0
+    assert cfg.clean_window == 8 and not cfg.host_mirror
+    # the host buffers the cache will allocate are what the plan counted
+    host_blobs = 32 * 8 - sum(slots) + cfg.buffer_size + cfg.extra_host_slots
+    assert host_blobs * s.expert_bytes == p.pinned_bytes
+    check_fits(cfg, m.vram_bytes, m.host_ram_bytes, s)
+    assert "experts (" in p.explain() and "spare host blobs" in p.explain()
+
+
+def test_miss_rates_give_missing_layers_more_slots():
+    even = P.distribute_slots(180, 32, 8)
+    assert sum(even) == 180 and max(even) - min(even) <= 1
+    rates = [0.1] * 16 + [0.4] * 16
+    skew = P.distribute_slots(180, 32, 8, rates)
+    assert sum(skew) == 180 and min(skew) >= 1 and max(skew) <= 8
+    assert sum(skew[16:]) > sum(skew[:16])
+    p = plan(15095 * 1024**2, int(12.7e9), miss_rates=rates)
+    assert sum(p.layer_slots()[16:]) > sum(p.layer_slots()[:16])
+    with pytest.raises(ValueError, match=r"miss_rates needs 32 values in \[0, 1\]"):
+        plan(15095 * 1024**2, int(12.7e9), miss_rates=[0.5] * 3)
+    with pytest.raises(ValueError, match="miss_rates must be a sequence"):
+        plan(15095 * 1024**2, int(12.7e9), miss_rates="high")
+
+
+def test_plan_edited_by_hand_or_for_fewer_layers_stays_consistent():
+    import dataclasses
+
+    p = preset("colab-t4")
+    hand = dataclasses.replace(p, offload_per_layer=4, host_mirror=True)  # what setup_env.memory_plan does
+    assert hand.offload_config().gpu_slots is None and hand.offload_config().offload_per_layer == 4
+    short = dataclasses.replace(p, sizes=dataclasses.replace(p.sizes, num_layers=4))  # a quick rehearsal
+    cfg = short.offload_config()
+    assert cfg.slots_per_layer(4, 8) == p.layer_slots()[:4]
+    assert cfg.extra_host_slots == p.extra_host_slots * 4 // 32
+
+
+def test_detect_counts_this_process_context_once(monkeypatch):
+    """Measuring free VRAM creates this process's CUDA context; the plan subtracts a context itself, so
+    what NVML says this process holds (at most CUDA_CONTEXT) is added back, and nothing when NVML cannot say."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "T4")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (14 * GiB, 15 * GiB))
+    monkeypatch.setattr(P, "own_context_bytes", lambda i: 300 * 1024**2)
+    assert P.machine().vram_bytes == 14 * GiB + 300 * 1024**2
+    monkeypatch.setattr(P, "own_context_bytes", lambda i: 5 * GiB)  # never more than a context's worth
+    assert P.machine("cuda:0").vram_bytes == 14 * GiB + P.CUDA_CONTEXT
+    monkeypatch.setattr(P, "own_context_bytes", lambda i: 0)
+    assert P.machine().vram_bytes == 14 * GiB
