@@ -479,7 +479,10 @@ class ChatUI:
 
     def regenerate(self) -> str | None:
         """Replace the last reply with a new one (at temperature 0 a notice says it will be the same)."""
-        if self._busy or not self.session.history:
+        if self._busy:
+            return None
+        if not self.session.history:
+            self._set_notice("nothing to regenerate: the conversation is empty")
             return None
         self._set_notice(GREEDY_NOTICE if float(self.temperature.value) == 0.0 else "")
         shown = self._rows[:-1] if self._rows and self._rows[-1].role == "assistant" else self._rows
@@ -600,10 +603,8 @@ class ChatUI:
         """Controls that depend on the conversation: examples, Undo/Regenerate, the download links."""
         empty = not self.session.history
         self.examples.layout.display = "none" if not empty or not self.example_buttons else None
-        for button in (self.regenerate_button, self.undo_button):
-            button.disabled = self._busy or empty
-        self.clear_button.disabled = self._busy
-        for button in self.example_buttons:
+        # enabled even when empty: the session may have gained turns from code since (a notice says if not)
+        for button in (self.regenerate_button, self.undo_button, self.clear_button, *self.example_buttons):
             button.disabled = self._busy
         if empty:
             self.export_links.value = ""

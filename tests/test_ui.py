@@ -81,8 +81,9 @@ def test_layout_has_the_stable_css_hooks(ui):
     assert bytes(ui.chart.value).startswith(b"\x89PNG")  # drawn once up front
     assert "RSS" in ui.stats.value
     assert ui.stop_button.disabled and not ui.send_button.disabled
-    assert ui.undo_button.disabled and ui.regenerate_button.disabled  # nothing to undo yet
     assert not shown(ui.busy_hint) and not shown(ui.notice) and not shown(ui.copy_box)
+    assert ui.undo() is None and ui.notice.value == "nothing to undo: the conversation is empty" and shown(ui.notice)
+    assert ui.regenerate() is None and "nothing to regenerate" in ui.notice.value
     assert "Shift+Enter" in ui.key_hint.value and "Click Send" in ui.key_hint.value  # with and without the script
 
 
