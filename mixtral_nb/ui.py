@@ -56,7 +56,7 @@ _CSS = """<style>
 .mnb-copy { font-size:11px !important; height:20px !important; line-height:18px !important; padding:0 6px !important; }
 .mnb-hint { font-size:12px; color:#a15c00; }
 .mnb-notice { font-size:12px; color:#444; }
-.mnb-keyhint, .mnb-export { font-size:12px; color:#666; }
+.mnb-keyhint, .mnb-export, .mnb-small { font-size:12px; color:#666; }
 .mnb-keys-js { display:none; }
 body.mnb-js .mnb-keys-js { display:inline; }
 body.mnb-js .mnb-keys-nojs { display:none; }
@@ -292,6 +292,7 @@ class _Row:
         self.message: dict | None = None
         self.text = ""
         self.when = when
+        self._drawn: tuple | None = None
         self.meta = widgets.HTML(value=self._meta_html(name, when))
         self.meta.add_class("mnb-meta")
         self.copy_button = widgets.Button(description="Copy", tooltip="Copy this message",
@@ -312,7 +313,10 @@ class _Row:
         return f"<b>{html.escape(name)}</b> &middot; {time.strftime('%H:%M', time.localtime(when))}"
 
     def render(self, text: str, caption: str = "", streaming: bool = False) -> None:
-        """Draw the bubble; a finished message carries its raw text for the Copy script."""
+        """Draw the bubble (unless unchanged); a finished message carries its raw text for the Copy script."""
+        if self._drawn == (text, caption, streaming):
+            return
+        self._drawn = (text, caption, streaming)
         self.text = text
         body = render_markdown(text) if text else ""
         if streaming:
@@ -367,7 +371,7 @@ class ChatUI:
             button.add_class("mnb-example")
             button.on_click(lambda _b, t=text: self._on_example(t))
             self.example_buttons.append(button)
-        self.examples = widgets.HBox([widgets.HTML("<span class='mnb-keyhint'>Try:&nbsp;</span>")]
+        self.examples = widgets.HBox([widgets.HTML("<span class='mnb-small'>Try:&nbsp;</span>")]
                                      + self.example_buttons, layout=widgets.Layout(flex_flow="row wrap",
                                                                                    align_items="center"))
         self.examples.add_class("mnb-examples")
@@ -398,7 +402,7 @@ class ChatUI:
 
         self.copy_text = widgets.Textarea(value="", rows=4, layout=widgets.Layout(width="98%"))
         self.copy_box = widgets.VBox(
-            [widgets.HTML("<span class='mnb-keyhint'>Copy: select the text below and press Ctrl+C "
+            [widgets.HTML("<span class='mnb-small'>Copy: select the text below and press Ctrl+C "
                           "(this page did not run the copy script).</span>"), self.copy_text],
             layout=widgets.Layout(display="none", width="100%"),
         )
@@ -529,6 +533,8 @@ class ChatUI:
         The browser copies to the clipboard itself; this side also puts the text into a box that is
         shown only where the copy script could not run or was refused, to copy by hand.
         """
+        if not -len(self._rows) <= index < len(self._rows):
+            raise IndexError(f"copy({index}): the transcript has {len(self._rows)} messages")
         return self._copy_row(self._rows[index])
 
     def export(self, fmt: str = "markdown", path: str | os.PathLike | None = None) -> str:

@@ -259,6 +259,8 @@ def test_copy_gives_the_raw_text_and_a_fallback_box(ui):
     assert shown(ui.copy_box) and ui.copy_text.value == "Copy **this** <b>text</b>"
     copy_buttons[1].click()
     assert ui.last_copied == reply and ui.copy(-1) == reply
+    with pytest.raises(IndexError, match="the transcript has 2 messages"):
+        ui.copy(2)
     # the script reads the raw text from the bubble, escaped for the attribute
     user = bubbles(ui)[0][1].value
     assert "data-mnb-raw='Copy **this** &lt;b&gt;text&lt;/b&gt;'" in user and "<b>text</b>" not in user
