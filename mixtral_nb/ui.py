@@ -340,6 +340,7 @@ class ChatUI:
     chart_interval = 1.0  # seconds between live-panel redraws while generating
     text_interval = 0.08  # seconds between re-renders of the streaming bubble
     settle_s = 0.15  # after Send/Enter in a kernel: let the browser's last keystrokes arrive before reading the box
+    settle_max_s = 2.0  # ... and while the box still reads empty, wait up to this long for its text
 
     def __init__(self, session: Any, monitor: ResourceMonitor | None = None,
                  examples: Sequence[str] = DEFAULT_EXAMPLES, user_name: str = "You",
@@ -659,12 +660,19 @@ class ChatUI:
             self._send(None)
             return
         self._settling = True
+        start = time.monotonic()
+
+        def settled() -> bool:
+            waited = time.monotonic() - start
+            return waited >= self.settle_max_s or (waited >= self.settle_s and bool(self.input.value.strip()))
+
         loop = _loop_for_async_pump()
         if loop is not None:  # ipykernel 7: the kernel dispatches the pending updates while this task sleeps
 
             async def later() -> None:
                 try:
-                    await asyncio.sleep(self.settle_s)
+                    while not settled():
+                        await asyncio.sleep(0.02)
                 finally:
                     self._settling = False
                 self._send(None)
@@ -673,8 +681,7 @@ class ChatUI:
             return
         try:
             with _ui_poller() as poll:  # one poller for the wait and the reply that follows
-                deadline = time.monotonic() + self.settle_s
-                while time.monotonic() < deadline:
+                while not settled():
                     poll()
                     time.sleep(0.01)
                 self._settling = False
