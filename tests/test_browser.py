@@ -171,6 +171,17 @@ def _count(page, sel: str) -> int:
     return page.locator(sel).count()
 
 
+def _undo(page, message: str) -> None:
+    """Click Undo: one user/assistant pair fewer, and ``message`` back in the input box."""
+    users = _count(page, USER)
+    page.locator(".mnb-undo").click()
+    page.wait_for_function("([sel, n]) => document.querySelectorAll(sel).length === n", arg=[USER, users - 1],
+                           timeout=15_000)
+    assert _count(page, ASSISTANT) == users - 1
+    page.wait_for_function("([sel, text]) => document.querySelector(sel).value === text", arg=[INPUT, message],
+                           timeout=10_000)
+
+
 def _screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
@@ -257,6 +268,10 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         page.locator(".mnb-send:not([disabled])").wait_for(state="visible", timeout=10_000)
         assert page.locator(".mnb-examples").is_hidden(), "the example prompts stay shown in a conversation"
         mark("example answered")
+        # ... and undone: the exchange leaves the transcript, the prompt goes back into the box (the model's
+        # context is again just the notebook's own question, so the long reply below is long)
+        _undo(page, example)
+        mark("example undone")
 
         # ---- 1st question: streams, the chart redraws live, Stop ends it mid-reply
         _send(page, LONG_QUESTION)
@@ -321,13 +336,7 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         mark("copied")
 
         # ---- Undo removes that exchange and puts the message back into the box
-        users = _count(page, USER)
-        page.locator(".mnb-undo").click()
-        page.wait_for_function("([sel, n]) => document.querySelectorAll(sel).length === n", arg=[USER, users - 1],
-                               timeout=15_000)
-        assert _count(page, ASSISTANT) == users - 1
-        page.wait_for_function("(sel) => document.querySelector(sel).value === 'Line one\\nLine two'", arg=INPUT,
-                               timeout=10_000)
+        _undo(page, "Line one\nLine two")
         assert page.locator(USER, has_text="Line two").count() == 0
         mark("undone")
 
