@@ -99,10 +99,11 @@ class ChatSession:
     """A multi-turn conversation that keeps the model's KV cache between turns.
 
     ``history`` holds every user/assistant message (the system prompt lives in ``system_prompt``);
-    it is never trimmed (``undo()`` removes the last exchange on request). When the conversation outgrows ``context_budget``, the model is shown only
-    the latest messages that fit (oldest user/assistant pairs left out first; ``trimmed_messages``
-    says how many). Editing ``history`` or ``system_prompt`` by hand is safe. ``stop()`` and Ctrl-C
-    keep the partial reply.
+    it is never trimmed (``undo()`` removes the last exchange on request). When the conversation
+    outgrows ``context_budget``, the model is shown only the latest messages that fit (oldest
+    user/assistant pairs left out first; ``trimmed_messages`` says how many). Editing ``history`` or
+    ``system_prompt`` by hand is safe. ``stop()`` and Ctrl-C keep the partial reply.
+    ``message_info`` gives a message's time and a reply's stats.
 
     ``engine``: "decoder" runs the model through :class:`~mixtral_nb.decoder.Decoder` (static KV
     cache of ``context_budget`` positions, CUDA graphs: several times faster on a GPU),

@@ -844,7 +844,7 @@ class ChatUI:
         if stats and stats.get("tokens", 0) > 1:
             self._tok_history.append((time.time(), float(stats.get("tok_s", 0.0))))
         self._after_change()
-        self._refresh_panel(sample=True, summary=reply_summary(stats) if adopted else "")
+        self._refresh_panel(sample=True, summary=reply_summary(stats) if adopted and error is None else "")
         if error is not None or not adopted:
             return None
         return pump.reply_row.text
