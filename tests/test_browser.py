@@ -8,8 +8,9 @@ Undo takes the last exchange back into the box, the Markdown download holds the 
 next question must still be answered. Every wait is on a DOM condition with a bounded timeout.
 
 Run it with ``make test-browser`` (or ``pytest -m browser tests``). Needs ``apt-get install chromium``.
-A screenshot lands in artifacts/ (``browser_chat.png``; ``browser_chat_failure.png`` plus the
-server log on failure).
+Screenshots land in artifacts/ (``browser_chat_controls.png`` after Copy, ``browser_chat.png`` at the end;
+``browser_chat_failure.png`` plus the server log on failure). The kernel imports ``mixtral_nb`` as the
+environment resolves it: to test a checkout other than the installed one, put it on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
