@@ -17,6 +17,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import torch
@@ -26,6 +27,10 @@ from .generate import Sampler, generate_tokens, prefill
 from .tokenizer import check_messages, encode_conversation
 
 __all__ = ["ChatSession", "SessionBusy"]
+
+
+def _iso(t: float | None) -> str | None:
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") if t is not None else None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -94,10 +99,11 @@ class ChatSession:
     """A multi-turn conversation that keeps the model's KV cache between turns.
 
     ``history`` holds every user/assistant message (the system prompt lives in ``system_prompt``);
-    it is never trimmed. When the conversation outgrows ``context_budget``, the model is shown only
-    the latest messages that fit (oldest user/assistant pairs left out first; ``trimmed_messages``
-    says how many). Editing ``history`` or ``system_prompt`` by hand is safe. ``stop()`` and Ctrl-C
-    keep the partial reply.
+    it is never trimmed (``undo()`` removes the last exchange on request). When the conversation
+    outgrows ``context_budget``, the model is shown only the latest messages that fit (oldest
+    user/assistant pairs left out first; ``trimmed_messages`` says how many). Editing ``history`` or
+    ``system_prompt`` by hand is safe. ``stop()`` and Ctrl-C keep the partial reply.
+    ``message_info`` gives a message's time and a reply's stats.
 
     ``engine``: "decoder" runs the model through :class:`~mixtral_nb.decoder.Decoder` (static KV
     cache of ``context_budget`` positions, CUDA graphs: several times faster on a GPU),
@@ -140,6 +146,7 @@ class ChatSession:
         self._engine: Engine | None = None
         self._ids: list[int] = []  # the engine holds _ids[:engine.length]
         self._window = 0  # history index of the first message the model saw in the last turn
+        self._meta: dict[int, tuple[dict, dict]] = {}  # id(message) -> (message, {"time": ..., "stats": ...})
         self._stop = threading.Event()
         self._lock = threading.RLock()  # held while a reply runs a step
         self._active: _Reply | None = None
@@ -167,6 +174,17 @@ class ChatSession:
         """True while a reply is being produced (or a started stream is suspended between pieces)."""
         active = self._active
         return active is not None and active.running
+
+    def message_info(self, message: dict) -> dict:
+        """When ``message`` (a dict of ``history``) was added and, for a reply, its stats (or None each).
+
+        Kept by identity, so a message edited or replaced by hand simply has no record: the chat widget's
+        captions and the export's timestamps read it, and ``history`` stays plain role/content dicts.
+        """
+        entry = self._meta.get(id(message))
+        if entry is None or entry[0] is not message:
+            return {"time": None, "stats": None}
+        return dict(entry[1])
 
     def encoded_history(self) -> list[int]:
         """Token ids of the conversation as the model last saw it (what the cache holds after a reply)."""
@@ -218,6 +236,39 @@ class ChatSession:
         finally:
             self._lock.release()
 
+    def undo(self) -> list[dict]:
+        """Remove the last user message and the reply to it, in one step; return them (oldest first).
+
+        The engine keeps only what still matches the shorter conversation, so the next turn reuses
+        the cache up to there. Nothing changes on error: ValueError when there is nothing to undo,
+        SessionBusy while a reply runs (call stop() first).
+        """
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusy("the session is generating a reply; call stop() first")
+        try:
+            self._claim(None)
+            history = list(self.history)
+            if not history:
+                raise ValueError("nothing to undo: the conversation is empty")
+            cut = len(history) - 1
+            if history[cut]["role"] == "assistant" and cut > 0 and history[cut - 1]["role"] == "user":
+                cut -= 1
+            removed, kept = history[cut:], history[:cut]
+            window = min(self._window, len(kept))
+            target = encode_conversation(self.tokenizer, self._head() + kept[window:], add_generation_prompt=False)
+            engine = self._engine
+            if engine is not None:  # cut first: the engine then holds a prefix of both the old and the new ids
+                engine.truncate(_common_prefix(self.cache_ids, target))
+            self._ids = target
+            self._window = window
+            self.trimmed_messages = min(self.trimmed_messages, window)
+            self.history = kept  # the undo happens here (one assignment)
+            alive = {id(m) for m in kept}  # a record holds its message, so an id here names that same object
+            self._meta = {k: v for k, v in self._meta.items() if k in alive}
+            return [dict(m) for m in removed]
+        finally:
+            self._lock.release()
+
     def reset(self) -> None:
         """Forget the conversation, the cache and the statistics (the system prompt stays)."""
         if not self._lock.acquire(blocking=False):
@@ -225,6 +276,7 @@ class ChatSession:
         try:
             self._claim(None)
             self.history = []
+            self._meta = {}
             self.stats = []
             self.last_stats = None
             self.trimmed_messages = 0
@@ -253,12 +305,26 @@ class ChatSession:
         if missing and len(target) <= engine.max_length and (max_forward is None or missing <= max_forward):
             prefill(engine, torch.tensor(target[keep:]), self.prefill_chunk)
 
-    def export(self, fmt: str = "markdown") -> str:
-        """The conversation as Markdown (for reading) or JSON (for reloading into ``history``)."""
+    def export(self, fmt: str = "markdown", names: dict[str, str] | None = None) -> str:
+        """The conversation as Markdown (for reading) or JSON (for reloading into ``history``).
+
+        ``names`` maps a role ("user", "assistant", "system") to the name shown for it (default: the
+        role, capitalised). Timestamps are local time with its UTC offset, where known (``message_info``).
+        """
+        if fmt not in ("markdown", "md", "json"):
+            raise ValueError(f"fmt must be 'markdown' or 'json', not {fmt!r}")
+        shown = {role: role.capitalize() for role in ("system", "user", "assistant")}
+        shown.update(names or {})
+        history = list(self.history)
+        infos = [self.message_info(m) for m in history]
+        stamps = [_iso(info["time"]) for info in infos]
         if fmt == "json":
             payload = {
                 "system_prompt": self.system_prompt,
-                "messages": [dict(m) for m in self.history],
+                "messages": [dict(m) for m in history],
+                "names": {role: shown[role] for role in ("user", "assistant")},
+                "message_times": stamps,
+                "message_stats": [info["stats"] for info in infos],
                 "stats": list(self.stats),
                 "settings": {
                     "max_new_tokens": self.max_new_tokens,
@@ -268,13 +334,13 @@ class ChatSession:
                 },
             }
             return json.dumps(payload, indent=2, ensure_ascii=False)
-        if fmt not in ("markdown", "md"):
-            raise ValueError("fmt must be 'markdown' or 'json'")
         parts = ["# Conversation"]
         if self.system_prompt:
-            parts.append("**System:** " + self.system_prompt)
-        for m in self.history:
-            parts.append(f"### {m['role'].capitalize()}\n\n{m['content']}")
+            parts.append(f"**{shown['system']}:** " + self.system_prompt)
+        for m, stamp in zip(history, stamps):
+            role = m["role"]
+            title = f"### {shown.get(role, role.capitalize())}" + (f" · {stamp}" if stamp else "")
+            parts.append(f"{title}\n\n{m['content']}")
         return "\n\n".join(parts) + "\n"
 
     # ---- internals
@@ -371,7 +437,13 @@ class ChatSession:
         self.progress = {"tokens": 0, "seconds": 0.0, "tok_s": 0.0}
         self._window = start
         self.trimmed_messages = start
-        self.history = base + [message]  # the turn is in the history (one assignment)
+        now = time.time()
+        kept = base + [message]
+        meta = {id(m): (m, {"time": now, "stats": None}) for m in kept[-2:]}
+        alive = {id(m) for m in kept}  # a record holds its message, so an id here names that same object
+        meta.update({k: v for k, v in self._meta.items() if k in alive})  # earlier records win
+        self._meta = meta
+        self.history = kept  # the turn is in the history (one assignment)
         try:
             reused = min(_common_prefix(self.cache_ids, ids), len(ids) - 1)  # the last token yields the logits
             engine.truncate(reused)
@@ -453,3 +525,6 @@ class ChatSession:
         }
         self.last_stats = stats
         self.stats = self.stats + [stats]
+        entry = self._meta.get(id(message))
+        if entry is not None and entry[0] is message:  # the reply's own stats, for its caption and the export
+            self._meta = {**self._meta, id(message): (message, {**entry[1], "stats": stats})}

@@ -2,12 +2,15 @@
 
 A throwaway JupyterLab serves a tmp copy of the notebook (a cell injected after its parameters
 cell caps the reply length); Playwright opens it, runs all cells from the Run menu, and chats:
-the reply must stream, the live chart must redraw, Stop must end a reply mid-way, and the next
-question must still be answered. Every wait is on a DOM condition with a bounded timeout.
+an example prompt is answered, a reply must stream, the live chart must redraw, Stop must end a
+reply mid-way, Shift+Enter makes a new line and Enter sends, Copy puts a message on the clipboard,
+Undo takes the last exchange back into the box, the Markdown download holds the transcript, and the
+next question must still be answered. Every wait is on a DOM condition with a bounded timeout.
 
 Run it with ``make test-browser`` (or ``pytest -m browser tests``). Needs ``apt-get install chromium``.
-A screenshot lands in artifacts/ (``browser_chat.png``; ``browser_chat_failure.png`` plus the
-server log on failure).
+Screenshots land in artifacts/ (``browser_chat_controls.png`` after Copy, ``browser_chat.png`` at the end;
+``browser_chat_failure.png`` plus the server log on failure). The kernel imports ``mixtral_nb`` as the
+environment resolves it: to test a checkout other than the installed one, put it on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ QUIET = 2.0  # after Stop: the text must not change during this long
 
 CHART = "img.mnb-chart, .mnb-chart img"  # ipywidgets 8 puts the class on the <img> itself
 ASSISTANT = ".mnb-msg-assistant"
+USER = ".mnb-msg-user"
+INPUT = ".mnb-input textarea"  # multiline: Enter sends (the widget's script), Shift+Enter adds a line
 
 # JS: the last assistant bubble as {n: bubbles, text: body without the cursor, cursor: bool}; ui.py draws the
 # cursor (U+258C) while a reply streams and replaces it with a caption ("N tokens, x tok/s") at the end
@@ -107,7 +112,7 @@ def _wait_notebook(page, log: list[str], timeout: float, what: str) -> None:
     Fails at once on a traceback in an output (Run All stops at the failing cell).
     """
     deadline = time.monotonic() + timeout
-    chat = page.locator(".mnb-input input")
+    chat = page.locator(INPUT)
     while True:
         _dismiss_dialogs(page, log)
         errors = _error_outputs(page)
@@ -151,10 +156,31 @@ def _wait_stats_tokens(page, tokens: int, timeout: float = 20) -> None:
 
 
 def _send(page, text: str) -> None:
-    box = page.locator(".mnb-input input")
+    box = page.locator(INPUT)
     box.click()
     box.fill(text)
     box.press("Enter")
+
+
+def _wait_reply_done(page, n_assistant: int, what: str) -> dict:
+    """Wait for assistant bubble number ``n_assistant`` to be complete (no cursor, a token caption)."""
+    return _wait_bubble(page, "(b, n) => b.n >= n && !b.cursor && /\\d+ tokens/.test(b.text)", n_assistant, T_REPLY,
+                        what)
+
+
+def _count(page, sel: str) -> int:
+    return page.locator(sel).count()
+
+
+def _undo(page, message: str) -> None:
+    """Click Undo: one user/assistant pair fewer, and ``message`` back in the input box."""
+    users = _count(page, USER)
+    page.locator(".mnb-undo").click()
+    page.wait_for_function("([sel, n]) => document.querySelectorAll(sel).length === n", arg=[USER, users - 1],
+                           timeout=15_000)
+    assert _count(page, ASSISTANT) == users - 1
+    page.wait_for_function("([sel, text]) => document.querySelector(sel).value === text", arg=[INPUT, message],
+                           timeout=10_000)
 
 
 def _screenshot(page, name: str) -> None:
@@ -212,6 +238,7 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
     def mark(name: str) -> None:
         marks[name] = round(time.monotonic() - t0, 1)
 
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     try:
         page.goto(lab.url(f"lab/tree/{notebook_copy.name}"), wait_until="domcontentloaded", timeout=T_PAGE * 1000)
         page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=T_PAGE * 1000)
@@ -228,6 +255,24 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         chart = page.locator(CHART)
         first_chart = chart.get_attribute("src", timeout=10_000)
         assert first_chart, "the live chart has no image"
+        # the widget's script ran: the key hint speaks of Enter
+        page.wait_for_function("() => document.body.classList.contains('mnb-js')", timeout=15_000)
+        assert "Enter sends" in page.locator(".mnb-keyhint").first.inner_text()
+
+        # ---- an example prompt is sent by one click and answered
+        examples = page.locator(".mnb-example")
+        assert examples.count() >= 1
+        example = examples.first.get_attribute("title") or examples.first.inner_text()
+        examples.first.click()
+        page.locator(USER, has_text=example.rstrip("…")[:20]).first.wait_for(state="visible", timeout=15_000)
+        _wait_reply_done(page, 1, "the example prompt got no complete answer")
+        page.locator(".mnb-send:not([disabled])").wait_for(state="visible", timeout=10_000)
+        assert page.locator(".mnb-examples").is_hidden(), "the example prompts stay shown in a conversation"
+        mark("example answered")
+        # ... and undone: the exchange leaves the transcript, the prompt goes back into the box (the model's
+        # context is again just the notebook's own question, so the long reply below is long)
+        _undo(page, example)
+        mark("example undone")
 
         # ---- 1st question: streams, the chart redraws live, Stop ends it mid-reply
         _send(page, LONG_QUESTION)
@@ -262,20 +307,61 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         page.wait_for_timeout(QUIET * 1000)  # a stopped reply stays as it is
         assert _last_bubble(page)["text"] == stopped["text"], "the reply kept changing after Stop"
 
-        # ---- 2nd question: still answered, to the end
+        # ---- multiline: Shift+Enter adds a line (nothing sent), Enter sends both lines
+        box = page.locator(INPUT)
+        users = _count(page, USER)
+        assistants = _count(page, ASSISTANT)
+        box.click()
+        box.press_sequentially("Line one")
+        box.press("Shift+Enter")
+        box.press_sequentially("Line two")
+        page.wait_for_timeout(300)
+        assert box.input_value() == "Line one\nLine two", box.input_value()
+        assert _count(page, USER) == users, "Shift+Enter sent the message"
+        box.press("Enter")
+        sent = page.locator(USER, has_text="Line two")
+        sent.first.wait_for(state="visible", timeout=15_000)
+        assert re.search(r"Line one\s*\n\s*Line two", sent.first.inner_text()), sent.first.inner_text()
+        _wait_reply_done(page, assistants + 1, "the two-line message got no complete answer")
+        assert box.input_value() == ""
+        mark("multiline sent")
+
+        # ---- Copy puts the message's own text on the clipboard
+        copy = page.locator(".mnb-msg", has=page.locator(USER, has_text="Line two")).locator(".mnb-copy")
+        copy.click()
+        page.wait_for_function("(el) => el.textContent.includes('Copied')", arg=copy.element_handle(), timeout=10_000)
+        clip = page.evaluate("() => navigator.clipboard.readText()")
+        assert clip == "Line one\nLine two", repr(clip)
+        assert page.locator(".mnb-copybox").is_hidden(), "the no-script copy box is shown though the script copied"
+        _screenshot(page, "browser_chat_controls.png")
+        mark("copied")
+
+        # ---- Undo removes that exchange and puts the message back into the box
+        _undo(page, "Line one\nLine two")
+        assert page.locator(USER, has_text="Line two").count() == 0
+        mark("undone")
+
+        # ---- the Markdown download holds the transcript as it is now (nothing written by the kernel)
+        with page.expect_download(timeout=15_000) as info:
+            page.locator(".mnb-export-md").click()
+        exported = Path(info.value.path()).read_text(encoding="utf-8")
+        assert re.search(r"### You · \d{4}-\d\d-\d\dT", exported) and "dragon" in exported, exported[:500]
+        assert "Line two" not in exported and info.value.suggested_filename.endswith(".md")
+        mark("exported")
+
+        # ---- next question: still answered, to the end
+        assistants = _count(page, ASSISTANT)
         _send(page, SHORT_QUESTION)
-        page.locator(".mnb-msg-user", has_text="France").wait_for(state="visible", timeout=15_000)
-        final = _wait_bubble(page, "(b) => b.n >= 2 && !b.cursor && /\\d+ tokens/.test(b.text)", None, T_REPLY,
-                             "the second question got no complete answer")
-        mark("second answer")
+        final = _wait_reply_done(page, assistants + 1, "the last question got no complete answer")
+        mark("last answer")
         assert "error:" not in final["text"], final["text"]
         body = re.sub(r"\s*\d+ tokens, [\d.]+ tok/s.*$", "", final["text"], flags=re.S).strip()
-        assert body, f"the second answer is empty: {final['text']!r}"
-        assert page.locator(ASSISTANT).count() == 2 and page.locator(".mnb-msg-user").count() == 2
+        assert body, f"the last answer is empty: {final['text']!r}"
+        assert _count(page, ASSISTANT) == _count(page, USER) == assistants + 1
         _wait_stats_tokens(page, int(re.search(r"(\d+) tokens", final["text"]).group(1)))
         _screenshot(page, "browser_chat.png")
-        print(f"browser test timeline (s): {marks}; dialogs: {log}; 1st reply stopped: {stopped['text'][-80:]!r};"
-              f" 2nd: {final['text'][:120]!r}")
+        print(f"browser test timeline (s): {marks}; dialogs: {log}; stopped reply: {stopped['text'][-80:]!r};"
+              f" last: {final['text'][:120]!r}")
     except BaseException:
         try:
             _screenshot(page, "browser_chat_failure.png")
