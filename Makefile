@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # The second browser tier runs Colab's notebook stack (requirements-colab-stack.txt: ipykernel 6,
 # IPython 7, ipywidgets 7.7, Notebook 6.5 + widgetsnbextension 3.6) on Python 3.12 as Colab does, in
-# its own venv. PyPI has no CPU-only torch for Linux, so that venv gets the CUDA build (about 3 GB of
+# its own venv. PyPI has no CPU-only torch for Linux, so that venv gets the CUDA build (several GB of
 # downloads; scripts/colab_stack_env.sh prints the time and size); it runs on the CPU as well.
 COLAB_VENV   := .venv-colab
 COLAB_STAMP  := $(COLAB_VENV)/.installed-stamp

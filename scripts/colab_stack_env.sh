@@ -33,7 +33,7 @@ find_python() {
 }
 
 if ! py=$(find_python); then
-  echo "colab_stack_env: no $want here; install it (e.g. 'pyenv install 3.12') or pass another Python," \
+  echo "colab_stack_env: no $want here; install it (e.g. with pyenv) or pass another Python," \
        "as in 'make test-browser-colab COLAB_PYTHON=/path/to/python3.12'" >&2
   exit 2
 fi
