@@ -137,7 +137,8 @@ class ClassicNotebook:
             cmd = [str(self.python), "-m", "notebook", "--no-browser", "--NotebookApp.ip=127.0.0.1",
                    f"--NotebookApp.port={self.port}", "--NotebookApp.port_retries=0",
                    f"--NotebookApp.token={self.token}", f"--NotebookApp.notebook_dir={self.root_dir}",
-                   "--NotebookApp.open_browser=False", "--NotebookApp.terminals_enabled=False"]
+                   "--NotebookApp.open_browser=False", "--NotebookApp.terminals_enabled=False",
+                   "--NotebookApp.show_banner=False"]  # no "migrate to Notebook 7" strip over the page
             if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI containers run as root
                 cmd.append("--allow-root")
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
