@@ -52,16 +52,26 @@ def test_lfu_by_hand():
 
 
 def test_clean_first_saves_a_write_back_by_hand():
-    # swap mode: 2 slots [0, 1] with no host copy, buffer_size 1 and 2 extra host blobs (3 free); a loaded
-    # expert keeps its host copy while at least buffer_size + 1 = 2 blobs are free. Requests 2 0 3:
-    # LRU:       2 (out 0: written back, 2 free left), 0 (out 1: written back, 1 free), 3 (out 2: clean): 2 write-backs
-    # clean LRU: 2 (out 0: written back), 0 (out 2, clean: nothing copied), 3 (out 0, clean): 1 write-back
-    model = CacheModel(mirror=False, buffer_size=1, extra_host_slots=2, clean_window=3)
-    trace = one_layer([2, 0, 3], experts=4)
+    # swap mode, 2 slots [0, 1], buffer_size 1 and 1 extra host blob: 2 spare blobs, all but HOST_RESERVE = 1
+    # start as host copies of residents (as ExpertCache does since per-layer slots): 0 is clean, 1 dirty, 1 blob
+    # free. A loaded expert keeps its host copy when the victim is clean (the layer's clean count stays
+    # constant), else only while more than 1 blob is free. Requests 0 2 3 0:
+    # LRU:       0 hit; 2 (out 1: dirty, written back; 2 gives its blob to it); 3 (out 0: clean, 3 keeps its
+    #            copy); 0 (out 2: dirty, written back): 3 misses, 2 write-backs
+    # clean LRU: 0 hit; 2 (out 0: clean, 2 stays clean); 3 (out 2: clean); 0 (out 3: clean): 3 misses, none
+    model = CacheModel(mirror=False, buffer_size=1, extra_host_slots=1, clean_window=3)
+    trace = one_layer([0, 2, 3, 0], experts=4)
     lru, clean = simulate(trace, 2, "lru", model), simulate(trace, 2, "clean_lru", model)
     assert (lru.misses, lru.writebacks) == (3, 2)
-    assert (clean.misses, clean.writebacks) == (3, 1)
-    assert clean.d2h_per_token == pytest.approx(1 / 3)
+    assert (clean.misses, clean.writebacks) == (3, 0)
+    assert lru.d2h_per_token == pytest.approx(2 / 4)
+    # With 2 extra blobs (buffer_size 1) both residents start clean, so every eviction is clean under either
+    # policy. (Before, residents started without host copies and a loaded expert gave its copy up when few
+    # blobs were free: requests 2 0 3 then cost LRU 2 write-backs and clean LRU 1.)
+    both = CacheModel(mirror=False, buffer_size=1, extra_host_slots=2, clean_window=3)
+    for policy in ("lru", "clean_lru"):
+        r = simulate(one_layer([2, 0, 3], experts=4), 2, policy, both)
+        assert (r.misses, r.writebacks) == (3, 0), policy
     # host mirror: nothing is ever written back, and clean-first is plain LRU
     assert simulate(trace, 2, "clean_lru", MIRROR).writebacks == 0
 
@@ -107,13 +117,22 @@ def test_more_locality_more_hits():
 # ------------------------------------------------------------------ the real cache
 
 
-@pytest.mark.parametrize("mirror,policy,window,extra", [(True, "lru", 1, 0), (False, "lru", 1, 0),
-                                                        (False, "clean_lru", 3, 3), (False, "lru", 1, 3)])
-def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirror, policy, window, extra):
+# (host mirror, policy, clean_window, extra_host_slots, per-layer GPU slots or None: 3 each). The last rows have
+# the colab-t4 plan's proportions: layers of 5 or 6 slots of 8 with clean_window = 8 and about one spare host
+# blob per layer (all but one handed out as host copies of residents), then more spares than layers.
+CASES = [(True, "lru", 1, 0, None), (False, "lru", 1, 0, None), (False, "clean_lru", 3, 3, None),
+         (False, "lru", 1, 3, None), (True, "clean_lru", 3, 0, (4, 2, 3, 5)), (False, "clean_lru", 3, 1, (4, 2, 3, 5)),
+         (False, "lru", 1, 4, (2, 3, 2, 4)), (False, "clean_lru", 8, 2, (6, 6, 5, 5)),
+         (False, "clean_lru", 8, 2, (4, 4, 3, 3)), (False, "clean_lru", 8, 7, (4, 4, 3, 3))]
+
+
+@pytest.mark.parametrize("mirror,policy,window,extra,slots", CASES)
+def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirror, policy, window, extra, slots):
     """On the real tiny model: the recorded ids are the router's own top-k, and replaying them gives the
     ExpertCache's own hits, misses and write-back bytes."""
-    cfg = OffloadConfig(main_size=4 * 3, offload_size=4 * 5, buffer_size=2, offload_per_layer=5, prefetch=0,
-                        extra_host_slots=extra, clean_window=window)
+    kw = dict(buffer_size=2, prefetch=0, extra_host_slots=extra, clean_window=window)
+    cfg = (OffloadConfig(main_size=4 * 3, offload_size=4 * 5, offload_per_layer=5, **kw) if slots is None
+           else OffloadConfig.for_slots(8, slots, **kw))
     model = build_model("cpu", QuantConfig(None, None), cfg, tiny_dir, host_mirror=mirror)
     routed: list[torch.Tensor] = []  # the gates' own top-k, in call order
     hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: routed.append(out[2].clone()))
@@ -134,9 +153,11 @@ def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirro
         assert np.array_equal(got, exp)
 
     stats = model.expert_cache.stats()
-    cache = CacheModel(mirror=mirror, buffer_size=2, extra_host_slots=extra, clean_window=window)
+    per_layer = slots or (3, 3, 3, 3)
+    cache = CacheModel(mirror=mirror, buffer_size=2, extra_host_slots=extra, clean_window=window, gpu_slots=per_layer)
     assert CacheModel.of(model) == cache
-    r = simulate(trace, 3, policy, cache)
+    r = simulate(trace, None, policy, cache)  # the cache's own slots
+    assert r.slots == list(per_layer)
     assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
     assert r.writebacks * model.expert_cache.blob_bytes == stats["bytes_d2h"]
     assert r.misses * model.expert_cache.blob_bytes == stats["bytes_h2d"]
