@@ -331,11 +331,16 @@ def budget_slots(trace: Trace, total: int, how: str = "even", policy: str = "cle
     return distribute(total, trace.num_layers, trace.num_experts, rates)
 
 
-def policy_table(trace: Trace, slots: Sequence[int | Sequence[int]], policies: Sequence[str] = POLICIES,
+def policy_table(trace: Trace, slots: Sequence[int | Sequence[int] | None], policies: Sequence[str] = POLICIES,
                  cache: CacheModel | None = None) -> list[dict[str, Any]]:
-    """One row per (budget, policy): the replay's hit rates, misses and copies per decoded token."""
+    """One row per (budget, policy): the replay's hit rates, misses and copies per decoded token. A
+    budget is slots per layer (one integer), one count per layer, or None (the cache model's own)."""
+    budgets = list(slots)
+    for budget in budgets:  # every budget checked before any replay
+        if budget is not None:
+            _slots_list(budget, trace)
     rows = []
-    for budget in slots:
+    for budget in budgets:
         for policy in policies:
             r = simulate(trace, budget, policy, cache)
             per = r.slots
@@ -447,6 +452,8 @@ def policy_main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", default=None, help="GPU slots per layer to try, comma-separated (none: 1 .. experts-1)")
     p.add_argument("--total", default=None, help="total GPU slots over all layers to try, comma-separated "
                    "(split by --distribute) instead of --slots")
+    p.add_argument("--gpu-slots", default=None, metavar="S0,S1,...", help="one more budget: GPU slots of each "
+                   "layer, one count per layer (like OffloadConfig.gpu_slots), tried alongside --slots or --total")
     p.add_argument("--distribute", choices=("even", "miss"), default="even",
                    help="how a --total is split: evenly, or by each layer's miss rate under the even split")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, from " + ", ".join(POLICIES))
@@ -469,6 +476,7 @@ def policy_main(argv: list[str] | None = None) -> int:
         if args.slots is not None and args.total is not None:
             raise ValueError("give --slots or --total, not both")
         slots = _int_list(args.slots, "--slots") if args.slots else None
+        own = _int_list(args.gpu_slots, "--gpu-slots") if args.gpu_slots else None
         totals = _int_list(args.total, "--total") if args.total else None
         if args.save and not args.save.endswith((".json", ".npz")):
             raise ValueError(f"--save {args.save!r}: a trace file ends in .json or .npz")
@@ -489,11 +497,20 @@ def policy_main(argv: list[str] | None = None) -> int:
         if totals is not None:
             budgets: list[Any] = [budget_slots(trace, t, args.distribute, "clean_lru", cache) for t in totals]
         else:
-            budgets = slots or list(range(1, E))
+            budgets = slots or ([] if own else list(range(1, E)))
+        if own is not None:
+            if len(own) != trace.num_layers:
+                raise ValueError(f"--gpu-slots has {len(own)} counts, the trace has {trace.num_layers} layers: "
+                                 "give one per layer")
+            bad_s = [s for s in own if not 1 <= s <= E]
+            if bad_s:
+                raise ValueError(f"--gpu-slots {bad_s[0]}: every layer needs between 1 and {E} (the trace's "
+                                 "experts per layer)")
+            budgets.append(own)
         if args.save:
             print(f"wrote {trace.save(args.save)}")
         print(f"{trace!r}; host {args.host}, buffer_size={cache.buffer_size}, extra_host_slots="
-              f"{cache.extra_host_slots}, clean_window={cache.clean_window}")
+              f"{cache.extra_host_slots} ({cache.spare_host_blobs} spare host blobs), clean_window={cache.clean_window}")
         print(format_table(policy_table(trace, budgets, policies, cache)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -76,6 +76,41 @@ def test_clean_first_saves_a_write_back_by_hand():
     assert simulate(trace, 2, "clean_lru", MIRROR).writebacks == 0
 
 
+def test_spare_blobs_spread_over_layers_and_caches_by_hand():
+    # 2 layers, top-1, 3 experts; layer 0 has 2 slots [0, 1], layer 1 has 1 slot [0]; buffer_size 1 + 1 extra
+    # = 2 spare host blobs, 1 handed out: to layer 1 (fewer slots first), whose expert 0 starts clean.
+    # Layer 0 requests 2 0 1, layer 1 requests 1 2 0, LRU:
+    # layer 0: every victim is dirty and with 1 free blob the loaded expert gives its copy up: 3 write-backs
+    # layer 1: every victim is clean and the loaded expert keeps its copy: none
+    ids = np.array([[2, 1], [0, 2], [1, 0]]).reshape(3, 2, 1)
+    trace = Trace(ids, np.ones(3, dtype=int), np.zeros(3, dtype=bool), 3)
+    one = CacheModel(mirror=False, buffer_size=1, extra_host_slots=1, gpu_slots=(2, 1))
+    r = simulate(trace, None, "lru", one)
+    assert (r.misses, r.writebacks, r.slots) == (6, 3, [2, 1])
+    # split over two caches (two GPUs): each has its own 2 spare blobs, so layer 0's expert 0 starts clean too:
+    # 2 (out 0: clean, 2 keeps its copy), 0 (out 1: dirty, written back), 1 (out 2: clean): 1 write-back
+    two = CacheModel(mirror=False, buffer_size=1, extra_host_slots=1, gpu_slots=(2, 1), parts=(1, 1))
+    assert simulate(trace, None, "lru", two).writebacks == 1
+
+
+def test_cache_model_refuses_bad_settings():
+    with pytest.raises(ValueError, match="CacheModel.gpu_slots\\[1\\]=0"):
+        CacheModel(gpu_slots=(2, 0))
+    with pytest.raises(ValueError, match="CacheModel.parts=.*covers 3 layers"):
+        CacheModel(gpu_slots=(2, 2), parts=(1, 2))
+    with pytest.raises(ValueError, match="CacheModel.mirror"):
+        CacheModel(mirror="yes")
+    trace = one_layer([0, 1], experts=3)
+    with pytest.raises(ValueError, match="give slots"):
+        simulate(trace, None)
+    with pytest.raises(ValueError, match="slots has 2 entries, the trace has 1 layers"):
+        simulate(trace, None, cache=CacheModel(gpu_slots=(1, 1)))
+    with pytest.raises(ValueError, match="parts"):
+        simulate(trace, 1, cache=CacheModel(parts=(1, 1)))
+    with pytest.raises(ValueError, match="slots\\[0\\]=4"):
+        policy_table(trace, [1, [4]])  # checked before any replay
+
+
 def test_a_step_may_not_evict_what_it_needs():
     # top-2, 2 slots [0, 1]: the step needing {0, 2} must evict 1 (0 is needed), whatever the policy
     ids = np.array([[[0, 2]], [[1, 0]]])
@@ -165,6 +200,24 @@ def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirro
         assert r.writebacks > 0
 
 
+def test_a_split_model_replays_with_each_caches_own_host_blobs(tiny_dir):
+    """Layers split over two devices (two CPU caches stand for two GPUs): each cache has its own spare host
+    blobs, and CacheModel.of reads both caches' slots and parts."""
+    cfg = OffloadConfig.for_slots(8, (4, 2, 3, 5), buffer_size=2, prefetch=0, extra_host_slots=1, clean_window=3)
+    model = build_model(["cpu", "cpu"], QuantConfig(None, None), cfg, tiny_dir, host_mirror=False)
+    with torch.no_grad(), record_routing(model) as rec:
+        model.generate(PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    trace = rec.trace()
+    stats = model.expert_cache.stats()
+    blob = model.expert_cache.caches[0].blob_bytes
+    cache = CacheModel.of(model)
+    assert cache == CacheModel(mirror=False, buffer_size=2, extra_host_slots=1, clean_window=3,
+                               gpu_slots=(4, 2, 3, 5), parts=(2, 2))
+    r = simulate(trace, None, "clean_lru", cache)
+    assert (r.hits, r.misses, r.writebacks * blob) == (stats["hits"], stats["misses"], stats["bytes_d2h"])
+    assert r.writebacks > 0
+
+
 def test_recorder_keeps_whole_steps_only():
     rec = TraceRecorder(num_layers=2, num_experts=4, top_k=1)
     rec.record(0, torch.tensor([[1]]))  # a forward interrupted after layer 0
@@ -248,6 +301,19 @@ def test_table_and_cli(capsys, tmp_path):
     assert err.startswith("error: --slots 9") and len(err.strip().splitlines()) == 1
     assert policy_main(["--synthetic", "p=0.5", "--policies", "fifo"]) == 2
     assert "choose from" in capsys.readouterr().err
+    # one per-layer budget (like OffloadConfig.gpu_slots), alone or beside uniform ones
+    assert policy_main(["--trace", str(out), "--gpu-slots", "3,2", "--extra-host-slots", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "5 total" in text and "6 spare host blobs" in text and len(text.strip().splitlines()) == 3 + len(POLICIES)
+    assert policy_main(["--trace", str(out), "--slots", "2", "--gpu-slots", "3,2", "--policies", "lru"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3 + 2
+    assert policy_main(["--trace", str(out), "--gpu-slots", "3,2,1"]) == 2
+    assert "--gpu-slots has 3 counts, the trace has 2 layers" in capsys.readouterr().err
+    assert policy_main(["--trace", str(out), "--gpu-slots", "3,9"]) == 2
+    assert capsys.readouterr().err.startswith("error: --gpu-slots 9")
+    # per-layer lists and the cache model's own budget in policy_table
+    rows = policy_table(t, [[3, 2], None], ["lru"], CacheModel(gpu_slots=(1, 4)))
+    assert [row["slots"] for row in rows] == ["5 total", "5 total"] and rows[0] != rows[1]
 
 
 @pytest.mark.gpu
