@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixtral_nb import OffloadConfig, QuantConfig, article_quant_config, build_model
+from mixtral_nb.cache import ExpertCache
 from mixtral_nb.engine import make_engine
+from mixtral_nb.expert import ExpertFormat
 from mixtral_nb.generate import generate
 from mixtral_nb.policy import (POLICIES, CacheModel, budget_slots, distribute, format_table, parse_synthetic,
                                policy_main, policy_table, simulate)
@@ -216,6 +218,54 @@ def test_a_split_model_replays_with_each_caches_own_host_blobs(tiny_dir):
     r = simulate(trace, None, "clean_lru", cache)
     assert (r.hits, r.misses, r.writebacks * blob) == (stats["hits"], stats["misses"], stats["bytes_d2h"])
     assert r.writebacks > 0
+
+
+FMT = ExpertFormat.make(4, 8, None, torch.float32)  # a tiny float expert: the cache logic is size-blind
+
+
+def drive_cache(cache: ExpertCache, trace: Trace) -> None:
+    """Ask the cache for each step's experts as OffloadedExperts.forward does (no prefetch): hits first,
+    the step's experts protected; when none can load, the earlier ones are computed and released first."""
+    for step in trace.requests():
+        for layer, need in enumerate(step):
+            order = sorted(need, key=lambda e: not cache.resident(layer, e))
+            protect = set(need)
+            got = {}
+            for e in order:
+                b = cache.fetch(layer, e, protect)
+                if b is None:
+                    break
+                got[e] = b
+            for e in order:
+                if e not in got:
+                    assert cache.fetch(layer, e, protect) is not None
+                protect.discard(e)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), layers=st.integers(1, 3), experts=st.integers(3, 8), k=st.integers(1, 2),
+       data=st.data(), buffers=st.integers(1, 3), extra=st.integers(0, 8), mirror=st.booleans(),
+       prefill=st.integers(0, 10), repeat=st.floats(0, 1), policy=st.sampled_from(["lru", "clean_lru"]))
+def test_replay_is_the_cache_for_any_settings(seed, layers, experts, k, data, buffers, extra, mirror, prefill,
+                                              repeat, policy):
+    """The real ExpertCache (on CPU, tiny blobs) against the replay, over random slots per layer, spare
+    host blobs, windows and routing: the same hits, misses and copies each way."""
+    slots = data.draw(st.lists(st.integers(1, experts), min_size=layers, max_size=layers), label="slots")
+    window = 1 if policy == "lru" else data.draw(st.integers(1, experts), label="clean_window")
+    cfg = OffloadConfig.for_slots(experts, slots, buffer_size=buffers, prefetch=0, extra_host_slots=extra,
+                                  clean_window=window)
+    trace = synthetic_trace(num_layers=layers, num_experts=experts, top_k=k, tokens=30, repeat=repeat,
+                            prefill=prefill, seed=seed)
+    blob = torch.zeros(FMT.layout.total_bytes, dtype=torch.uint8)
+    cache = ExpertCache(FMT, layers, experts, cfg, "cpu", lambda layer, e: blob, host_mirror=mirror)
+    drive_cache(cache, trace)
+    model = CacheModel(mirror=mirror, buffer_size=buffers, extra_host_slots=extra, clean_window=window,
+                       gpu_slots=slots)
+    assert CacheModel.of(type("Built", (), {"expert_cache": cache})()) == model
+    r = simulate(trace, None, policy, model)
+    stats = cache.stats()
+    assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
+    assert (r.misses * cache.blob_bytes, r.writebacks * cache.blob_bytes) == (stats["bytes_h2d"], stats["bytes_d2h"])
 
 
 def test_recorder_keeps_whole_steps_only():
