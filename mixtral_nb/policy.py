@@ -52,8 +52,8 @@ POLICIES = ("lru", "lfu", "clean_lru", "belady")
 
 def _int_tuple(value: Any, what: str, low: int) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"CacheModel.{what}={value!r}: give a non-empty sequence of integers (one per layer"
-                         f"{'' if what == 'gpu_slots' else ' count of a cache'}) or None")
+        each = "GPU slots of each layer" if what == "gpu_slots" else "layers of each cache"
+        raise ValueError(f"CacheModel.{what}={value!r}: give a non-empty sequence of integers ({each}) or None")
     for i, v in enumerate(value):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
             raise ValueError(f"CacheModel.{what}[{i}]={v!r}: give an integer >= {low}")
@@ -101,17 +101,20 @@ class CacheModel:
         if group is None:
             raise ValueError("CacheModel.of: the model has no expert cache: pass a model made by build_model or load")
         caches = list(getattr(group, "caches", [group]))
+        if len({bool(cache.mirror) for cache in caches}) > 1:
+            raise ValueError("CacheModel.of: the model's caches differ in host mode (mirror on one GPU, swap on "
+                             "another), which the replay does not model: build it with host_mirror=True or False")
         c = caches[0].config
         slots = tuple(s for cache in caches for s in cache.layer_slots)
         parts = tuple(cache.L for cache in caches) if len(caches) > 1 else None
-        model_ = cls(mirror=bool(caches[0].mirror), buffer_size=c.buffer_size, extra_host_slots=c.extra_host_slots,
+        out = cls(mirror=bool(caches[0].mirror), buffer_size=c.buffer_size, extra_host_slots=c.extra_host_slots,
                      clean_window=c.clean_window, gpu_slots=slots, parts=parts)
         for cache in caches:  # the host blobs each cache really has: the model above must count them alike
             offloaded = cache.L * cache.E if cache.mirror else sum(cache.E - s for s in cache.layer_slots)
-            if len(cache.host) != offloaded + model_.spare_host_blobs:
+            if len(cache.host) != offloaded + out.spare_host_blobs:
                 raise ValueError(f"CacheModel.of: a cache holds {len(cache.host)} host blobs, the model expects "
-                                 f"{offloaded + model_.spare_host_blobs}: was the cache freed (a newer build)?")
-        return model_
+                                 f"{offloaded + out.spare_host_blobs}: was the cache freed (a newer build)?")
+        return out
 
 
 @dataclass

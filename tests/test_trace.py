@@ -367,12 +367,14 @@ def test_table_and_cli(capsys, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant", [False, True])
-def test_recorder_on_the_gpu_decoder(tiny_dir, quant):
+@pytest.mark.parametrize("quant,slots,extra", [(False, None, 0), (True, None, 0), (True, (6, 6, 5, 5), 2)])
+def test_recorder_on_the_gpu_decoder(tiny_dir, quant, slots, extra):
     """The Decoder on CUDA (graphs for attention and routing, experts eager; with quantized experts the
     grouped kernels): the recorded trace, replayed, gives the cache's own counters, across several
-    batched device-to-host flushes."""
-    cfg = OffloadConfig(main_size=4 * 3, offload_size=4 * 5, buffer_size=2, offload_per_layer=5, prefetch=0)
+    batched device-to-host flushes (last case: per-layer slots and spare host blobs, colab-t4-like)."""
+    kw = dict(buffer_size=2, prefetch=0, extra_host_slots=extra, clean_window=8 if slots else 3)
+    cfg = (OffloadConfig(main_size=4 * 3, offload_size=4 * 5, offload_per_layer=5, **kw) if slots is None
+           else OffloadConfig.for_slots(8, slots, **kw))
     model = build_model("cuda", article_quant_config() if quant else QuantConfig(None, None), cfg, tiny_dir,
                         host_mirror=False)
     engine = make_engine(model)
@@ -384,7 +386,9 @@ def test_recorder_on_the_gpu_decoder(tiny_dir, quant):
     trace = rec.trace()
     assert trace.num_steps == 16 and trace.decode_tokens == 15
     stats = model.expert_cache.stats(wait=True)
-    r = simulate(trace, 3, "clean_lru", CacheModel(mirror=False, buffer_size=2))
+    cache = CacheModel.of(model)
+    assert cache.gpu_slots == (slots or (3, 3, 3, 3)) and cache.spare_host_blobs == 2 + extra
+    r = simulate(trace, None, "clean_lru", cache)
     assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
     assert r.writebacks * model.expert_cache.blob_bytes == stats["bytes_d2h"]
 
