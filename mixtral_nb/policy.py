@@ -4,15 +4,18 @@ Why: which policy and how many GPU slots per layer pay off depends on how the ro
 replaying a recorded (or synthetic) :class:`~mixtral_nb.trace.Trace` answers it in milliseconds, and
 Belady's offline optimum says how far any policy is from the best possible.
 
-The model follows ``cache.ExpertCache`` without its streams: each layer owns ``slots`` GPU slots, its
-first ``slots`` experts resident at the start; a step asks each layer for the distinct experts its
+The model follows ``cache.ExpertCache`` without its streams: layer i owns ``slots[i]`` GPU slots, its
+first ``slots[i]`` experts resident at the start; a step asks each layer for the distinct experts its
 tokens chose, hits first; a miss may not evict an expert the same step still needs (when all resident
 ones are needed, as a prefill chunk can, the ones already computed become evictable, as in
 ``OffloadedExperts.forward``). In host-mirror mode the host holds every expert and evictions copy
-nothing. In swap mode the host holds the offloaded experts plus ``buffer_size + extra_host_slots``
-spare blobs shared by all layers: a loaded expert keeps its host copy ("clean") while more than
-``buffer_size`` blobs are free, and evicting an expert without a host copy writes it back (one D2H
-copy of one blob). Speculative prefetch is not modelled: the misses are those of demand fetching.
+nothing. In swap mode each cache (one per GPU) holds its layers' offloaded experts plus
+``buffer_size + extra_host_slots`` spare blobs; all but ``cache.HOST_RESERVE`` of them start as host
+copies ("clean" residents) spread over the layers by ``cache.spread_clean``. Evicting a clean expert
+copies nothing and the loaded expert keeps its own host copy (so a layer's clean count stays
+constant); evicting one without a host copy writes it back (one D2H copy of one blob), and the loaded
+expert then keeps its copy only while more than ``HOST_RESERVE`` blobs are free. Speculative prefetch
+is not modelled: the misses are those of demand fetching.
 
 Policies (victim among the evictable resident experts of the layer):
 
@@ -36,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache import HOST_RESERVE, spread_clean
 from .chat import ChatSession
 from .load import load
 from .trace import Trace, record_routing, synthetic_trace
@@ -46,33 +50,71 @@ __all__ = ["POLICIES", "CacheModel", "SimResult", "distribute", "format_table", 
 POLICIES = ("lru", "lfu", "clean_lru", "belady")
 
 
+def _int_tuple(value: Any, what: str, low: int) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        each = "GPU slots of each layer" if what == "gpu_slots" else "layers of each cache"
+        raise ValueError(f"CacheModel.{what}={value!r}: give a non-empty sequence of integers ({each}) or None")
+    for i, v in enumerate(value):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+            raise ValueError(f"CacheModel.{what}[{i}]={v!r}: give an integer >= {low}")
+    return tuple(int(v) for v in value)
+
+
 @dataclass(frozen=True)
 class CacheModel:
     """What the simulated cache is besides its policy (see the module docstring); the defaults are
-    ``OffloadConfig``'s, in swap mode."""
+    ``OffloadConfig``'s, in swap mode, with one cache for all layers."""
 
     mirror: bool = False  # True: the host holds every expert (evictions never write back)
-    buffer_size: int = 4  # spare GPU buffers, and host blobs kept free for write-backs (swap mode)
-    extra_host_slots: int = 0  # host blobs beyond the minimum, for clean copies (swap mode)
+    buffer_size: int = 4  # spare GPU buffers, and as many spare host blobs (swap mode)
+    extra_host_slots: int = 0  # spare host blobs beyond buffer_size: host copies of resident experts (swap mode)
     clean_window: int = 3  # clean_lru: how far from the least recent end a clean expert may be picked
+    gpu_slots: tuple[int, ...] | None = None  # the cache's own slots per layer: simulate's budget when given none
+    parts: tuple[int, ...] | None = None  # layers of each cache, in order (a model split over GPUs); None: one
 
     def __post_init__(self) -> None:
         for name, low in (("buffer_size", 1), ("extra_host_slots", 0), ("clean_window", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"CacheModel.{name}={v!r}: give an integer >= {low}")
+        if not isinstance(self.mirror, bool):
+            raise ValueError(f"CacheModel.mirror={self.mirror!r}: give True (host mirror) or False (swap)")
+        for name in ("gpu_slots", "parts"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, _int_tuple(v, name, 1))
+        if self.gpu_slots is not None and self.parts is not None and sum(self.parts) != len(self.gpu_slots):
+            raise ValueError(f"CacheModel.parts={self.parts} covers {sum(self.parts)} layers, gpu_slots has "
+                             f"{len(self.gpu_slots)}: give one count of layers per cache, summing to the layers")
+
+    @property
+    def spare_host_blobs(self) -> int:
+        """Host blobs of one cache beyond its offloaded experts (swap mode; 0 in host-mirror mode)."""
+        return 0 if self.mirror else self.buffer_size + self.extra_host_slots
 
     @classmethod
     def of(cls, model: Any) -> "CacheModel":
-        """The settings of a built model's own expert cache (the first GPU's, when split), so a replay
-        answers "what if this cache had another budget or policy"."""
-        cache = getattr(model, "expert_cache", None)
-        cache = getattr(cache, "caches", [cache])[0]
-        if cache is None:
+        """The settings of a built model's own expert cache (every GPU's, when split: their slots per
+        layer and their separate host blobs), so a replay answers "what if this cache had another
+        budget or policy"."""
+        group = getattr(model, "expert_cache", None)
+        if group is None:
             raise ValueError("CacheModel.of: the model has no expert cache: pass a model made by build_model or load")
-        c = cache.config
-        return cls(mirror=bool(cache.mirror), buffer_size=c.buffer_size, extra_host_slots=c.extra_host_slots,
-                   clean_window=c.clean_window)
+        caches = list(getattr(group, "caches", [group]))
+        if len({bool(cache.mirror) for cache in caches}) > 1:
+            raise ValueError("CacheModel.of: the model's caches differ in host mode (mirror on one GPU, swap on "
+                             "another), which the replay does not model: build it with host_mirror=True or False")
+        c = caches[0].config
+        slots = tuple(s for cache in caches for s in cache.layer_slots)
+        parts = tuple(cache.L for cache in caches) if len(caches) > 1 else None
+        out = cls(mirror=bool(caches[0].mirror), buffer_size=c.buffer_size, extra_host_slots=c.extra_host_slots,
+                     clean_window=c.clean_window, gpu_slots=slots, parts=parts)
+        for cache in caches:  # the host blobs each cache really has: the model above must count them alike
+            offloaded = cache.L * cache.E if cache.mirror else sum(cache.E - s for s in cache.layer_slots)
+            if len(cache.host) != offloaded + out.spare_host_blobs:
+                raise ValueError(f"CacheModel.of: a cache holds {len(cache.host)} host blobs, the model expects "
+                                 f"{offloaded + out.spare_host_blobs}: was the cache freed (a newer build)?")
+        return out
 
 
 @dataclass
@@ -131,10 +173,11 @@ def _slots_list(slots: int | Sequence[int], trace: Trace) -> list[int]:
     return [int(s) for s in out]
 
 
-def simulate(trace: Trace, slots: int | Sequence[int], policy: str = "clean_lru",
+def simulate(trace: Trace, slots: int | Sequence[int] | None = None, policy: str = "clean_lru",
              cache: CacheModel | None = None) -> SimResult:
-    """Replay ``trace`` with ``slots`` GPU slots per layer (one integer, or one per layer) under
-    ``policy`` (one of :data:`POLICIES`); see the module docstring for the cache model."""
+    """Replay ``trace`` with ``slots`` GPU slots per layer (one integer, one per layer, or None: the
+    cache model's own ``gpu_slots``) under ``policy`` (one of :data:`POLICIES`); see the module
+    docstring for the cache model."""
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: use one of {', '.join(POLICIES)}")
     if not isinstance(trace, Trace):
@@ -142,8 +185,17 @@ def simulate(trace: Trace, slots: int | Sequence[int], policy: str = "clean_lru"
     if trace.num_steps == 0:
         raise ValueError("the trace has no steps: record a conversation (or generate a synthetic trace) first")
     cache = cache or CacheModel()
+    if slots is None:
+        if cache.gpu_slots is None:
+            raise ValueError("simulate: give slots (per layer, or one integer), or a CacheModel with gpu_slots "
+                             "(CacheModel.of(model) reads a built model's)")
+        slots = cache.gpu_slots
     per_layer = _slots_list(slots, trace)
     L, E = trace.num_layers, trace.num_experts
+    parts = cache.parts or (L,)
+    if sum(parts) != L:
+        raise ValueError(f"CacheModel.parts={cache.parts} covers {sum(parts)} layers, the trace has {L}: "
+                         "replay a trace of the same model")
     requests = trace.requests()
     window = 1 if policy == "lru" or cache.mirror else cache.clean_window
     future: list[list[list[int]]] = []
@@ -155,9 +207,19 @@ def simulate(trace: Trace, slots: int | Sequence[int], policy: str = "clean_lru"
                     future[layer][e].append(s)
 
     resident: list[OrderedDict[int, None]] = [OrderedDict((e, None) for e in range(n)) for n in per_layer]
-    clean = [set(range(n)) if cache.mirror else set() for n in per_layer]  # resident experts with a host copy
+    # resident experts with a host copy: in swap mode each cache's spare blobs but HOST_RESERVE, spread as it does
+    part_of: list[int] = []
+    host_free: list[int] = []  # free host blobs of each cache
+    clean: list[set[int]] = []
+    start = 0
+    for k, n in enumerate(parts):
+        part_slots = per_layer[start:start + n]
+        spread = [0] * n if cache.mirror else spread_clean(cache.spare_host_blobs - HOST_RESERVE, part_slots, E)
+        clean += [set(range(s if cache.mirror else c)) for s, c in zip(part_slots, spread)]
+        host_free.append(cache.spare_host_blobs - sum(spread))
+        part_of += [k] * n
+        start += n
     uses = [[0] * E for _ in range(L)]
-    host_free = cache.buffer_size + cache.extra_host_slots
     r = SimResult(policy, per_layer, layer_hits=[0] * L, layer_misses=[0] * L, tokens=trace.tokens,
                   decode_tokens=trace.decode_tokens)
 
@@ -200,19 +262,21 @@ def simulate(trace: Trace, slots: int | Sequence[int], policy: str = "clean_lru"
                         crowded = True
                         out = victim(layer, set(order[i:]), s)
                     assert out is not None
-                if not cache.mirror and host_free < cache.buffer_size + 1:
-                    host_free += 1  # the host copy is given up: the expert now lives on the GPU only
-                else:
+                # the cache keeps this expert's host copy unless a write-back is coming and needs the blob
+                k = part_of[layer]
+                if cache.mirror or (out is not None and out in clean[layer]) or host_free[k] > HOST_RESERVE:
                     clean[layer].add(e)
+                else:
+                    host_free[k] += 1  # given up: the expert now lives on the GPU only
                 res[e] = None
                 if out is not None:
                     del res[out]
-                    if out in clean[layer]:
+                    if out in clean[layer]:  # its host copy is still there: nothing copied
                         clean[layer].discard(out)
                     else:  # written back into a free host blob
-                        host_free -= 1
+                        host_free[k] -= 1
                         wb += 1
-                        assert host_free >= 0
+                        assert host_free[k] >= 0
             r.layer_hits[layer] += hits
             r.layer_misses[layer] += misses
             r.hits, r.misses, r.writebacks = r.hits + hits, r.misses + misses, r.writebacks + wb
@@ -270,11 +334,16 @@ def budget_slots(trace: Trace, total: int, how: str = "even", policy: str = "cle
     return distribute(total, trace.num_layers, trace.num_experts, rates)
 
 
-def policy_table(trace: Trace, slots: Sequence[int | Sequence[int]], policies: Sequence[str] = POLICIES,
+def policy_table(trace: Trace, slots: Sequence[int | Sequence[int] | None], policies: Sequence[str] = POLICIES,
                  cache: CacheModel | None = None) -> list[dict[str, Any]]:
-    """One row per (budget, policy): the replay's hit rates, misses and copies per decoded token."""
+    """One row per (budget, policy): the replay's hit rates, misses and copies per decoded token. A
+    budget is slots per layer (one integer), one count per layer, or None (the cache model's own)."""
+    budgets = list(slots)
+    for budget in budgets:  # every budget checked before any replay
+        if budget is not None:
+            _slots_list(budget, trace)
     rows = []
-    for budget in slots:
+    for budget in budgets:
         for policy in policies:
             r = simulate(trace, budget, policy, cache)
             per = r.slots
@@ -386,6 +455,8 @@ def policy_main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", default=None, help="GPU slots per layer to try, comma-separated (none: 1 .. experts-1)")
     p.add_argument("--total", default=None, help="total GPU slots over all layers to try, comma-separated "
                    "(split by --distribute) instead of --slots")
+    p.add_argument("--gpu-slots", default=None, metavar="S0,S1,...", help="one more budget: GPU slots of each "
+                   "layer, one count per layer (like OffloadConfig.gpu_slots), tried alongside --slots or --total")
     p.add_argument("--distribute", choices=("even", "miss"), default="even",
                    help="how a --total is split: evenly, or by each layer's miss rate under the even split")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, from " + ", ".join(POLICIES))
@@ -408,6 +479,7 @@ def policy_main(argv: list[str] | None = None) -> int:
         if args.slots is not None and args.total is not None:
             raise ValueError("give --slots or --total, not both")
         slots = _int_list(args.slots, "--slots") if args.slots else None
+        own = _int_list(args.gpu_slots, "--gpu-slots") if args.gpu_slots else None
         totals = _int_list(args.total, "--total") if args.total else None
         if args.save and not args.save.endswith((".json", ".npz")):
             raise ValueError(f"--save {args.save!r}: a trace file ends in .json or .npz")
@@ -428,11 +500,20 @@ def policy_main(argv: list[str] | None = None) -> int:
         if totals is not None:
             budgets: list[Any] = [budget_slots(trace, t, args.distribute, "clean_lru", cache) for t in totals]
         else:
-            budgets = slots or list(range(1, E))
+            budgets = slots or ([] if own else list(range(1, E)))
+        if own is not None:
+            if len(own) != trace.num_layers:
+                raise ValueError(f"--gpu-slots has {len(own)} counts, the trace has {trace.num_layers} layers: "
+                                 "give one per layer")
+            bad_s = [s for s in own if not 1 <= s <= E]
+            if bad_s:
+                raise ValueError(f"--gpu-slots {bad_s[0]}: every layer needs between 1 and {E} (the trace's "
+                                 "experts per layer)")
+            budgets.append(own)
         if args.save:
             print(f"wrote {trace.save(args.save)}")
         print(f"{trace!r}; host {args.host}, buffer_size={cache.buffer_size}, extra_host_slots="
-              f"{cache.extra_host_slots}, clean_window={cache.clean_window}")
+              f"{cache.extra_host_slots} ({cache.spare_host_blobs} spare host blobs), clean_window={cache.clean_window}")
         print(format_table(policy_table(trace, budgets, policies, cache)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixtral_nb import OffloadConfig, QuantConfig, article_quant_config, build_model
+from mixtral_nb.cache import ExpertCache
 from mixtral_nb.engine import make_engine
+from mixtral_nb.expert import ExpertFormat
 from mixtral_nb.generate import generate
 from mixtral_nb.policy import (POLICIES, CacheModel, budget_slots, distribute, format_table, parse_synthetic,
                                policy_main, policy_table, simulate)
@@ -52,18 +54,63 @@ def test_lfu_by_hand():
 
 
 def test_clean_first_saves_a_write_back_by_hand():
-    # swap mode: 2 slots [0, 1] with no host copy, buffer_size 1 and 2 extra host blobs (3 free); a loaded
-    # expert keeps its host copy while at least buffer_size + 1 = 2 blobs are free. Requests 2 0 3:
-    # LRU:       2 (out 0: written back, 2 free left), 0 (out 1: written back, 1 free), 3 (out 2: clean): 2 write-backs
-    # clean LRU: 2 (out 0: written back), 0 (out 2, clean: nothing copied), 3 (out 0, clean): 1 write-back
-    model = CacheModel(mirror=False, buffer_size=1, extra_host_slots=2, clean_window=3)
-    trace = one_layer([2, 0, 3], experts=4)
+    # swap mode, 2 slots [0, 1], buffer_size 1 and 1 extra host blob: 2 spare blobs, all but HOST_RESERVE = 1
+    # start as host copies of residents (as ExpertCache does since per-layer slots): 0 is clean, 1 dirty, 1 blob
+    # free. A loaded expert keeps its host copy when the victim is clean (the layer's clean count stays
+    # constant), else only while more than 1 blob is free. Requests 0 2 3 0:
+    # LRU:       0 hit; 2 (out 1: dirty, written back; 2 gives its blob to it); 3 (out 0: clean, 3 keeps its
+    #            copy); 0 (out 2: dirty, written back): 3 misses, 2 write-backs
+    # clean LRU: 0 hit; 2 (out 0: clean, 2 stays clean); 3 (out 2: clean); 0 (out 3: clean): 3 misses, none
+    model = CacheModel(mirror=False, buffer_size=1, extra_host_slots=1, clean_window=3)
+    trace = one_layer([0, 2, 3, 0], experts=4)
     lru, clean = simulate(trace, 2, "lru", model), simulate(trace, 2, "clean_lru", model)
     assert (lru.misses, lru.writebacks) == (3, 2)
-    assert (clean.misses, clean.writebacks) == (3, 1)
-    assert clean.d2h_per_token == pytest.approx(1 / 3)
+    assert (clean.misses, clean.writebacks) == (3, 0)
+    assert lru.d2h_per_token == pytest.approx(2 / 4)
+    # With 2 extra blobs (buffer_size 1) both residents start clean, so every eviction is clean under either
+    # policy. (Before, residents started without host copies and a loaded expert gave its copy up when few
+    # blobs were free: requests 2 0 3 then cost LRU 2 write-backs and clean LRU 1.)
+    both = CacheModel(mirror=False, buffer_size=1, extra_host_slots=2, clean_window=3)
+    for policy in ("lru", "clean_lru"):
+        r = simulate(one_layer([2, 0, 3], experts=4), 2, policy, both)
+        assert (r.misses, r.writebacks) == (3, 0), policy
     # host mirror: nothing is ever written back, and clean-first is plain LRU
     assert simulate(trace, 2, "clean_lru", MIRROR).writebacks == 0
+
+
+def test_spare_blobs_spread_over_layers_and_caches_by_hand():
+    # 2 layers, top-1, 3 experts; layer 0 has 2 slots [0, 1], layer 1 has 1 slot [0]; buffer_size 1 + 1 extra
+    # = 2 spare host blobs, 1 handed out: to layer 1 (fewer slots first), whose expert 0 starts clean.
+    # Layer 0 requests 2 0 1, layer 1 requests 1 2 0, LRU:
+    # layer 0: every victim is dirty and with 1 free blob the loaded expert gives its copy up: 3 write-backs
+    # layer 1: every victim is clean and the loaded expert keeps its copy: none
+    ids = np.array([[2, 1], [0, 2], [1, 0]]).reshape(3, 2, 1)
+    trace = Trace(ids, np.ones(3, dtype=int), np.zeros(3, dtype=bool), 3)
+    one = CacheModel(mirror=False, buffer_size=1, extra_host_slots=1, gpu_slots=(2, 1))
+    r = simulate(trace, None, "lru", one)
+    assert (r.misses, r.writebacks, r.slots) == (6, 3, [2, 1])
+    # split over two caches (two GPUs): each has its own 2 spare blobs, so layer 0's expert 0 starts clean too:
+    # 2 (out 0: clean, 2 keeps its copy), 0 (out 1: dirty, written back), 1 (out 2: clean): 1 write-back
+    two = CacheModel(mirror=False, buffer_size=1, extra_host_slots=1, gpu_slots=(2, 1), parts=(1, 1))
+    assert simulate(trace, None, "lru", two).writebacks == 1
+
+
+def test_cache_model_refuses_bad_settings():
+    with pytest.raises(ValueError, match="CacheModel.gpu_slots\\[1\\]=0"):
+        CacheModel(gpu_slots=(2, 0))
+    with pytest.raises(ValueError, match="CacheModel.parts=.*covers 3 layers"):
+        CacheModel(gpu_slots=(2, 2), parts=(1, 2))
+    with pytest.raises(ValueError, match="CacheModel.mirror"):
+        CacheModel(mirror="yes")
+    trace = one_layer([0, 1], experts=3)
+    with pytest.raises(ValueError, match="give slots"):
+        simulate(trace, None)
+    with pytest.raises(ValueError, match="slots has 2 entries, the trace has 1 layers"):
+        simulate(trace, None, cache=CacheModel(gpu_slots=(1, 1)))
+    with pytest.raises(ValueError, match="parts"):
+        simulate(trace, 1, cache=CacheModel(parts=(1, 1)))
+    with pytest.raises(ValueError, match="slots\\[0\\]=4"):
+        policy_table(trace, [1, [4]])  # checked before any replay
 
 
 def test_a_step_may_not_evict_what_it_needs():
@@ -107,13 +154,22 @@ def test_more_locality_more_hits():
 # ------------------------------------------------------------------ the real cache
 
 
-@pytest.mark.parametrize("mirror,policy,window,extra", [(True, "lru", 1, 0), (False, "lru", 1, 0),
-                                                        (False, "clean_lru", 3, 3), (False, "lru", 1, 3)])
-def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirror, policy, window, extra):
+# (host mirror, policy, clean_window, extra_host_slots, per-layer GPU slots or None: 3 each). The last rows have
+# the colab-t4 plan's proportions: layers of 5 or 6 slots of 8 with clean_window = 8 and about one spare host
+# blob per layer (all but one handed out as host copies of residents), then more spares than layers.
+CASES = [(True, "lru", 1, 0, None), (False, "lru", 1, 0, None), (False, "clean_lru", 3, 3, None),
+         (False, "lru", 1, 3, None), (True, "clean_lru", 3, 0, (4, 2, 3, 5)), (False, "clean_lru", 3, 1, (4, 2, 3, 5)),
+         (False, "lru", 1, 4, (2, 3, 2, 4)), (False, "clean_lru", 8, 2, (6, 6, 5, 5)),
+         (False, "clean_lru", 8, 2, (4, 4, 3, 3)), (False, "clean_lru", 8, 7, (4, 4, 3, 3))]
+
+
+@pytest.mark.parametrize("mirror,policy,window,extra,slots", CASES)
+def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirror, policy, window, extra, slots):
     """On the real tiny model: the recorded ids are the router's own top-k, and replaying them gives the
     ExpertCache's own hits, misses and write-back bytes."""
-    cfg = OffloadConfig(main_size=4 * 3, offload_size=4 * 5, buffer_size=2, offload_per_layer=5, prefetch=0,
-                        extra_host_slots=extra, clean_window=window)
+    kw = dict(buffer_size=2, prefetch=0, extra_host_slots=extra, clean_window=window)
+    cfg = (OffloadConfig(main_size=4 * 3, offload_size=4 * 5, offload_per_layer=5, **kw) if slots is None
+           else OffloadConfig.for_slots(8, slots, **kw))
     model = build_model("cpu", QuantConfig(None, None), cfg, tiny_dir, host_mirror=mirror)
     routed: list[torch.Tensor] = []  # the gates' own top-k, in call order
     hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: routed.append(out[2].clone()))
@@ -134,14 +190,82 @@ def test_recorder_sees_the_router_and_the_simulator_is_the_cache(tiny_dir, mirro
         assert np.array_equal(got, exp)
 
     stats = model.expert_cache.stats()
-    cache = CacheModel(mirror=mirror, buffer_size=2, extra_host_slots=extra, clean_window=window)
+    per_layer = slots or (3, 3, 3, 3)
+    cache = CacheModel(mirror=mirror, buffer_size=2, extra_host_slots=extra, clean_window=window, gpu_slots=per_layer)
     assert CacheModel.of(model) == cache
-    r = simulate(trace, 3, policy, cache)
+    r = simulate(trace, None, policy, cache)  # the cache's own slots
+    assert r.slots == list(per_layer)
     assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
     assert r.writebacks * model.expert_cache.blob_bytes == stats["bytes_d2h"]
     assert r.misses * model.expert_cache.blob_bytes == stats["bytes_h2d"]
     if not mirror:
         assert r.writebacks > 0
+
+
+def test_a_split_model_replays_with_each_caches_own_host_blobs(tiny_dir):
+    """Layers split over two devices (two CPU caches stand for two GPUs): each cache has its own spare host
+    blobs, and CacheModel.of reads both caches' slots and parts."""
+    cfg = OffloadConfig.for_slots(8, (4, 2, 3, 5), buffer_size=2, prefetch=0, extra_host_slots=1, clean_window=3)
+    model = build_model(["cpu", "cpu"], QuantConfig(None, None), cfg, tiny_dir, host_mirror=False)
+    with torch.no_grad(), record_routing(model) as rec:
+        model.generate(PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    trace = rec.trace()
+    stats = model.expert_cache.stats()
+    blob = model.expert_cache.caches[0].blob_bytes
+    cache = CacheModel.of(model)
+    assert cache == CacheModel(mirror=False, buffer_size=2, extra_host_slots=1, clean_window=3,
+                               gpu_slots=(4, 2, 3, 5), parts=(2, 2))
+    r = simulate(trace, None, "clean_lru", cache)
+    assert (r.hits, r.misses, r.writebacks * blob) == (stats["hits"], stats["misses"], stats["bytes_d2h"])
+    assert r.writebacks > 0
+
+
+FMT = ExpertFormat.make(4, 8, None, torch.float32)  # a tiny float expert: the cache logic is size-blind
+
+
+def drive_cache(cache: ExpertCache, trace: Trace) -> None:
+    """Ask the cache for each step's experts as OffloadedExperts.forward does (no prefetch): hits first,
+    the step's experts protected; when none can load, the earlier ones are computed and released first."""
+    for step in trace.requests():
+        for layer, need in enumerate(step):
+            order = sorted(need, key=lambda e: not cache.resident(layer, e))
+            protect = set(need)
+            got = {}
+            for e in order:
+                b = cache.fetch(layer, e, protect)
+                if b is None:
+                    break
+                got[e] = b
+            for e in order:
+                if e not in got:
+                    assert cache.fetch(layer, e, protect) is not None
+                protect.discard(e)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), layers=st.integers(1, 3), experts=st.integers(3, 8), k=st.integers(1, 2),
+       data=st.data(), buffers=st.integers(1, 3), extra=st.integers(0, 8), mirror=st.booleans(),
+       prefill=st.integers(0, 10), repeat=st.floats(0, 1), policy=st.sampled_from(["lru", "clean_lru"]))
+def test_replay_is_the_cache_for_any_settings(seed, layers, experts, k, data, buffers, extra, mirror, prefill,
+                                              repeat, policy):
+    """The real ExpertCache (on CPU, tiny blobs) against the replay, over random slots per layer, spare
+    host blobs, windows and routing: the same hits, misses and copies each way."""
+    slots = data.draw(st.lists(st.integers(1, experts), min_size=layers, max_size=layers), label="slots")
+    window = 1 if policy == "lru" else data.draw(st.integers(1, experts), label="clean_window")
+    cfg = OffloadConfig.for_slots(experts, slots, buffer_size=buffers, prefetch=0, extra_host_slots=extra,
+                                  clean_window=window)
+    trace = synthetic_trace(num_layers=layers, num_experts=experts, top_k=k, tokens=30, repeat=repeat,
+                            prefill=prefill, seed=seed)
+    blob = torch.zeros(FMT.layout.total_bytes, dtype=torch.uint8)
+    cache = ExpertCache(FMT, layers, experts, cfg, "cpu", lambda layer, e: blob, host_mirror=mirror)
+    drive_cache(cache, trace)
+    model = CacheModel(mirror=mirror, buffer_size=buffers, extra_host_slots=extra, clean_window=window,
+                       gpu_slots=slots)
+    assert CacheModel.of(type("Built", (), {"expert_cache": cache})()) == model
+    r = simulate(trace, None, policy, model)
+    stats = cache.stats()
+    assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
+    assert (r.misses * cache.blob_bytes, r.writebacks * cache.blob_bytes) == (stats["bytes_h2d"], stats["bytes_d2h"])
 
 
 def test_recorder_keeps_whole_steps_only():
@@ -227,15 +351,30 @@ def test_table_and_cli(capsys, tmp_path):
     assert err.startswith("error: --slots 9") and len(err.strip().splitlines()) == 1
     assert policy_main(["--synthetic", "p=0.5", "--policies", "fifo"]) == 2
     assert "choose from" in capsys.readouterr().err
+    # one per-layer budget (like OffloadConfig.gpu_slots), alone or beside uniform ones
+    assert policy_main(["--trace", str(out), "--gpu-slots", "3,2", "--extra-host-slots", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "5 total" in text and "6 spare host blobs" in text and len(text.strip().splitlines()) == 3 + len(POLICIES)
+    assert policy_main(["--trace", str(out), "--slots", "2", "--gpu-slots", "3,2", "--policies", "lru"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3 + 2
+    assert policy_main(["--trace", str(out), "--gpu-slots", "3,2,1"]) == 2
+    assert "--gpu-slots has 3 counts, the trace has 2 layers" in capsys.readouterr().err
+    assert policy_main(["--trace", str(out), "--gpu-slots", "3,9"]) == 2
+    assert capsys.readouterr().err.startswith("error: --gpu-slots 9")
+    # per-layer lists and the cache model's own budget in policy_table
+    rows = policy_table(t, [[3, 2], None], ["lru"], CacheModel(gpu_slots=(1, 4)))
+    assert [row["slots"] for row in rows] == ["5 total", "5 total"] and rows[0] != rows[1]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant", [False, True])
-def test_recorder_on_the_gpu_decoder(tiny_dir, quant):
+@pytest.mark.parametrize("quant,slots,extra", [(False, None, 0), (True, None, 0), (True, (6, 6, 5, 5), 2)])
+def test_recorder_on_the_gpu_decoder(tiny_dir, quant, slots, extra):
     """The Decoder on CUDA (graphs for attention and routing, experts eager; with quantized experts the
     grouped kernels): the recorded trace, replayed, gives the cache's own counters, across several
-    batched device-to-host flushes."""
-    cfg = OffloadConfig(main_size=4 * 3, offload_size=4 * 5, buffer_size=2, offload_per_layer=5, prefetch=0)
+    batched device-to-host flushes (last case: per-layer slots and spare host blobs, colab-t4-like)."""
+    kw = dict(buffer_size=2, prefetch=0, extra_host_slots=extra, clean_window=8 if slots else 3)
+    cfg = (OffloadConfig(main_size=4 * 3, offload_size=4 * 5, offload_per_layer=5, **kw) if slots is None
+           else OffloadConfig.for_slots(8, slots, **kw))
     model = build_model("cuda", article_quant_config() if quant else QuantConfig(None, None), cfg, tiny_dir,
                         host_mirror=False)
     engine = make_engine(model)
@@ -247,7 +386,9 @@ def test_recorder_on_the_gpu_decoder(tiny_dir, quant):
     trace = rec.trace()
     assert trace.num_steps == 16 and trace.decode_tokens == 15
     stats = model.expert_cache.stats(wait=True)
-    r = simulate(trace, 3, "clean_lru", CacheModel(mirror=False, buffer_size=2))
+    cache = CacheModel.of(model)
+    assert cache.gpu_slots == (slots or (3, 3, 3, 3)) and cache.spare_host_blobs == 2 + extra
+    r = simulate(trace, None, "clean_lru", cache)
     assert (r.hits, r.misses) == (stats["hits"], stats["misses"])
     assert r.writebacks * model.expert_cache.blob_bytes == stats["bytes_d2h"]
 
