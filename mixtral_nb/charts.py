@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .units import MiB
 
-__all__ = ["LIVE_DPI", "LIVE_SCALE", "LIVE_SIZE_IN", "plot_timeline", "png_size", "render_live_panel"]
+__all__ = ["LIVE_DPI", "LIVE_SCALE", "LIVE_SIZE_IN", "live_panel_figure", "plot_timeline", "png_size", "render_live_panel"]
 
 _LIVE_WINDOW_S = 120.0  # the live panel shows the last two minutes
 
@@ -97,7 +97,7 @@ def _style(ax: Any, title: str) -> None:
 LIVE_SIZE_IN = (8.0, 3.4)  # inches at LIVE_DPI: 800 x 340 CSS pixels, Colab's output width
 LIVE_DPI = 100
 LIVE_SCALE = 2  # pixels per CSS pixel: stays sharp on high-density screens and when the browser scales it
-_LIVE_TICKS = (-120, -90, -60, -30, 0)
+_LIVE_TICKS = (-90, -60, -30, 0)  # no label at -120: it would touch the y axis's 0
 
 
 def _live_axes(ax: Any, title: str, ylabel: str) -> None:
@@ -133,7 +133,17 @@ def render_live_panel(samples: Sequence[dict], tok_s_history: Sequence[Any] = ()
     for an ``ipywidgets.Image``, redrawn in place about once a second while a reply streams.
 
     Every frame has the same pixel size (``LIVE_SIZE_IN`` at ``LIVE_DPI``, times ``LIVE_SCALE``
-    unless ``dpi`` is given); x is seconds before ``now`` (default: the newest sample or tok/s point).
+    unless ``dpi`` is given), so swapping frames never moves the page. See ``live_panel_figure``.
+    """
+    fig = live_panel_figure(samples, tok_s_history, now)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or LIVE_DPI * LIVE_SCALE)
+    return buf.getvalue()
+
+
+def live_panel_figure(samples: Sequence[dict], tok_s_history: Sequence[Any] = (), now: float | None = None) -> Figure:
+    """The live panel as a Figure: x is seconds before ``now`` (default: the newest sample or tok/s
+    point) over a fixed two-minute window; a panel with nothing to draw says why in words.
     ``tok_s_history`` holds (timestamp, tok/s) pairs, or plain numbers taken as one a second.
     """
     fig = Figure(figsize=LIVE_SIZE_IN, dpi=LIVE_DPI)
@@ -200,9 +210,7 @@ def render_live_panel(samples: Sequence[dict], tok_s_history: Sequence[Any] = ()
         ax.set_xlabel("seconds ago", fontsize=8, labelpad=1)
     # fixed margins: tight_layout would double the cost of a frame and could move the axes between frames
     fig.subplots_adjust(left=0.065, right=0.975, bottom=0.135, top=0.92, wspace=0.2, hspace=0.62)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi or LIVE_DPI * LIVE_SCALE)
-    return buf.getvalue()
+    return fig
 
 
 def plot_timeline(samples: Sequence[dict], title: str | None = None) -> Figure:
