@@ -39,13 +39,13 @@ def resolve(model: str) -> str:
 
 
 def embedded_quant_config() -> QuantConfig:
-    """The embedded model's default: the smallest measured setting that still answers the Paris
-    question (3-bit g32 experts, 4-bit g64 attention: 407 MB, perplexity 18.5 vs 10.0 at fp16;
-    notebooks/quality_embedded.json)."""
+    """The embedded model's default: the smallest measured setting whose multi-turn answers stay
+    sensible (``quality.TURNS``): 3-bit g32 experts, attention kept in floating point
+    (notebooks/quality_embedded.json). With 4-bit attention the same experts still say Paris, but a
+    follow-up then names the wrong language."""
     meta = {"scale_quant_params": {"nbits": 8, "group_size": 128}, "zero_quant_params": {"nbits": 8, "group_size": None}}
     ffn = {"weight_quant_params": {"nbits": 3, "group_size": 32, "axis": 1}, **meta}
-    attn = {"weight_quant_params": {"nbits": 4, "group_size": 64, "axis": 1}, **meta}
-    return QuantConfig(ffn_config=ffn, attn_config=attn)
+    return QuantConfig(ffn_config=ffn, attn_config=None)
 
 
 def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False) -> Path:

@@ -148,8 +148,10 @@ class ResourceMonitor:
         if not isinstance(stats, dict):
             return
         for key, value in stats.items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and key != "hit_rate":
                 s["cache_" + key] = value
+        # the hit rate is ours: None until the first lookup (the cache's own stats say 0.0 there, which
+        # a chart would draw as "every lookup missed")
         hits, misses = stats.get("hits"), stats.get("misses")
         if isinstance(hits, (int, float)) and isinstance(misses, (int, float)) and hits + misses > 0:
             s["cache_hit_rate"] = hits / (hits + misses)

@@ -5,8 +5,10 @@ Every configuration goes through mixtral_nb's own path: ``checkpoint.quantize`` 
 checkpoint of the embedded (SmolLM2-based) Mixtral, ``build_model`` loads it with offloaded experts
 (``offload_per_layer=4``, like the article), and the model is scored on the first ``n_tokens``
 tokens of CPython's ``pydoc_data/topics.py`` (text every Python install has). Each configuration
-also answers "What is the capital of France?" greedily (32 tokens at most); ``paris`` says whether the
-reply names Paris.
+also holds a three-turn chat greedily (32 tokens per reply at most) in one ``ChatSession``, as the chat
+widget does: "What is the capital of France?" (``paris``: the reply names Paris), then two follow-ups
+that only make sense with the earlier turns in context (``TURNS``; ``follow_ups``: every reply names its
+answer). The embedded model's default is the smallest setting that passes all three.
 
 The HQQ solves make this slow on CPU (minutes per configuration), so results are cached in
 ``<cache>/quality/results.json`` and the repo ships a precomputed table,
@@ -38,13 +40,20 @@ from .embedded import EMBEDDED_VERSION, build_embedded
 from .moe import OffloadedExperts
 from .paths import cache_root
 
-__all__ = ["CONFIGS", "CacheProbe", "PRECOMPUTED", "QUESTION", "format_table", "load_results", "measure",
+__all__ = ["CONFIGS", "CacheProbe", "PRECOMPUTED", "QUESTION", "TURNS", "format_table", "load_results", "measure",
            "plot_layer_hit_rates", "plot_quality", "quality_table", "quant_config", "smallest_passing",
-           "write_results"]
+           "smallest_sensible", "write_results"]
 
 QUESTION = "What is the capital of France?"
 ANSWER = "Paris"
 ANSWER_TOKENS = 32  # greedy reply length for the Paris check
+# The multi-turn check: each message with the word its reply must contain. The follow-ups lean on the
+# turns before them ("there"), which is where a too-coarse quantization first talks nonsense.
+TURNS: tuple[tuple[str, str], ...] = (
+    (QUESTION, ANSWER),
+    ("What is the capital of Italy?", "Rome"),
+    ("What language do people speak there?", "Italian"),
+)
 PRECOMPUTED = "quality_embedded.json"
 
 # name -> (expert setting, attention setting); a setting is None (fp16) or (nbits, group_size)
@@ -90,7 +99,8 @@ def _text_file() -> Path:
 
 def _key(name: str, n_tokens: int) -> str:
     text_hash = hashlib.sha256(_text_file().read_bytes()).hexdigest()[:12]
-    return f"{name}|n={n_tokens}|answer={ANSWER_TOKENS}|text={text_hash}|embedded={EMBEDDED_VERSION}"
+    turns = hashlib.sha256(repr(TURNS).encode()).hexdigest()[:8]
+    return f"{name}|n={n_tokens}|answer={ANSWER_TOKENS}|turns={turns}|text={text_hash}|embedded={EMBEDDED_VERSION}"
 
 
 def _cache_file() -> Path:
@@ -151,7 +161,8 @@ def measure(name: str, n_tokens: int = 256, keep_checkpoint: bool = False,
     model = build_model("cpu", None, offload, dst)
     tokenizer = AutoTokenizer.from_pretrained(src)
     ppl = _perplexity(model, tokenizer, n_tokens)
-    reply = ChatSession(model, tokenizer, max_new_tokens=ANSWER_TOKENS).send(QUESTION)
+    session = ChatSession(model, tokenizer, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+    replies = [session.send(message) for message, _ in TURNS]
     experts, attn = CONFIGS[name]
     params_per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
     row = {
@@ -162,8 +173,10 @@ def measure(name: str, n_tokens: int = 256, keep_checkpoint: bool = False,
         "expert_bits_per_param": round(8 * sizes["expert_blob_bytes"] / params_per_expert, 3),
         "perplexity": round(ppl, 3),
         "n_tokens": n_tokens,
-        "paris": ANSWER in reply,
-        "reply": reply,
+        "paris": ANSWER in replies[0],
+        "reply": replies[0],
+        "follow_ups": all(word in r for (_, word), r in zip(TURNS, replies)),
+        "replies": replies,
         "quantize_s": round(quantize_s, 1),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -201,8 +214,8 @@ def quality_table(configs: Iterable[str] | None = None, n_tokens: int = 256, use
                 tmp.replace(cache_path)
             if log:
                 r = cache[key]
-                log(f"  {r['total_bytes'] / 1e6:.0f} MB, perplexity {r['perplexity']:.2f}, Paris: {r['paris']} "
-                    f"({r['seconds']:.0f} s)")
+                log(f"  {r['total_bytes'] / 1e6:.0f} MB, perplexity {r['perplexity']:.2f}, Paris: {r['paris']}, "
+                    f"3 turns: {r['follow_ups']} {r['replies']} ({r['seconds']:.0f} s)")
         rows.append(cache[key])
     return rows
 
@@ -222,6 +235,7 @@ def write_results(rows: list[dict[str, Any]], path: str | Path, command: str) ->
         "text": f"first {rows[0]['n_tokens'] if rows else '?'} tokens of CPython's pydoc_data/topics.py "
                 "(Python version above), the model's own tokenizer",
         "question": QUESTION,
+        "turns": [list(t) for t in TURNS],
         "answer_tokens": ANSWER_TOKENS,
         "rows": rows,
     }
@@ -252,15 +266,31 @@ def smallest_passing(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(ok, key=lambda r: r["total_bytes"]) if ok else None
 
 
+def smallest_sensible(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The smallest configuration that passes the whole multi-turn check (``TURNS``): the embedded
+    model's default, since a chat's follow-ups are what a too-small setting gets wrong first."""
+    ok = [r for r in rows if r.get("follow_ups")]
+    return min(ok, key=lambda r: r["total_bytes"]) if ok else None
+
+
+def _turns_cell(row: dict[str, Any]) -> str:
+    """The three-turn result; a setting that misses Paris fails it (its first turn is that question),
+    and a row measured before the check existed has none."""
+    if "follow_ups" in row:
+        return "yes" if row["follow_ups"] else "no"
+    return "no" if not row["paris"] else "?"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table (sizes in MB = 1e6 bytes)."""
     head = f"{'experts':<12} {'attention':<11} {'bits/param':>10} {'experts MB':>10} {'attn MB':>8} {'total MB':>9} " \
-           f"{'perplexity':>10}  Paris"
+           f"{'perplexity':>10}  Paris  3 turns"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['experts']:<12} {r['attention']:<11} {r['expert_bits_per_param']:>10.2f} "
                      f"{r['expert_bytes'] / 1e6:>10.1f} {r['attn_bytes'] / 1e6:>8.1f} {r['total_bytes'] / 1e6:>9.1f} "
-                     f"{r['perplexity']:>10.2f}  {'yes' if r['paris'] else 'no'}")
+                     f"{r['perplexity']:>10.2f}  {'yes' if r['paris'] else 'no':<5}  "
+                     f"{_turns_cell(r)}")
     return "\n".join(lines)
 
 
@@ -413,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     best = smallest_passing(rows)
     print(f"smallest configuration that still answers {ANSWER}: {best['name'] if best else 'none'}")
+    best = smallest_sensible(rows)
+    print(f"smallest configuration that passes all {len(TURNS)} turns: {best['name'] if best else 'none'}")
     if args.out:
         cmd = "python -m mixtral_nb.quality " + " ".join(sys.argv[1:] if argv is None else argv)
         print(f"wrote {write_results(rows, args.out, cmd.strip())}")

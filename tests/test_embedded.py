@@ -178,3 +178,39 @@ def test_cached_and_rebuilt(built, monkeypatch):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
         build_embedded(tmp_path, num_experts=2, top_k=3)
+
+
+# ------------------------------------------------------------------ the default quantization of the chat model
+
+
+def test_default_quantization_is_the_smallest_sensible_measured():
+    """The default is the smallest setting of the precomputed table that holds the multi-turn check."""
+    from pathlib import Path
+
+    from mixtral_nb.load import embedded_quant_config
+    from mixtral_nb.quality import CONFIGS, load_results, smallest_sensible
+
+    rows = load_results(Path(__file__).resolve().parent.parent / "notebooks" / "quality_embedded.json")["rows"]
+    measured = [r for r in rows if "follow_ups" in r]
+    best = smallest_sensible(measured)
+    assert best is not None and best["paris"] and best["follow_ups"]
+    smaller = [r for r in measured if r["total_bytes"] < best["total_bytes"]]
+    assert smaller and not any(r["follow_ups"] for r in smaller)  # a smaller setting was tried, and failed
+    experts, attn = CONFIGS[best["name"]]
+    q = embedded_quant_config()
+    settings = [None if part is None else (part["nbits"], part["group_size"]) for part in (q.ffn, q.attn)]
+    assert settings == [experts, attn]  # None: kept in floating point
+
+
+def test_default_embedded_model_holds_a_three_turn_chat():
+    """What a user of the CPU notebooks sees: the default checkpoint, loaded as the notebooks load it,
+    answers the follow-ups sensibly (3-bit experts with 4-bit attention said Italians speak French)."""
+    from mixtral_nb.chat import ChatSession
+    from mixtral_nb.load import load
+    from mixtral_nb.quality import ANSWER_TOKENS, TURNS
+
+    model, tokenizer = load("embedded", device="cpu")
+    session = ChatSession(model, tokenizer, max_new_tokens=ANSWER_TOKENS)
+    for message, word in TURNS:
+        reply = session.send(message)
+        assert word in reply, (message, reply)

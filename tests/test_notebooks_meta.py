@@ -68,6 +68,73 @@ def test_colab_install_cell_is_guarded(path):
     assert not re.search(r'"(torch|ipywidgets)[<>=\w.]*"', install)
 
 
+# the notebooks this part of the project keeps in step (04_resource_charts has its own install cell)
+INSTALL_SHARED = [NB_DIR / f"{n}.ipynb" for n in ("00_setup", "01_download", "02_quantize_load", "03_chat", "walkthrough")]
+
+
+def test_install_cells_are_the_same():
+    cells = {p.stem: next(c for c in _read(p).cells if c.cell_type == "code").source for p in INSTALL_SHARED}
+    assert len(set(cells.values())) == 1, "the install cells differ"
+
+
+def test_install_cell_stops_on_a_failed_git_clone(tmp_path):
+    """On Colab, a clone that fails (offline, a typo) must stop Run all with one clear error, not go on
+    to pip-install a folder that is not there. Run the cell as Colab would, with a git that fails."""
+    import os
+    import subprocess
+    import sys
+
+    install = next(c for c in _read(INSTALL_SHARED[0]).cells if c.cell_type == "code").source
+    assert "/content/mixtral_nb" in install
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "git").write_text("#!/bin/sh\n"
+                                  "echo \"fatal: unable to access 'https://github.com/': Could not resolve host\" >&2\n"
+                                  "exit 128\n")
+    (fake_bin / "git").chmod(0o755)
+    runner = ("import sys, types\n"
+              "sys.modules['google.colab'] = types.ModuleType('google.colab')  # what Colab's kernel has\n"
+              f"exec(compile({install!r}, 'install-cell', 'exec'))\n")
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", runner], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: git clone https://github.com/mixtral-nb/mixtral_nb failed"), last
+    assert "Could not resolve host" in last and "run this cell again" in last
+    assert "pip" not in done.stdout  # stopped before installing anything
+
+
+def test_the_scripted_question_comes_before_the_widget():
+    """The widget shows its session's history when it is made: a question sent from code before it
+    appears as its first turn; one sent after it would be hidden (and block the widget while it runs)."""
+    for name in ("03_chat", "walkthrough"):
+        code = [c.source for c in _read(NB_DIR / f"{name}.ipynb").cells if c.cell_type == "code"]
+        send = next(i for i, src in enumerate(code) if "session.send(QUESTION)" in src)
+        widget = next(i for i, src in enumerate(code) if "ChatUI(session" in src)
+        assert send < widget, name
+        assert "session.max_new_tokens = min(48, settings.max_new_tokens)" in code[send], name  # a short scripted reply
+        assert not any("session.send(" in src for src in code[widget:]), name
+
+
+def test_chat_notebooks_offload_on_cpu():
+    """On CPU every expert of the embedded model fits, so without offloading the hit rate sits at 100 %:
+    the chat notebooks offload 4 of 8 there unless OFFLOAD_PER_LAYER says otherwise."""
+    from mixtral_nb.setup_env import notebook_settings
+
+    settings = notebook_settings("embedded", "cpu")
+    for name in ("03_chat", "walkthrough"):
+        cells = _read(NB_DIR / f"{name}.ipynb").cells
+        params = next(c.source for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        assert re.search(r"^OFFLOAD_PER_LAYER = None ", params, re.M), name
+        plan_cell = next(c.source for c in cells if c.cell_type == "code" and "memory_plan(" in c.source)
+        scope = {"OFFLOAD_PER_LAYER": None, "PRESET": None, "settings": settings}
+        exec(plan_cell.replace("print(plan.explain())", ""), scope)
+        assert scope["plan"].offload_per_layer == 4 and scope["plan"].host_mirror, name
+        scope = {"OFFLOAD_PER_LAYER": 2, "PRESET": None, "settings": settings}
+        exec(plan_cell.replace("print(plan.explain())", ""), scope)
+        assert scope["plan"].offload_per_layer == 2, name
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_markdown_before_every_code_cell(path):
     cells = _read(path).cells
