@@ -21,10 +21,10 @@ from ..config import QuantConfig
 from ..expert import ExpertFormat
 from ..quant import QSpec, quantize as quantize_tensor
 from .errors import CheckpointError, read_json
-from .hf import HFCheckpoint, trunk_name
+from ..families import family_of, skeleton
+from .hf import HFCheckpoint
 from . import hub
 from .layout import detect_layout
-from .structure import attn_shapes
 from .project import write_project
 
 
@@ -37,14 +37,17 @@ def default_device() -> torch.device:
 
 
 def plan_specs(config: Any, quant: QuantConfig, expert_dtype: torch.dtype, where: Path) -> tuple[ExpertFormat, dict[str, QSpec]]:
-    """The expert format and attention specs a quant config gives for a config's shapes (checked first)."""
+    """The expert format and attention specs a quant config gives for a config's shapes (checked first).
+
+    The attention specs cover the projections the family keeps resident (``Skeleton.attn_linears``:
+    Mixtral's attention; other families' attention, shared experts and dense MLPs too)."""
+    sk = skeleton(config)
     try:
-        fmt = ExpertFormat.make(config.hidden_size, config.intermediate_size, quant.ffn, expert_dtype)
+        fmt = ExpertFormat.make(sk.hidden, sk.intermediate, quant.ffn, expert_dtype)
         attn_specs = {}
         if quant.attn is not None:
-            for layer in range(config.num_hidden_layers):
-                for proj, shape in attn_shapes(config).items():
-                    attn_specs[f"model.layers.{layer}.self_attn.{proj}"] = QSpec.make(shape, quant.attn)
+            for base, shape in sk.attn_linears(family_of(config)).items():
+                attn_specs[base] = QSpec.make(shape, quant.attn)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"quant_config does not fit the shapes in {where / 'config.json'}: {e}") from None
     return fmt, attn_specs
@@ -62,7 +65,7 @@ class HFQuantizer:
         self.float_dtype = float_dtype
 
     def encode(self, key: str) -> dict[str, Tensor]:
-        name = trunk_name(key)
+        name = self.ck.family.trunk_name(key)
         t = self.ck.tensor(key)
         base = name.removesuffix(".weight")
         if base in self.attn_specs:
@@ -110,11 +113,11 @@ class QuantizedView:
             for key in keys:
                 if key == "lm_head.weight" and self.config.tie_word_embeddings:
                     continue
-                base = trunk_name(key).removesuffix(".weight")
-                if base in self._q.attn_specs:
+                name = self.ck.family.trunk_name(key)
+                if name.removesuffix(".weight") in self._q.attn_specs:
                     yield from self._q.encode(key).items()
                 else:
-                    yield trunk_name(key), self.ck.tensor(key)
+                    yield name, self.ck.tensor(key)
 
     def blob(self, layer: int, e: int) -> Tensor:
         return self._q.expert_blob(layer, e)
@@ -124,7 +127,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant_config: Quant
              device: str | torch.device | None = None, progress: bool = True, overwrite: bool = False,
              on_layer: Callable[[int], None] | None = None, download_dir: str | os.PathLike | None = None,
              token: str | None = None) -> Path:
-    """Original HF Mixtral folder (or hub id) -> project-format folder, streamed and resumable.
+    """Original HF folder (or hub id) of a supported family -> project-format folder, streamed and resumable.
 
     Peak host memory stays near one layer of the source (files are unmapped after each layer) plus
     one layer of output. The quant settings and the source's content fingerprint are recorded in
@@ -140,7 +143,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant_config: Quant
                             token=token)
     if not src_path.is_dir():
         what = "is a file, not a folder" if src_path.exists() else "does not exist"
-        raise CheckpointError(f"source folder {src_path} {what}: pass an original Mixtral folder or a hub id")
+        raise CheckpointError(f"source folder {src_path} {what}: pass an original checkpoint folder or a hub id")
     if src_path.resolve() == dst.resolve():
         raise CheckpointError(f"quantize() would overwrite its source {src_path}: choose another dst")
     kind = detect_layout(src_path)
