@@ -64,6 +64,14 @@ class Family:
 
         return getattr(transformers, self.config_class)(**data)
 
+    def experts_field(self, data: dict[str, Any]) -> str:
+        """The key holding the routed-expert count in a config.json: the family's own, or the name a
+        transformers-5 ``save_pretrained`` writes for it (Qwen3's ``num_experts`` as ``num_local_experts``)."""
+        for key in (self.experts_key, "num_local_experts", "num_experts", "n_routed_experts"):
+            if key in data:
+                return key
+        return self.experts_key
+
     def trunk_name(self, key: str) -> str:
         """A hub-layout tensor name -> the transformers-5 parameter name."""
         for old, new in self.renames:

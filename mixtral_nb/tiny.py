@@ -94,7 +94,8 @@ TINY_FAMILIES: dict[str, dict] = {
     "deepseek_v2": {"n_routed_experts": 8, "moe_intermediate_size": 32, "intermediate_size": 96,
                     "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32,
                     "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
-                    "topk_method": "greedy", "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1},
+                    "topk_method": "greedy", "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+                    "num_key_value_heads": 4},  # MLA expands keys and values to every head
 }
 
 

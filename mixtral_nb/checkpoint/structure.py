@@ -37,7 +37,8 @@ def _bad(path: Path, what: str) -> CheckpointError:
 def check_config_dict(data: dict[str, Any], path: Path, family: Family | None = None) -> None:
     """Refuse a config.json whose fields cannot describe its family's model (types, bounds, top_k <= experts)."""
     fam = family or FAMILIES["mixtral"]
-    keys = {"experts": fam.experts_key, "inter": fam.inter_key}
+    ekey = fam.experts_field(data)
+    keys = {"experts": ekey, "inter": fam.inter_key}
     for name, lo, hi in INT_FIELDS:
         name = keys.get(name, name)
         v = data.get(name)
@@ -47,9 +48,8 @@ def check_config_dict(data: dict[str, Any], path: Path, family: Family | None = 
             continue  # transformers defaults it to num_attention_heads
         if type(v) is not int or not lo <= v <= hi:
             raise _bad(path, f"{name} is {v!r}, expected an integer between {lo} and {hi}")
-    if data["num_experts_per_tok"] > data[fam.experts_key]:
-        raise _bad(path, f"num_experts_per_tok={data['num_experts_per_tok']} (top-k) exceeds "
-                         f"{fam.experts_key}={data[fam.experts_key]}")
+    if data["num_experts_per_tok"] > data[ekey]:
+        raise _bad(path, f"num_experts_per_tok={data['num_experts_per_tok']} (top-k) exceeds {ekey}={data[ekey]}")
     hd = data.get("head_dim")
     if hd is not None and (type(hd) is not int or hd < 1):
         raise _bad(path, f"head_dim is {hd!r}, expected a positive integer")
@@ -75,7 +75,7 @@ def check_config_dict(data: dict[str, Any], path: Path, family: Family | None = 
         if type(v) not in (int, float) or not 0 <= v < math.inf:
             raise _bad(path, f"{name} is {v!r}, expected a number >= 0")
     sw = data.get("sliding_window")
-    if sw is not None and (type(sw) is not int or sw < 1):
+    if sw is not None and (type(sw) is not int or sw < (0 if data.get("use_sliding_window") is False else 1)):
         raise _bad(path, f"sliding_window is {sw!r}, expected a positive integer or null")
     act = data.get("hidden_act", "silu")
     from transformers.activations import ACT2FN  # transformers is heavy: imported when a config is read

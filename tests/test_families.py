@@ -1,0 +1,158 @@
+"""Other MoE families (Phi-3.5-MoE, Qwen2/3-MoE, OLMoE, DeepSeek-V2) and Mixtral through one family layer.
+
+Each family's tiny random model is built with transformers' own config and model classes and
+written by its ``save_pretrained`` (the hub's per-expert layout); the reference is transformers'
+model loaded from that folder by ``from_pretrained``. mixtral_nb reads the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixtral_nb.build import build_model, expert_caches
+from mixtral_nb.checkpoint import CheckpointError, quantize, resolve_checkpoint
+from mixtral_nb.config import OffloadConfig, QuantConfig
+from mixtral_nb.engine import engine_kind, make_engine
+from mixtral_nb.families import FAMILIES, family_of, planner_dims, skeleton
+from mixtral_nb.moe import OffloadedExperts
+from mixtral_nb.qlinear import QuantLinear
+from mixtral_nb.tiny import TINY_FAMILIES, write_tiny_family
+
+NAMES = sorted(TINY_FAMILIES)
+META = {"scale_quant_params": {"nbits": 8, "group_size": 128}, "zero_quant_params": {"nbits": 8, "group_size": None}}
+QUANT = QuantConfig(ffn_config={"weight_quant_params": {"nbits": 2, "group_size": 16, "axis": 1}, **META},
+                    attn_config={"weight_quant_params": {"nbits": 4, "group_size": 16, "axis": 1}, **META})
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def fam_dir(request, tmp_path_factory):
+    return write_tiny_family(tmp_path_factory.mktemp(request.param) / "m", request.param, seed=3)
+
+
+def _reference(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    return FAMILIES[cfg["model_type"]].model_class().from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _offload(folder, prefetch: int) -> OffloadConfig:
+    ck = resolve_checkpoint(folder)
+    sk = skeleton(ck.config)
+    return OffloadConfig.for_model(len(sk.moe_layers), sk.num_experts, offload_per_layer=sk.num_experts // 2,
+                                   buffer_size=2, prefetch=prefetch)
+
+
+def _ids(n: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_offloaded_logits_and_greedy_tokens_equal_transformers(fam_dir, prefetch):
+    ref = _reference(fam_dir)
+    model = build_model("cpu", None, _offload(fam_dir, prefetch), fam_dir, keep_previous=True)
+    mods = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    sk = skeleton(model.config)
+    assert [m.layer_idx for m in mods] == list(sk.moe_layers) and mods[0].cache.slots < sk.num_experts
+    ids = _ids()
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    assert (got - want).abs().max().item() < 1e-5
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert model.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
+    stats = model.expert_cache.stats()
+    assert stats["misses"] > 0  # experts really moved through the slots
+    if prefetch and len(mods) > 1:
+        assert stats["prefetch_issued"] > 0
+
+
+def _dequantized_reference(folder, model):
+    """transformers' model with the quantized model's weights, dequantized (attention and experts)."""
+    ref = _reference(folder)
+    fam = family_of(ref.config)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                ref.get_submodule(name).weight.copy_(m.dequantized(torch.float32))
+            elif isinstance(m, OffloadedExperts):
+                ex = ref.model.layers[m.layer_idx].mlp.experts
+                ck = resolve_checkpoint(folder, QUANT)
+                for e in range(m.num_experts):
+                    w1, w3, w2 = m.cache.fmt.dense(ck.blob(m.layer_idx, e))
+                    ex.gate_up_proj[e].copy_(torch.cat([w1, w3]))
+                    ex.down_proj[e].copy_(w2)
+    assert fam.model_type == model.mixtral_nb_family
+    return ref
+
+
+def test_quantized_equals_reference_with_dequantized_weights(fam_dir, tmp_path):
+    dst = quantize(fam_dir, tmp_path / "q", QUANT, device="cpu", progress=False)
+    model = build_model("cpu", None, _offload(dst, 1), dst, keep_previous=True)
+    qlin = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    sk = skeleton(model.config)
+    assert set(qlin) == set(sk.attn_linears(family_of(model.config)))
+    ref = _dequantized_reference(fam_dir, model)
+    ids = _ids(seed=1)
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert model.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
+    # the on-the-fly path (an original folder, quantized as it is read) builds the same numbers
+    fly = build_model("cpu", QUANT, _offload(fam_dir, 1), fam_dir, keep_previous=True)
+    with torch.no_grad():
+        assert torch.equal(fly(ids).logits, got)
+
+
+def test_fused_layout_reads_the_same(fam_dir, tmp_path):
+    cfg = json.loads((fam_dir / "config.json").read_text())
+    fused = write_tiny_family(tmp_path / "fused", cfg["model_type"], seed=3, fused=True)
+    a = build_model("cpu", None, _offload(fam_dir, 0), fam_dir, keep_previous=True)
+    b = build_model("cpu", None, _offload(fused, 0), fused, keep_previous=True)
+    ids = _ids(seed=2)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_engine_is_transformers_for_other_families(fam_dir):
+    model = build_model("cpu", None, _offload(fam_dir, 0), fam_dir, keep_previous=True)
+    engine = make_engine(model, "auto", max_length=64)
+    assert engine.kind == "transformers"
+    if model.mixtral_nb_family != "mixtral":
+        with pytest.raises(ValueError, match="Mixtral models only"):
+            engine_kind(model, "decoder")
+
+
+def test_planner_dims_count_moe_layers_and_routed_experts(fam_dir):
+    from mixtral_nb.planner import ModelSizes
+
+    ck = resolve_checkpoint(fam_dir)
+    d = planner_dims(ck.config)
+    sk = skeleton(ck.config)
+    assert d["num_hidden_layers"] == len(sk.moe_layers) and d["num_local_experts"] == sk.num_experts
+    sizes = ModelSizes.of(d, QUANT)
+    assert sizes.num_experts == sk.num_experts and sizes.intermediate == sk.intermediate
+
+
+@pytest.mark.parametrize("model_type", ["llama", "deepseek_v3", None])
+def test_unknown_architecture_is_one_clear_error(tmp_path, model_type):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cfg = {"model_type": model_type, "architectures": ["SomethingForCausalLM"], "hidden_size": 64}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for call in (lambda: resolve_checkpoint(folder), lambda: quantize(folder, tmp_path / "q", QUANT, progress=False)):
+        with pytest.raises(CheckpointError) as info:
+            call()
+        msg = str(info.value)
+        assert repr(model_type) in msg and "qwen3_moe" in msg and "deepseek_v2" in msg and "phimoe" in msg
+    assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+
+
+def test_dense_layers_have_no_expert_files(tmp_path):
+    src = write_tiny_family(tmp_path / "ds", "deepseek_v2", seed=4)
+    dst = quantize(src, tmp_path / "q", QUANT, device="cpu", progress=False)
+    files = sorted(p.name for p in dst.glob("experts-*.safetensors"))
+    assert files == ["experts-001.safetensors", "experts-002.safetensors"]
+    model = build_model("cpu", None, _offload(dst, 1), dst, keep_previous=True)
+    assert [c.L for c in expert_caches(model)] == [2]
