@@ -21,7 +21,7 @@ from ..config import QuantConfig
 from ..expert import ExpertFormat
 from ..quant import QSpec, quantize as quantize_tensor
 from .errors import CheckpointError, read_json
-from ..families import family_of, skeleton
+from ..families import UnsupportedModelError, family_for_dict, family_of, skeleton
 from .hf import HFCheckpoint
 from . import hub
 from .layout import detect_layout
@@ -30,6 +30,22 @@ from .project import write_project
 
 def looks_like_repo_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/"))
+
+
+def check_hub_family(repo_id: str, local_dir: str | os.PathLike, token: str | None = None) -> None:
+    """Fetch a hub repo's config.json alone (a few KB, into the folder the download will fill) and refuse
+    an architecture mixtral_nb does not run before gigabytes are downloaded. When the hub cannot be
+    asked (offline, gated, no config.json), the download itself reports what is wrong."""
+    try:
+        from huggingface_hub import hf_hub_download  # heavy: only hub calls need huggingface_hub
+
+        path = Path(hf_hub_download(repo_id, "config.json", local_dir=str(local_dir), token=token))
+    except Exception:
+        return
+    try:
+        family_for_dict(read_json(path), f"{repo_id}/config.json")
+    except UnsupportedModelError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def default_device() -> torch.device:
@@ -139,8 +155,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant_config: Quant
     """
     src_path, dst = Path(src), Path(dst)
     if not src_path.exists() and looks_like_repo_id(str(src)):
-        src_path = hub.download(str(src), Path(download_dir) if download_dir else dst.parent / str(src).replace("/", "--"),
-                            token=token)
+        local = Path(download_dir) if download_dir else dst.parent / str(src).replace("/", "--")
+        check_hub_family(str(src), local, token=token)
+        src_path = hub.download(str(src), local, token=token)
     if not src_path.is_dir():
         what = "is a file, not a folder" if src_path.exists() else "does not exist"
         raise CheckpointError(f"source folder {src_path} {what}: pass an original checkpoint folder or a hub id")
