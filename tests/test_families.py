@@ -155,3 +155,74 @@ def test_dense_layers_have_no_expert_files(tmp_path):
     assert files == ["experts-001.safetensors", "experts-002.safetensors"]
     model = build_model("cpu", None, _offload(dst, 1), dst, keep_previous=True)
     assert [c.L for c in expert_caches(model)] == [2]
+
+
+CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def _write_tokenizer(folder) -> None:
+    """A real (word-level) tokenizer with a ChatML-like chat template, saved beside the model, as hub
+    repos ship theirs; its 256 ids cover the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "<|im_end|>", "<unk>", "<|im_start|>", "system", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(256 - len(words))])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v2"])
+def test_load_and_chat_with_the_family_template(tmp_path, model_type):
+    from mixtral_nb.chat import ChatSession
+    from mixtral_nb.load import load
+    from mixtral_nb.tokenizer import encode_conversation
+
+    folder = write_tiny_family(tmp_path / "m", model_type, seed=5)
+    _write_tokenizer(folder)
+    model, tok = load(str(folder), device="cpu", keep_previous=True)
+    assert model.mixtral_nb_family == model_type and type(model).__name__ == FAMILIES[model_type].architecture
+    chat = ChatSession(model, tok, system_prompt="w5 w6", max_new_tokens=6)
+    assert chat.engine == "transformers"
+    chat.send("w1 w2 w3")
+    msgs = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w1 w2 w3"}]
+    want = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert encode_conversation(tok, msgs) == list(want)
+    assert want[:1] == [tok.convert_tokens_to_ids("<|im_start|>")]
+    reply = chat.history[-1]
+    assert reply["role"] == "assistant" and chat.last_stats is not None
+
+
+def test_family_folder_without_tokenizer_is_one_clear_error(tmp_path):
+    from mixtral_nb.load import tokenizer_for
+
+    folder = write_tiny_family(tmp_path / "m", "olmoe", seed=6)
+    with pytest.raises(CheckpointError, match="OlmoeForCausalLM needs its own tokenizer"):
+        tokenizer_for(folder)
+
+
+def test_unsupported_hub_repo_is_refused_before_the_download(tmp_path, monkeypatch):
+    """The hub is faked (no network here): its config.json says llama; the big download never starts."""
+    import huggingface_hub
+
+    from mixtral_nb.checkpoint import hub
+
+    def fake_config(repo_id, filename, local_dir=None, token=None, **kw):
+        path = tmp_path / "cfg" / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+        return str(path)
+
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_config)
+    monkeypatch.setattr(hub, "download", lambda *a, **k: downloads.append(a))
+    with pytest.raises(CheckpointError, match="model_type='llama'.*supported architectures are"):
+        quantize("someone/llama-7b", tmp_path / "q", QUANT, progress=False)
+    with pytest.raises(CheckpointError, match="model_type='llama'"):
+        resolve_checkpoint("someone/llama-7b")
+    assert downloads == []
