@@ -325,6 +325,11 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
     model.lm_head.to_empty(device=devices[0])  # logits land where generate() keeps input_ids
     model.model.norm.to_empty(device=devices[-1])
     model.to(dtype)
+    # what transformers keeps in fp32 whatever the dtype (DeepSeek-V2's router), as from_pretrained does
+    keep = [*(getattr(model, "_keep_in_fp32_modules_strict", None) or ()), *(getattr(model, "_keep_in_fp32_modules", None) or ())]
+    for name, p in model.named_parameters():
+        if keep and any(k in name for k in keep):
+            p.data = p.data.float()
     model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
 
     # trunk: embeddings, norms, routers, attention

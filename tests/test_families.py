@@ -226,3 +226,18 @@ def test_unsupported_hub_repo_is_refused_before_the_download(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match="model_type='llama'"):
         resolve_checkpoint("someone/llama-7b")
     assert downloads == []
+
+
+def test_low_precision_build_keeps_what_transformers_keeps_in_fp32(fam_dir):
+    """At bf16 every trunk parameter has the dtype transformers' from_pretrained gives it (DeepSeek-V2's
+    router stays fp32)."""
+    cfg = json.loads((fam_dir / "config.json").read_text())
+    ref = FAMILIES[cfg["model_type"]].model_class().from_pretrained(fam_dir, dtype=torch.bfloat16)
+    model = build_model("cpu", None, _offload(fam_dir, 0), fam_dir, dtype=torch.bfloat16, keep_previous=True)
+    want = {n: p.dtype for n, p in ref.named_parameters() if ".experts." not in n}
+    got = {n: p.dtype for n, p in model.named_parameters()}
+    assert got == want
+    if cfg["model_type"] == "deepseek_v2":
+        assert got["model.layers.1.mlp.gate.weight"] == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids()).logits).all()
