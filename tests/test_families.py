@@ -148,13 +148,50 @@ def test_unknown_architecture_is_one_clear_error(tmp_path, model_type):
     assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
 
 
-def test_dense_layers_have_no_expert_files(tmp_path):
+def _folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "VERIFIED"}
+
+
+def test_dense_layers_have_no_expert_files_and_an_interrupted_quantize_resumes(tmp_path):
+    """DeepSeek-V2's layer 0 is dense: no expert file, its MLP (quantized) in the trunk. An interrupted
+    quantize resumes after the finished layers, dense ones included, and ends byte-identical."""
     src = write_tiny_family(tmp_path / "ds", "deepseek_v2", seed=4)
-    dst = quantize(src, tmp_path / "q", QUANT, device="cpu", progress=False)
-    files = sorted(p.name for p in dst.glob("experts-*.safetensors"))
+    whole = quantize(src, tmp_path / "whole", QUANT, device="cpu", progress=False)
+    files = sorted(p.name for p in whole.glob("experts-*.safetensors"))
     assert files == ["experts-001.safetensors", "experts-002.safetensors"]
+
+    def stop(layer: int) -> None:
+        if layer == 1:
+            raise KeyboardInterrupt("simulated interruption")
+
+    dst = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(src, dst, QUANT, device="cpu", progress=False, on_layer=stop)
+    assert not (dst / "COMPLETE").exists()
+    redone: list[int] = []
+    quantize(src, dst, QUANT, device="cpu", progress=False, on_layer=redone.append)
+    assert redone == [2]
+    assert _folder_bytes(dst) == _folder_bytes(whole)
     model = build_model("cpu", None, _offload(dst, 1), dst, keep_previous=True)
     assert [c.L for c in expert_caches(model)] == [2]
+    assert isinstance(model.model.layers[0].mlp.gate_proj, QuantLinear)
+
+
+@pytest.mark.gpu  # on the GPU machine: `make test-gpu` (conftest.py deselects it without CUDA)
+def test_quantized_families_on_gpu_match_the_dequantized_reference(fam_dir, tmp_path):
+    """fp32 activations on a GPU (kernels for the quantized matrices) against transformers with the
+    dequantized weights on the CPU: logits close, greedy tokens identical; the engine is transformers'."""
+    dst = quantize(fam_dir, tmp_path / "q", QUANT, device="cuda", progress=False)
+    model = build_model("cuda:0", None, _offload(dst, 2), dst, dtype=torch.float32, keep_previous=True)
+    ref = _dequantized_reference(fam_dir, dst, model)
+    ids = _ids(seed=7)
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids.cuda()).logits.cpu()
+    assert (got - want).abs().max().item() < 2e-2
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert model.generate(ids.cuda(), **kw).tolist() == ref.generate(ids, **kw).tolist()
+    assert engine_kind(model, "auto") == (
+        "decoder" if model.mixtral_nb_family == "mixtral" else "transformers")
 
 
 CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
