@@ -30,8 +30,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .quant import QSpec
+
 __all__ = ["FAMILIES", "Family", "UnsupportedModelError", "family_of", "family_for_dict", "skeleton", "Skeleton",
-           "planner_dims", "supported"]
+           "planner_dims", "supported", "trunk_bytes"]
 
 
 class UnsupportedModelError(ValueError):
@@ -232,3 +234,26 @@ def planner_dims(config: Any) -> dict[str, Any]:
     elif sk.hidden % heads:
         out["head_dim"] = max(1, sk.hidden // heads)
     return out
+
+
+def trunk_bytes(config: Any, attn_quant: dict[str, Any] | None, dtype_bytes: int = 2) -> int:
+    """Bytes of everything but the routed experts, exactly as build_model holds it: the projections
+    ``Skeleton.attn_linears`` names in ``attn_quant``'s format (a ``QuantConfig.attn`` dict; None:
+    floating point), every other trunk parameter at ``dtype_bytes`` (MLA, shared experts, dense
+    layers, biases and norms included; quantized tensors as stored, without the blob alignment).
+    The planner's ``ModelSizes`` assumes Mixtral's attention; this is the per-family figure for it."""
+    fam, sk = family_of(config), skeleton(config)
+    quantized = sk.attn_linears(fam) if attn_quant is not None else {}
+    total = 0
+    for name, shape in sk.shapes.items():
+        if name == "lm_head.weight" and sk.tied:
+            continue
+        base, _, seg = name.rpartition(".")
+        if base in quantized and seg == "weight":
+            total += sum(seg.nbytes for seg in QSpec.make(quantized[base], attn_quant).layout().segments)
+        else:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * dtype_bytes
+    return total

@@ -16,7 +16,7 @@ from mixtral_nb.build import build_model, expert_caches
 from mixtral_nb.checkpoint import CheckpointError, quantize, resolve_checkpoint
 from mixtral_nb.config import OffloadConfig, QuantConfig
 from mixtral_nb.engine import engine_kind, make_engine
-from mixtral_nb.families import FAMILIES, family_of, planner_dims, skeleton
+from mixtral_nb.families import FAMILIES, family_of, planner_dims, skeleton, trunk_bytes
 from mixtral_nb.moe import OffloadedExperts
 from mixtral_nb.qlinear import QuantLinear
 from mixtral_nb.tiny import TINY_FAMILIES, write_tiny_family
@@ -95,6 +95,9 @@ def test_quantized_equals_reference_with_dequantized_weights(fam_dir, tmp_path):
     qlin = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     sk = skeleton(model.config)
     assert set(qlin) == set(sk.attn_linears(family_of(model.config)))
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers())
+    assert trunk_bytes(model.config, QUANT.attn, 4) == held  # the planner's per-family figure is exact
     ref = _dequantized_reference(fam_dir, dst, model)
     ids = _ids(seed=1)
     with torch.no_grad():
