@@ -111,7 +111,7 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
     folder = Path(name)
     if not folder.exists():
         local = cache_root() / "hub" / name.replace("/", "--")
-        check_hub_family(name, local, token=token)  # an unsupported architecture: refused before the download
+        check_hub_family(name, token=token)  # an unsupported architecture: refused before the download
         folder = download(name, local, token=token)
     target: Any = target_all or dev
     if offload_config is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,18 +33,20 @@ def looks_like_repo_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/"))
 
 
-def check_hub_family(repo_id: str, local_dir: str | os.PathLike, token: str | None = None) -> None:
-    """Fetch a hub repo's config.json alone (a few KB, into the folder the download will fill) and refuse
-    an architecture mixtral_nb does not run before gigabytes are downloaded. When the hub cannot be
-    asked (offline, gated, no config.json), the download itself reports what is wrong."""
-    try:
-        from huggingface_hub import hf_hub_download  # heavy: only hub calls need huggingface_hub
+def check_hub_family(repo_id: str, token: str | None = None) -> None:
+    """Fetch a hub repo's config.json alone (a few KB, into a temporary folder, so nothing is left
+    behind) and refuse an architecture mixtral_nb does not run before gigabytes are downloaded. When
+    the hub cannot be asked (offline, gated, no config.json), the download itself reports what is wrong."""
+    with tempfile.TemporaryDirectory(prefix="mixtral_nb-config-") as tmp:
+        try:
+            from huggingface_hub import hf_hub_download  # heavy: only hub calls need huggingface_hub
 
-        path = Path(hf_hub_download(repo_id, "config.json", local_dir=str(local_dir), token=token))
-    except Exception:
-        return
+            path = Path(hf_hub_download(repo_id, "config.json", local_dir=tmp, token=token))
+            data = read_json(path)
+        except Exception:
+            return
     try:
-        family_for_dict(read_json(path), f"{repo_id}/config.json")
+        family_for_dict(data, f"{repo_id}/config.json")
     except UnsupportedModelError as e:
         raise CheckpointError(str(e)) from None
 
@@ -156,7 +159,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant_config: Quant
     src_path, dst = Path(src), Path(dst)
     if not src_path.exists() and looks_like_repo_id(str(src)):
         local = Path(download_dir) if download_dir else dst.parent / str(src).replace("/", "--")
-        check_hub_family(str(src), local, token=token)
+        check_hub_family(str(src), token=token)
         src_path = hub.download(str(src), local, token=token)
     if not src_path.is_dir():
         what = "is a file, not a folder" if src_path.exists() else "does not exist"

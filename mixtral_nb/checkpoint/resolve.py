@@ -77,7 +77,7 @@ def resolve_checkpoint(state_path: str | os.PathLike | Any, quant_config: QuantC
     path = Path(state_path)
     if not path.exists() and looks_like_repo_id(str(state_path)):
         local = cache_root() / "hub" / str(state_path).replace("/", "--")
-        check_hub_family(str(state_path), local, token=token)
+        check_hub_family(str(state_path), token=token)
         path = hub.download(str(state_path), local, token=token)
     ck = open_checkpoint(path, quant_config=quant_config, progress=progress, verify=verify)
     if isinstance(ck, HFCheckpoint):
