@@ -18,6 +18,7 @@ from .checkpoint.errors import HubError
 from .checkpoint.integrity import workers
 from .checkpoint.quantize import looks_like_repo_id
 from .config import article_quant_config
+from .families import skeleton
 from .load import load
 from .notebook_tools import dirty_notebooks, execute_to_html, prepare_for_nbval
 from .planner import PRESETS, Machine, MemoryPlanError, detect
@@ -171,8 +172,9 @@ def _read_all(path: str) -> tuple[int, float]:
     t0 = time.perf_counter()
     ck = ProjectCheckpoint(Path(path), verify=False)
     n = sum(t.numel() * t.element_size() for _, t in ck.trunk())
-    for layer in range(ck.config.num_hidden_layers):
-        for e in range(ck.config.num_local_experts):
+    sk = skeleton(ck.config)
+    for layer in sk.moe_layers:
+        for e in range(sk.num_experts):
             n += ck.blob(layer, e).clone().numel()
     ck.files.close()
     return n, time.perf_counter() - t0

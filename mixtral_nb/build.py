@@ -1,14 +1,15 @@
-"""build_model: a transformers MixtralForCausalLM whose experts live in an ExpertCache.
+"""build_model: a transformers MixtralForCausalLM (or another supported MoE family's model, see
+:mod:`mixtral_nb.families`) whose experts live in an ExpertCache.
 
 The skeleton is built on the meta device, so the full-precision experts (87 GB for Mixtral-8x7B)
-are never materialised; ``layer.mlp.experts`` is replaced by :class:`OffloadedExperts` and, with an
-attention quant config, the attention projections by :class:`QuantLinear`. Everything else is the
-stock transformers model, so ``generate()``, streamers and KV caches work as usual.
+are never materialised; ``layer.mlp.experts`` of every MoE layer is replaced by
+:class:`OffloadedExperts` and, with an attention quant config, the attention projections (for
+other families every resident projection) by :class:`QuantLinear`. Everything else is the stock
+transformers model, so ``generate()``, streamers and KV caches work as usual.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import os
 import weakref
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from .cache import CacheGroup, ExpertCache
-from .checkpoint import CheckpointError, CorruptFileError, attn_key, layer_of, resolve_checkpoint
+from .checkpoint import CheckpointError, CorruptFileError, layer_of, resolve_checkpoint
 from .config import OffloadConfig, QuantConfig
 from .expert import ExpertFormat
+from .families import family_of, planner_dims, skeleton
 from .moe import OffloadedExperts
 from .planner import ModelSizes, check_fits, choose_host_mirror
 from .qlinear import QuantLinear
@@ -174,7 +176,8 @@ def _check_memory(config, quant: QuantConfig, fmt: ExpertFormat, offload_config:
     host_mirror None (the default, and what the article's code leaves) means: mirror every expert in
     host RAM when it fits with a margin, else swap through spare buffers (Colab's 12.7 GB).
     """
-    sizes = ModelSizes.of(config, quant, expert_bytes=fmt.layout.total_bytes, dtype_bytes=dtype.itemsize)
+    sizes = ModelSizes.of(config if isinstance(config, dict) else planner_dims(config), quant,
+                          expert_bytes=fmt.layout.total_bytes, dtype_bytes=dtype.itemsize)
     ram = psutil.virtual_memory().available // share  # several GPUs share one host's RAM
     mirror = host_mirror if host_mirror is not None else offload_config.host_mirror
     if mirror is None:
@@ -254,10 +257,17 @@ def _hop_devices(model: Any, layer_dev: list[torch.device], devices: list[torch.
     model.lm_head.register_forward_pre_hook(mover(devices[0]), with_kwargs=True)
 
 
+def _add_bias(ql: QuantLinear, bias: torch.Tensor) -> None:
+    """A quantized projection whose original has a bias (Qwen2's q/k/v, Phi-3.5's attention): the bias
+    stays a floating-point parameter, added after the product."""
+    ql.bias = nn.Parameter(bias, requires_grad=False)
+    ql.register_forward_hook(lambda m, _args, out: out + m.bias.to(out.dtype))
+
+
 def build_model(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
                 state_path: str | os.PathLike | Any, dtype: torch.dtype | None = None,
                 host_mirror: bool | None = None, verify: bool | None = None, *, keep_previous: bool = False):
-    """Load a Mixtral checkpoint with offloaded experts; see the module docstring.
+    """Load a Mixtral checkpoint (or another supported family's) with offloaded experts; see the module docstring.
 
     ``state_path`` is anything :func:`mixtral_nb.checkpoint.resolve_checkpoint` accepts: a
     project-format folder (settings come from its manifest; a ``quant_config`` that disagrees is an
@@ -287,8 +297,6 @@ def build_model(device: torch.device | str, quant_config: QuantConfig | None, of
 def _build(device: torch.device | str, quant_config: QuantConfig | None, offload_config: OffloadConfig,
            state_path: str | os.PathLike | Any, dtype: torch.dtype | None, host_mirror: bool | None,
            verify: bool | None, keep_previous: bool):
-    from transformers import MixtralForCausalLM  # heavy: the package import stays fast without it
-
     if not isinstance(offload_config, OffloadConfig):
         raise ValueError(f"offload_config must be an OffloadConfig, got {type(offload_config).__name__}: use "
                          "OffloadConfig.for_model(num_layers, num_experts, offload_per_layer=...)")
@@ -304,11 +312,13 @@ def _build(device: torch.device | str, quant_config: QuantConfig | None, offload
     dtype = dtype or default_dtype(device)
     ck = resolve_checkpoint(state_path, quant_config, device=device, dtype=dtype, verify=verify)
     config, quant, fmt = ck.config, ck.quant, ck.fmt
+    family, sk = family_of(config), skeleton(config)
 
-    L, E = config.num_hidden_layers, config.num_local_experts
+    L, E, moe = config.num_hidden_layers, sk.num_experts, list(sk.moe_layers)
     if len(devices) > L:
         raise ValueError(f"{len(devices)} devices for {L} layers: give at most one device per layer")
-    offload_config.check_model(L, E)  # main_size/offload_size must describe this model
+    offload_config.check_model(len(moe), E)  # main_size/offload_size must describe this model's MoE layers
+    linears = getattr(ck, "attn_specs", {}) if quant.attn is not None else {}
 
     key = _key(state_path, ck)
     if not keep_previous:
@@ -316,12 +326,13 @@ def _build(device: torch.device | str, quant_config: QuantConfig | None, offload
 
     config.dtype = dtype
     with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-    for layer in model.model.layers:
-        layer.mlp.experts = nn.Module()  # placeholder until the cache exists; never materialised
-        if quant.attn is not None:
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(layer.self_attn, p, nn.Module())
+        model = family.model_class()(config)
+    for i in moe:
+        model.model.layers[i].mlp.experts = nn.Module()  # placeholder until the cache exists; never materialised
+    biases: dict[str, torch.Tensor] = {}
+    for base in linears:  # quantized projections: placeholders too, filled from their stored segments
+        module_path, _, proj = base.rpartition(".")
+        setattr(model.get_submodule(module_path), proj, nn.Module())
     layer_part = split_layers(L, len(devices))
     layer_dev = [devices[k] for k in layer_part]
     for layer, dev in zip(model.model.layers, layer_dev):
@@ -330,6 +341,11 @@ def _build(device: torch.device | str, quant_config: QuantConfig | None, offload
     model.lm_head.to_empty(device=devices[0])  # logits land where generate() keeps input_ids
     model.model.norm.to_empty(device=devices[-1])
     model.to(dtype)
+    # what transformers keeps in fp32 whatever the dtype (DeepSeek-V2's router), as from_pretrained does
+    keep = [*(getattr(model, "_keep_in_fp32_modules_strict", None) or ()), *(getattr(model, "_keep_in_fp32_modules", None) or ())]
+    for name, p in model.named_parameters():
+        if keep and any(k in name for k in keep):
+            p.data = p.data.float()
     model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
 
     # trunk: embeddings, norms, routers, attention
@@ -337,14 +353,17 @@ def _build(device: torch.device | str, quant_config: QuantConfig | None, offload
     seen: set[str] = set()
     attn_parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in ck.trunk():
-        if quant.attn is not None and (attn_key(name) or ".self_attn." in name and not name.endswith(".weight")):
-            base, _, seg = name.rpartition(".")
-            attn_parts.setdefault(base, {})[seg] = t
+        base, _, seg = name.rpartition(".")
+        if base in linears:
+            if seg == "bias":
+                biases[base] = t
+            else:
+                attn_parts.setdefault(base, {})[seg] = t
             continue
         if name not in params:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue
-            raise CheckpointError(f"{state_path}: unexpected tensor {name} (not a Mixtral parameter)")
+            raise CheckpointError(f"{state_path}: unexpected tensor {name} (not a {family.architecture} parameter)")
         if tuple(params[name].shape) != tuple(t.shape):
             raise CheckpointError(
                 f"{state_path}: tensor {name} has shape {tuple(t.shape)}, the config expects {tuple(params[name].shape)}"
@@ -359,13 +378,18 @@ def _build(device: torch.device | str, quant_config: QuantConfig | None, offload
     if missing:
         raise CheckpointError(f"{state_path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
-    if quant.attn is not None:
-        for base, parts in attn_parts.items():
-            module_path, _, proj = base.rpartition(".")
-            attn = model.get_submodule(module_path)
-            dev = layer_dev[layer_of(base)]
-            ql = QuantLinear(QSpec(**ck.attn_specs[base]), parts)
-            setattr(attn, proj, ql.to(dev))
+    if set(attn_parts) != set(linears):
+        gone = sorted(set(linears) - set(attn_parts))
+        raise CheckpointError(f"{state_path}: quantized projections missing: {gone[:5]}{' ...' if len(gone) > 5 else ''}")
+    for base, parts in attn_parts.items():
+        module_path, _, proj = base.rpartition(".")
+        dev = layer_dev[layer_of(base)]
+        ql = QuantLinear(QSpec(**ck.attn_specs[base]), parts)
+        if sk.linears.get(base, (None, False))[1]:
+            if base not in biases:
+                raise CheckpointError(f"{state_path}: tensor {base}.bias is missing")
+            _add_bias(ql, biases[base].to(dtype))
+        setattr(model.get_submodule(module_path), proj, ql.to(dev))
 
     # experts
     def load_blob(layer: int, e: int) -> torch.Tensor:
@@ -376,26 +400,30 @@ def _build(device: torch.device | str, quant_config: QuantConfig | None, offload
     caches: list[ExpertCache] = []
     mods: list[OffloadedExperts] = []
     for k, dev in enumerate(devices):
-        layers = [i for i in range(L) if layer_part[i] == k]
-        part = copy.copy(config)
-        part.num_hidden_layers = len(layers)
-        dev_config = offload_config.part(layers)  # per-layer GPU slots: this device's layers
+        layers = [i for i in moe if layer_part[i] == k]
+        if not layers:
+            continue
+        part = planner_dims(config)
+        part["num_hidden_layers"] = len(layers)
+        dev_config = offload_config.part([moe.index(i) for i in layers])  # per-MoE-layer GPU slots: this device's
         mirror = _check_memory(part, quant, fmt, dev_config, dev, dtype, host_mirror, share=len(devices))
         cache = ExpertCache(fmt, len(layers), E, dev_config, dev,
                             lambda j, e, layers=layers: load_blob(layers[j], e),
                             host_mirror=mirror)
         caches.append(cache)
         for j, i in enumerate(layers):
-            mods.append(OffloadedExperts(i, cache, config.num_experts_per_tok, ACT2FN[config.hidden_act],
+            mods.append(OffloadedExperts(i, cache, sk.top_k, ACT2FN[config.hidden_act],
                                          offload_config.prefetch, cache_layer=j))
             model.model.layers[i].mlp.experts = mods[-1]
-    for i, m in enumerate(mods):
-        nxt = mods[i + 1] if i + 1 < L else None
-        m.set_next_router(model.model.layers[i + 1].mlp.gate.weight if nxt else None, nxt)
+    for i, m in enumerate(mods):  # prefetch: the next MoE layer's router (a top-k over its logits)
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        router = getattr(model.model.layers[nxt.layer_idx].mlp, family.router) if nxt else None
+        m.set_next_router(router.weight if nxt else None, nxt)
     if len(devices) > 1:
         _hop_devices(model, layer_dev, devices)
     model.expert_cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
     model.eval()
     model.mixtral_nb_devices = set(devices)
+    model.mixtral_nb_family = family.model_type
     _BUILT.append((key, frozenset(str(d) for d in devices), weakref.ref(model)))
     return model

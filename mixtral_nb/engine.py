@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .decoder import Decoder, DecoderConfig
+from .families import FAMILIES
 
 __all__ = ["ENGINE_KINDS", "Engine", "HFEngine", "engine_kind", "make_engine"]
 
@@ -57,9 +58,14 @@ def engine_kind(model: Any, kind: str = "auto") -> str:
     """Resolve ``kind``: "auto" is the Decoder for a ``build_model`` model on a GPU, else transformers' forward."""
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine={kind!r}: use one of {', '.join(map(repr, ENGINE_KINDS))}")
+    family = getattr(model, "mixtral_nb_family", "mixtral")
+    decodable = FAMILIES[family].decoder if family in FAMILIES else False  # the Decoder implements Mixtral only
     if kind == "auto":
         on_gpu = input_device(model).type == "cuda"
-        return "decoder" if on_gpu and getattr(model, "expert_cache", None) is not None else "transformers"
+        return "decoder" if on_gpu and decodable and getattr(model, "expert_cache", None) is not None else "transformers"
+    if kind == "decoder" and not decodable:
+        raise ValueError(f"engine='decoder' runs Mixtral models only; this model is {family}: use engine='transformers' "
+                         "(or 'auto', which picks it)")
     return kind
 
 

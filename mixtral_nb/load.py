@@ -2,7 +2,10 @@
 
 "auto" means Mixtral-8x7B-Instruct (the article's pre-quantized checkpoint, with a memory plan for
 this machine) when a CUDA GPU is present, and the embedded SmolLM2-based Mixtral otherwise, so the
-same notebook runs on a Colab T4 and on a laptop or CI machine.
+same notebook runs on a Colab T4 and on a laptop or CI machine. A folder or hub id of any supported
+family (:mod:`mixtral_nb.families`: Mixtral-8x7B/8x22B, Qwen3-30B-A3B, Phi-3.5-MoE, OLMoE,
+DeepSeek-V2-Lite, Qwen2-MoE) loads the same way, with the model's own tokenizer and chat template;
+an unsupported architecture is refused from its config.json before anything large is downloaded.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from typing import Any
 import torch
 
 from .build import build_model, parse_devices
-from .checkpoint import download, load_config, quantize
+from .checkpoint import CheckpointError, download, load_config, quantize
+from .checkpoint.quantize import check_hub_family
 from .config import OffloadConfig, QuantConfig
 from .embedded import build_embedded
+from .families import family_of, planner_dims
 from .paths import cache_root
 from .planner import detect
 from .tokenizer import mixtral_tokenizer
@@ -61,11 +66,19 @@ def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False
 
 
 def tokenizer_for(folder: Path) -> Any:
-    """The folder's own tokenizer if it ships one, else the exact Mixtral tokenizer (no HF token)."""
+    """The folder's own tokenizer (and its chat template) if it ships one, else, for Mixtral, the exact
+    Mixtral tokenizer (no HF token); another family without tokenizer files is one clear error."""
+    folder = Path(folder)
     if any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         from transformers import AutoTokenizer  # heavy: the package import stays fast without it
 
         return AutoTokenizer.from_pretrained(folder)
+    if (folder / "config.json").exists():
+        family = family_of(load_config(folder))
+        if family.model_type != "mixtral":
+            raise CheckpointError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json): a "
+                                  f"{family.architecture} needs its own tokenizer and chat template; download them "
+                                  f"with the model (e.g. from {family.example.split(' ')[0]})")
     return mixtral_tokenizer()
 
 
@@ -91,16 +104,19 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
         tok_dir = build_embedded()
         cfg = offload_config
         if cfg is None:
-            c = load_config(folder)
-            cfg = OffloadConfig.for_model(c.num_hidden_layers, c.num_local_experts, offload_per_layer=4, buffer_size=2,
-                                          prefetch=1)
+            d = planner_dims(load_config(folder))
+            cfg = OffloadConfig.for_model(d["num_hidden_layers"], d["num_local_experts"], offload_per_layer=4,
+                                          buffer_size=2, prefetch=1)
         return build_model(target_all or dev, None, cfg, folder, keep_previous=keep_previous), tokenizer_for(tok_dir)
     folder = Path(name)
     if not folder.exists():
-        folder = download(name, cache_root() / "hub" / name.replace("/", "--"), token=token)
+        local = cache_root() / "hub" / name.replace("/", "--")
+        check_hub_family(name, token=token)  # an unsupported architecture: refused before the download
+        folder = download(name, local, token=token)
     target: Any = target_all or dev
     if offload_config is None:
-        p = detect(device)  # device None: every GPU of the machine (Kaggle's 2 x T4 split the layers)
+        # the folder's own sizes (Mixtral-8x7B's give the same plan as before; 8x22B and other families their own)
+        p = detect(device, model=planner_dims(load_config(folder)))  # device None: every GPU (Kaggle's 2 x T4)
         offload_config = p.offload_config()
         if device is None:
             target = p.devices()

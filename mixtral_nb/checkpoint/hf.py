@@ -1,4 +1,5 @@
-"""Original (floating-point) Mixtral folders, validated on open: config, every shard header, every tensor."""
+"""Original (floating-point) folders of any supported MoE family, validated on open: config, every
+shard header, every tensor (names and shapes from the family's transformers model)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Iterator
 
 from torch import Tensor
 
+from ..families import FAMILIES, family_of, skeleton
 from .errors import FIX_FILE, CheckpointError, read_json
 from .files import SafetensorsFiles
 from .integrity import memo_digests
@@ -16,9 +18,10 @@ from .structure import check_extra, config_fingerprint, hf_shapes, layer_of, loa
 INDEX = "model.safetensors.index.json"
 
 
-def trunk_name(key: str) -> str:
-    """Original key -> transformers-5 name (the router moved from ``block_sparse_moe`` to ``mlp``)."""
-    return key.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+def trunk_name(key: str, config: Any = None) -> str:
+    """Original key -> transformers-5 name (Mixtral's router moved from ``block_sparse_moe`` to ``mlp``;
+    other families rename as :class:`mixtral_nb.families.Family` says). ``config`` None: Mixtral."""
+    return (FAMILIES["mixtral"] if config is None else family_of(config)).trunk_name(key)
 
 
 def read_weight_map(index: Path) -> dict[str, str]:
@@ -31,9 +34,10 @@ def read_weight_map(index: Path) -> dict[str, str]:
 
 
 class HFCheckpoint:
-    """An original (floating-point) Mixtral folder in either key layout, validated on open.
+    """An original (floating-point) folder in either key layout, validated on open.
 
-    Layouts: ``block_sparse_moe.experts.N.w{1,2,3}.weight`` (the hub's files, and what transformers 5
+    Layouts: per-expert keys (Mixtral's and Phi-3.5-MoE's ``block_sparse_moe.experts.N.w{1,2,3}.weight``,
+    the others' ``mlp.experts.N.{gate,up,down}_proj.weight``: the hub's files, and what transformers 5
     ``save_pretrained`` writes by default) or the fused ``mlp.experts.gate_up_proj``/``down_proj``
     (``save_pretrained(save_original_format=False)``).
     """
@@ -43,6 +47,8 @@ class HFCheckpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder = Path(folder)
         self.config = load_config(folder)
+        self.family = family_of(self.config)
+        self.skeleton = skeleton(self.config)
         self.files = SafetensorsFiles(folder)
         index = folder / INDEX
         if index.exists():
@@ -63,20 +69,21 @@ class HFCheckpoint:
                 self.layer_keys.setdefault(layer_of(key), []).append(key)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor a Mixtral of this config must have, with its shape."""
+        """Every tensor a model of this config must have, with its shape."""
         return hf_shapes(self.config, self.fused)
 
     def _check_tensors(self) -> None:
         expected = self.expected_shapes()
         seen = set()
         for key, shape in expected.items():
-            if key not in self.weight_map and self.fused and key.endswith(".mlp.gate.weight"):
-                key = key.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+            if key not in self.weight_map and self.fused:
+                key = self.family.hub_name(key)  # a fused export may keep hub names for the trunk
             seen.add(key)
             if key not in self.weight_map:
                 raise CheckpointError(
                     f"{self.folder}: tensor {key} is missing; config.json describes {self.config.num_hidden_layers} "
-                    f"layers x {self.config.num_local_experts} experts: the download is incomplete, download it again"
+                    f"layers, {len(self.skeleton.moe_layers)} of them with {self.skeleton.num_experts} experts: "
+                    "the download is incomplete, download it again"
                 )
             name = self.weight_map[key]
             info = self.files.header(name).get(key)
@@ -88,7 +95,7 @@ class HFCheckpoint:
                                       f"config.json implies {shape}: the config does not belong to these weights")
             if info["dtype"] not in ("F32", "F16", "BF16"):
                 raise CheckpointError(f"{self.folder / name}: tensor {key} is {info['dtype']}, not floating point: "
-                                      "this is not an original (unquantized) Mixtral checkpoint")
+                                      "this is not an original (unquantized) checkpoint")
         allowed = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
         check_extra(self.config, set(self.weight_map), seen, self.folder, allowed)
 
@@ -101,27 +108,24 @@ class HFCheckpoint:
         return self._t(key)
 
     def trunk(self) -> Iterator[tuple[str, Tensor]]:
-        """Non-expert tensors under transformers-5 names (router: ``mlp.gate.weight``)."""
+        """Non-expert tensors under transformers-5 names (Mixtral's router: ``mlp.gate.weight``)."""
         for key in self.weight_map:
             if ".experts." in key:
                 continue
             if key == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            yield trunk_name(key), self._t(key)
+            yield self.family.trunk_name(key), self._t(key)
 
     def expert(self, layer: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
         """w1 (gate), w3 (up), w2 (down) of one expert, as stored (bf16/fp16/fp32)."""
-        p = f"model.layers.{layer}"
         if self.fused:
-            key = f"{p}.mlp.experts.gate_up_proj"
-            dkey = f"{p}.mlp.experts.down_proj"
+            key, dkey = self.family.fused_keys(layer)
             self.files.keep_only({self.weight_map[key], self.weight_map[dkey]})
             gu = self.files.slice(self.weight_map[key], key)[e]
             inter = gu.shape[0] // 2
             down = self.files.slice(self.weight_map[dkey], dkey)[e]
             return gu[:inter], gu[inter:], down
-        q = f"{p}.block_sparse_moe.experts.{e}"
-        keys = [f"{q}.w1.weight", f"{q}.w3.weight", f"{q}.w2.weight"]
+        keys = list(self.family.expert_keys(layer, e))
         self.files.keep_only({self.weight_map[k] for k in keys if k in self.weight_map})
         w1, w3, w2 = (self._t(k) for k in keys)
         return w1, w3, w2

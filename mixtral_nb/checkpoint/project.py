@@ -2,11 +2,11 @@
 
 Layout (self-describing; loading needs no settings from code):
 
-    config.json                    the HF MixtralConfig
+    config.json                    the HF config (MixtralConfig, or another family's)
     trunk.safetensors              everything but the experts, transformers-5 names; a quantized
                                    attention projection is stored as its segments, e.g.
                                    ``model.layers.3.self_attn.q_proj.q4`` / ``.scale_q`` / ...
-    experts-LLL.safetensors        one uint8 tensor ``blobs`` [E, blob_bytes] per layer: expert e's
+    experts-LLL.safetensors        one uint8 tensor ``blobs`` [E, blob_bytes] per MoE layer: expert e's
                                    blob is row e, ready to copy into a pinned or GPU slot as is
     manifest.json                  format version, quant settings, expert blob layout, attention
                                    specs, file sizes, file digests (``hashes``), per-expert blob
@@ -57,9 +57,10 @@ from ..quant import QSpec
 from .errors import CheckpointError, CorruptFileError, read_json
 from .files import SafetensorsFiles
 from .hub import check_disk
+from ..families import family_of, skeleton
 from .integrity import (ALGO, FAST_ALGO, DigestRun, FolderLock, atomic_text, blob_digest, bytes_digest, digest_files,
                         fast_digest, fast_file_digest, header_digest, stat_key)
-from .structure import ATTN, load_config
+from .structure import load_config
 
 FORMAT = "mixtral_nb"
 VERSION = 1
@@ -188,19 +189,20 @@ class ProjectCheckpoint:
     def _check_files(self, attn_specs: dict[str, QSpec]) -> None:
         """Headers against the manifest: expert blobs and attention segments have the shapes it promises."""
         c = self.config
-        bases = {f"model.layers.{i}.self_attn.{p}" for i in range(c.num_hidden_layers) for p in ATTN}
+        sk = skeleton(c)
+        bases = set(sk.attn_linears(family_of(c)))
         if (self.quant.ffn is None) != (self.fmt.specs is None) or set(attn_specs) != (
                 set() if self.quant.attn is None else bases):
             raise CheckpointError(f"{self.folder / 'manifest.json'}: its quant settings, expert format and attention "
                                   f"specs disagree: {FIX_PROJECT}")
-        if (self.fmt.hidden, self.fmt.intermediate) != (c.hidden_size, c.intermediate_size):
+        if (self.fmt.hidden, self.fmt.intermediate) != (sk.hidden, sk.intermediate):
             raise CheckpointError(f"{self.folder / 'manifest.json'}: expert shapes disagree with config.json; {FIX_PROJECT}")
-        blob = [c.num_local_experts, self.fmt.layout.total_bytes]
-        names = {"trunk.safetensors", *(expert_file(i) for i in range(c.num_hidden_layers))}
+        blob = [sk.num_experts, self.fmt.layout.total_bytes]
+        names = {"trunk.safetensors", *(expert_file(i) for i in sk.moe_layers)}
         if names - set(self.manifest["files"]):
             raise CheckpointError(f"{self.folder / 'manifest.json'} does not list {sorted(names - set(self.manifest['files']))}"
                                   f": the manifest and config.json disagree; {FIX_PROJECT}")
-        for layer in range(c.num_hidden_layers):
+        for layer in sk.moe_layers:
             name = expert_file(layer)
             info = self.files.header(name).get("blobs")
             if info is None or info["dtype"] != "U8" or info["shape"] != blob:
@@ -254,7 +256,7 @@ class ProjectCheckpoint:
 
     def _verify_while_reading(self, sums: dict[str, Any]) -> None:
         """Check the small files and the trunk now, and arm the check of each expert blob as it is read."""
-        E = self.config.num_local_experts
+        E = skeleton(self.config).num_experts
         experts = sorted(n for n in self.manifest["files"] if n.startswith("experts-"))
         if set(sums["blobs"]) != set(experts) or set(sums["headers"]) != set(experts) or any(
                 len(sums["blobs"][n]) != E for n in experts) or "trunk.safetensors" not in sums["files"]:
@@ -450,16 +452,18 @@ class Writer:
     def complete(self) -> bool:
         return (self.dst / "COMPLETE").exists()
 
-    def layer_done(self, layer: int) -> bool:
-        return (self.dst / expert_file(layer)).exists() and self._part(layer).exists()
+    def layer_done(self, layer: int, moe: bool = True) -> bool:
+        return (not moe or (self.dst / expert_file(layer)).exists()) and self._part(layer).exists()
 
     def _part(self, layer: int | None) -> Path:
         return self.dst / "parts" / ("globals.safetensors" if layer is None else f"layer-{layer:03d}.safetensors")
 
-    def write_layer(self, layer: int, trunk_part: dict[str, Tensor], blobs: Tensor) -> None:
+    def write_layer(self, layer: int, trunk_part: dict[str, Tensor], blobs: Tensor | None) -> None:
+        _atomic_save(trunk_part, self._part(layer))
+        if blobs is None:  # a dense layer (no routed experts)
+            return
         digests = [blob_digest(b) for b in blobs]
         sums = [fast_digest(b) for b in blobs]
-        _atomic_save(trunk_part, self._part(layer))
         # one metadata key: safetensors writes several in no fixed order, and a resumed folder must be
         # byte-identical to one written in one go
         _atomic_save({"blobs": blobs}, self.dst / expert_file(layer),
@@ -471,7 +475,8 @@ class Writer:
     def write_globals(self, tensors: dict[str, Tensor]) -> None:
         _atomic_save(tensors, self._part(None))
 
-    def finish(self, config_json: str, manifest: dict[str, Any], num_layers: int) -> None:
+    def finish(self, config_json: str, manifest: dict[str, Any], num_layers: int,
+               moe_layers: list[int] | None = None) -> None:
         trunk: dict[str, Tensor] = {}
         for layer in [None, *range(num_layers)]:
             with safe_open(str(self._part(layer)), framework="pt", device="cpu") as f:
@@ -481,7 +486,7 @@ class Writer:
         del trunk
         atomic_text(config_json, self.dst / "config.json")
         blob_hashes, blob_sums = {}, {}
-        for layer in range(num_layers):
+        for layer in (range(num_layers) if moe_layers is None else moe_layers):
             name = expert_file(layer)
             with safe_open(str(self.dst / name), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -516,7 +521,8 @@ def write_project(source: Source, dst: Path, *, quant: QuantConfig, fmt: ExpertF
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} exists and is not a folder: choose another destination")
     cfg = source.config
-    L, E = cfg.num_hidden_layers, cfg.num_local_experts
+    sk = skeleton(cfg)
+    L, E, moe = cfg.num_hidden_layers, sk.num_experts, set(sk.moe_layers)
     settings = {"format": FORMAT, "version": VERSION, "quant": quant.to_json(), "source": fingerprint}
     with FolderLock(dst, f"writing a mixtral_nb checkpoint from {fingerprint.get('kind', 'a source')}"):
         writer = Writer(dst, settings, overwrite)
@@ -525,17 +531,17 @@ def write_project(source: Source, dst: Path, *, quant: QuantConfig, fmt: ExpertF
             atomic_text(json.dumps(source_memo), dst / "source-memo.json")
         if writer.complete:
             return dst
-        todo = [layer for layer in range(L) if not writer.layer_done(layer)]
-        need = {expert_file(layer): E * fmt.layout.total_bytes for layer in todo}
+        todo = [layer for layer in range(L) if not writer.layer_done(layer, layer in moe)]
+        need = {expert_file(layer): E * fmt.layout.total_bytes for layer in todo if layer in moe}
         need["trunk (parts + merged)"] = 2 * trunk_bytes
         check_disk(need, dst)
 
-        bar = tqdm(total=L * E, desc=desc, unit="expert", disable=not progress)
-        bar.update((L - len(todo)) * E)
+        bar = tqdm(total=len(moe) * E, desc=desc, unit="expert", disable=not progress)
+        bar.update(len(moe - set(todo)) * E)
         for layer in todo:
             part = source.layer_tensors(layer)
-            blobs = torch.empty(E, fmt.layout.total_bytes, dtype=torch.uint8)
-            for e in range(E):
+            blobs = torch.empty(E, fmt.layout.total_bytes, dtype=torch.uint8) if layer in moe else None
+            for e in range(E if blobs is not None else 0):
                 blobs[e] = source.expert_blob(layer, e)
                 bar.update(1)
             writer.write_layer(layer, part, blobs)
@@ -549,7 +555,7 @@ def write_project(source: Source, dst: Path, *, quant: QuantConfig, fmt: ExpertF
             source.close()
         manifest = {"format": FORMAT, "version": VERSION, "quant": quant.to_json(), "expert_format": fmt.to_json(),
                     "attn_specs": {k: v.to_json() for k, v in attn_specs.items()}, "source": fingerprint}
-        writer.finish(cfg.to_json_string(use_diff=True), manifest, L)
+        writer.finish(cfg.to_json_string(use_diff=True), manifest, L, sorted(moe))
     return dst
 
 

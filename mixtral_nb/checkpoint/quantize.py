@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,10 +22,10 @@ from ..config import QuantConfig
 from ..expert import ExpertFormat
 from ..quant import QSpec, quantize as quantize_tensor
 from .errors import CheckpointError, read_json
-from .hf import HFCheckpoint, trunk_name
+from ..families import UnsupportedModelError, family_for_dict, family_of, skeleton
+from .hf import HFCheckpoint
 from . import hub
 from .layout import detect_layout
-from .structure import attn_shapes
 from .project import write_project
 
 
@@ -32,19 +33,40 @@ def looks_like_repo_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/"))
 
 
+def check_hub_family(repo_id: str, token: str | None = None) -> None:
+    """Fetch a hub repo's config.json alone (a few KB, into a temporary folder, so nothing is left
+    behind) and refuse an architecture mixtral_nb does not run before gigabytes are downloaded. When
+    the hub cannot be asked (offline, gated, no config.json), the download itself reports what is wrong."""
+    with tempfile.TemporaryDirectory(prefix="mixtral_nb-config-") as tmp:
+        try:
+            from huggingface_hub import hf_hub_download  # heavy: only hub calls need huggingface_hub
+
+            path = Path(hf_hub_download(repo_id, "config.json", local_dir=tmp, token=token))
+            data = read_json(path)
+        except Exception:
+            return
+    try:
+        family_for_dict(data, f"{repo_id}/config.json")
+    except UnsupportedModelError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def plan_specs(config: Any, quant: QuantConfig, expert_dtype: torch.dtype, where: Path) -> tuple[ExpertFormat, dict[str, QSpec]]:
-    """The expert format and attention specs a quant config gives for a config's shapes (checked first)."""
+    """The expert format and attention specs a quant config gives for a config's shapes (checked first).
+
+    The attention specs cover the projections the family keeps resident (``Skeleton.attn_linears``:
+    Mixtral's attention; other families' attention, shared experts and dense MLPs too)."""
+    sk = skeleton(config)
     try:
-        fmt = ExpertFormat.make(config.hidden_size, config.intermediate_size, quant.ffn, expert_dtype)
+        fmt = ExpertFormat.make(sk.hidden, sk.intermediate, quant.ffn, expert_dtype)
         attn_specs = {}
         if quant.attn is not None:
-            for layer in range(config.num_hidden_layers):
-                for proj, shape in attn_shapes(config).items():
-                    attn_specs[f"model.layers.{layer}.self_attn.{proj}"] = QSpec.make(shape, quant.attn)
+            for base, shape in sk.attn_linears(family_of(config)).items():
+                attn_specs[base] = QSpec.make(shape, quant.attn)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"quant_config does not fit the shapes in {where / 'config.json'}: {e}") from None
     return fmt, attn_specs
@@ -62,7 +84,7 @@ class HFQuantizer:
         self.float_dtype = float_dtype
 
     def encode(self, key: str) -> dict[str, Tensor]:
-        name = trunk_name(key)
+        name = self.ck.family.trunk_name(key)
         t = self.ck.tensor(key)
         base = name.removesuffix(".weight")
         if base in self.attn_specs:
@@ -110,11 +132,11 @@ class QuantizedView:
             for key in keys:
                 if key == "lm_head.weight" and self.config.tie_word_embeddings:
                     continue
-                base = trunk_name(key).removesuffix(".weight")
-                if base in self._q.attn_specs:
+                name = self.ck.family.trunk_name(key)
+                if name.removesuffix(".weight") in self._q.attn_specs:
                     yield from self._q.encode(key).items()
                 else:
-                    yield trunk_name(key), self.ck.tensor(key)
+                    yield name, self.ck.tensor(key)
 
     def blob(self, layer: int, e: int) -> Tensor:
         return self._q.expert_blob(layer, e)
@@ -124,7 +146,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant_config: Quant
              device: str | torch.device | None = None, progress: bool = True, overwrite: bool = False,
              on_layer: Callable[[int], None] | None = None, download_dir: str | os.PathLike | None = None,
              token: str | None = None) -> Path:
-    """Original HF Mixtral folder (or hub id) -> project-format folder, streamed and resumable.
+    """Original HF folder (or hub id) of a supported family -> project-format folder, streamed and resumable.
 
     Peak host memory stays near one layer of the source (files are unmapped after each layer) plus
     one layer of output. The quant settings and the source's content fingerprint are recorded in
@@ -136,11 +158,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant_config: Quant
     """
     src_path, dst = Path(src), Path(dst)
     if not src_path.exists() and looks_like_repo_id(str(src)):
-        src_path = hub.download(str(src), Path(download_dir) if download_dir else dst.parent / str(src).replace("/", "--"),
-                            token=token)
+        local = Path(download_dir) if download_dir else dst.parent / str(src).replace("/", "--")
+        check_hub_family(str(src), token=token)
+        src_path = hub.download(str(src), local, token=token)
     if not src_path.is_dir():
         what = "is a file, not a folder" if src_path.exists() else "does not exist"
-        raise CheckpointError(f"source folder {src_path} {what}: pass an original Mixtral folder or a hub id")
+        raise CheckpointError(f"source folder {src_path} {what}: pass an original checkpoint folder or a hub id")
     if src_path.resolve() == dst.resolve():
         raise CheckpointError(f"quantize() would overwrite its source {src_path}: choose another dst")
     kind = detect_layout(src_path)

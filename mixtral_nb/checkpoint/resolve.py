@@ -25,7 +25,7 @@ from .integrity import hub_check, hub_expected
 from . import hub
 from .layout import detect_layout
 from .project import ProjectCheckpoint, check_quant
-from .quantize import QuantizedView, looks_like_repo_id
+from .quantize import QuantizedView, check_hub_family, looks_like_repo_id
 
 
 def _folder(path: str | os.PathLike) -> Path:
@@ -76,7 +76,9 @@ def resolve_checkpoint(state_path: str | os.PathLike | Any, quant_config: QuantC
         return state_path
     path = Path(state_path)
     if not path.exists() and looks_like_repo_id(str(state_path)):
-        path = hub.download(str(state_path), cache_root() / "hub" / str(state_path).replace("/", "--"), token=token)
+        local = cache_root() / "hub" / str(state_path).replace("/", "--")
+        check_hub_family(str(state_path), token=token)
+        path = hub.download(str(state_path), local, token=token)
     ck = open_checkpoint(path, quant_config=quant_config, progress=progress, verify=verify)
     if isinstance(ck, HFCheckpoint):
         return QuantizedView(ck, quant_config or QuantConfig(None, None), torch.device(device), dtype)

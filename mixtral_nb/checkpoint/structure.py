@@ -13,16 +13,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..families import FAMILIES, Family, UnsupportedModelError, family_for_dict, family_of, skeleton
 from .errors import CheckpointError, read_json
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MAX_LAYERS = 1024  # far above any Mixtral; a larger count is a corrupt or foreign config
 MAX_EXPERTS = 1024
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-# integer fields of a Mixtral config: (name, smallest, largest)
-INT_FIELDS = (("vocab_size", 1, 10**7), ("hidden_size", 1, 10**6), ("intermediate_size", 1, 10**7),
+# integer fields of a config: (name, smallest, largest); "experts" and "inter" are the family's own keys
+INT_FIELDS = (("vocab_size", 1, 10**7), ("hidden_size", 1, 10**6), ("inter", 1, 10**7),
               ("num_hidden_layers", 1, MAX_LAYERS), ("num_attention_heads", 1, 10**5),
-              ("num_key_value_heads", 1, 10**5), ("num_local_experts", 1, MAX_EXPERTS),
+              ("num_key_value_heads", 1, 10**5), ("experts", 1, MAX_EXPERTS),
               ("num_experts_per_tok", 1, MAX_EXPERTS), ("max_position_embeddings", 1, 10**8))
 BOOL_FIELDS = ("tie_word_embeddings", "use_cache", "output_router_logits", "output_attentions", "output_hidden_states",
                "return_dict", "is_encoder_decoder")
@@ -30,27 +31,32 @@ NONNEG_FLOAT_FIELDS = ("attention_dropout", "initializer_range", "router_aux_los
 
 
 def _bad(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path}: {what}: the file is corrupt or not a Mixtral config; re-download it")
+    return CheckpointError(f"{path}: {what}: the file is corrupt or not a valid config; re-download it")
 
 
-def check_config_dict(data: dict[str, Any], path: Path) -> None:
-    """Refuse a config.json whose fields cannot describe a Mixtral (types, bounds, top_k <= experts)."""
+def check_config_dict(data: dict[str, Any], path: Path, family: Family | None = None) -> None:
+    """Refuse a config.json whose fields cannot describe its family's model (types, bounds, top_k <= experts)."""
+    fam = family or FAMILIES["mixtral"]
+    ekey = fam.experts_field(data)
+    keys = {"experts": ekey, "inter": fam.inter_key}
     for name, lo, hi in INT_FIELDS:
+        name = keys.get(name, name)
         v = data.get(name)
         if name == "max_position_embeddings" and v is None:
             continue
+        if name == "num_key_value_heads" and v is None and fam.model_type != "mixtral":
+            continue  # transformers defaults it to num_attention_heads
         if type(v) is not int or not lo <= v <= hi:
             raise _bad(path, f"{name} is {v!r}, expected an integer between {lo} and {hi}")
-    if data["num_experts_per_tok"] > data["num_local_experts"]:
-        raise _bad(path, f"num_experts_per_tok={data['num_experts_per_tok']} (top-k) exceeds "
-                         f"num_local_experts={data['num_local_experts']}")
+    if data["num_experts_per_tok"] > data[ekey]:
+        raise _bad(path, f"num_experts_per_tok={data['num_experts_per_tok']} (top-k) exceeds {ekey}={data[ekey]}")
     hd = data.get("head_dim")
     if hd is not None and (type(hd) is not int or hd < 1):
         raise _bad(path, f"head_dim is {hd!r}, expected a positive integer")
-    if hd is None and data["hidden_size"] % data["num_attention_heads"]:
+    if hd is None and fam.model_type != "deepseek_v2" and data["hidden_size"] % data["num_attention_heads"]:
         raise _bad(path, f"hidden_size={data['hidden_size']} is not a multiple of "
                          f"num_attention_heads={data['num_attention_heads']}")
-    if data["num_attention_heads"] % data["num_key_value_heads"]:
+    if data["num_attention_heads"] % (data.get("num_key_value_heads") or data["num_attention_heads"]):
         raise _bad(path, f"num_attention_heads={data['num_attention_heads']} is not a multiple of "
                          f"num_key_value_heads={data['num_key_value_heads']}")
     for name in ("dtype", "torch_dtype"):
@@ -69,7 +75,7 @@ def check_config_dict(data: dict[str, Any], path: Path) -> None:
         if type(v) not in (int, float) or not 0 <= v < math.inf:
             raise _bad(path, f"{name} is {v!r}, expected a number >= 0")
     sw = data.get("sliding_window")
-    if sw is not None and (type(sw) is not int or sw < 1):
+    if sw is not None and (type(sw) is not int or sw < (0 if data.get("use_sliding_window") is False else 1)):
         raise _bad(path, f"sliding_window is {sw!r}, expected a positive integer or null")
     act = data.get("hidden_act", "silu")
     from transformers.activations import ACT2FN  # transformers is heavy: imported when a config is read
@@ -79,24 +85,21 @@ def check_config_dict(data: dict[str, Any], path: Path) -> None:
 
 
 def load_config(folder: Path) -> Any:
-    """The MixtralConfig of a folder, validated; other architectures are refused with a clear message."""
-    from transformers import MixtralConfig
-
+    """The transformers config of a folder (its family's config class), validated; architectures
+    mixtral_nb does not run are refused with one message naming the model type and the supported list."""
     path = Path(folder) / "config.json"
     data = read_json(path)
-    arch = data.get("architectures") or []
-    if data.get("model_type") != "mixtral" and (not isinstance(arch, list) or "MixtralForCausalLM" not in arch):
-        raise CheckpointError(
-            f"{path} describes model_type={data.get('model_type')!r} {arch}, not Mixtral: "
-            "mixtral_nb runs MixtralForCausalLM checkpoints only; point it at a Mixtral folder"
-        )
-    check_config_dict(data, path)
+    try:
+        fam = family_for_dict(data, str(path))
+    except UnsupportedModelError as e:
+        raise CheckpointError(str(e)) from None
+    check_config_dict(data, path, fam)
     data.pop("model_type", None)
     if "torch_dtype" in data:  # the name older configs use; transformers 5 warns about it
         data.setdefault("dtype", data.pop("torch_dtype"))
         data.pop("torch_dtype", None)
     try:
-        return MixtralConfig(**data)
+        return fam.make_config(data)
     except Exception as e:  # transformers validates some fields itself (rope settings, ...)
         raise _bad(path, f"transformers refuses it ({type(e).__name__}: {e})") from None
 
@@ -129,27 +132,29 @@ def attn_key(name: str) -> bool:
 
 
 def hf_shapes(config: Any, fused: bool) -> dict[str, tuple[int, ...]]:
-    """Every tensor an original Mixtral of this config must have, with its shape."""
-    c = config
-    H, inter, E, V = c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = (V, H)
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}"
-        out[f"{p}.input_layernorm.weight"] = (H,)
-        out[f"{p}.post_attention_layernorm.weight"] = (H,)
-        for proj, shape in attn_shapes(c).items():
-            out[f"{p}.self_attn.{proj}.weight"] = shape
+    """Every tensor an original checkpoint of this config must have (hub names), with its shape.
+
+    Read from the family's transformers model on the meta device, so every family's trunk (q/k
+    norms, biases, MLA projections, shared experts, dense layers) is exactly what transformers builds.
+    """
+    fam = family_of(config)
+    sk = skeleton(config)
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in sk.shapes.items():
+        if name == "lm_head.weight" and sk.tied:
+            continue
+        out[name if fused else fam.hub_name(name)] = shape
+    if not sk.tied and "lm_head.weight" not in out:
+        out["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    H, inter, E = sk.hidden, sk.intermediate, sk.num_experts
+    for i in sk.moe_layers:
         if fused:
-            out[f"{p}.mlp.gate.weight"] = (E, H)
-            out[f"{p}.mlp.experts.gate_up_proj"] = (E, 2 * inter, H)
-            out[f"{p}.mlp.experts.down_proj"] = (E, H, inter)
-        else:
-            out[f"{p}.block_sparse_moe.gate.weight"] = (E, H)
-            for e in range(E):
-                q = f"{p}.block_sparse_moe.experts.{e}"
-                out.update({f"{q}.w1.weight": (inter, H), f"{q}.w3.weight": (inter, H), f"{q}.w2.weight": (H, inter)})
+            gu, down = fam.fused_keys(i)
+            out[gu], out[down] = (E, 2 * inter, H), (E, H, inter)
+            continue
+        for e in range(E):
+            g, u, d = fam.expert_keys(i, e)
+            out.update({g: (inter, H), u: (inter, H), d: (H, inter)})
     return out
 
 
@@ -169,5 +174,5 @@ def check_extra(config: Any, present: set[str], expected: set[str], where: Path,
             f"{config.num_hidden_layers}: the config does not belong to these weights; use the config.json that came "
             "with them"
         )
-    raise CheckpointError(f"{where}: tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} are not part of a Mixtral "
-                          "with this config.json: the config does not belong to these weights")
+    raise CheckpointError(f"{where}: tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} are not part of a "
+                          f"{family_of(config).architecture} with this config.json: the config does not belong to these weights")
