@@ -613,7 +613,7 @@ for _name, _act, _stop in (("send", lambda: _ui.send("Tell me about lighthouses.
                    "wall_s": time.perf_counter() - _t0}
 assert _out["stop"]["stop_reason"] == "stop" and _out["stop"]["tokens"] < _sess.max_new_tokens, _out
 assert _out["regenerate"]["tokens"], _out
-_out["max_new_tokens"] = _sess.max_new_tokens  # the widget's slider (its minimum is 16)
+_out["max_new_tokens"] = _sess.max_new_tokens  # the widget's slider, which starts at the notebook's value
 print("REHEARSE_WIDGET " + json.dumps(_out))
 '''
 

@@ -149,7 +149,7 @@ def test_keep_previous_keeps_both_and_other_checkpoints_stay(tmp_path):
 def test_walkthrough_notebook_runs_against_a_local_folder_with_the_widget_driven(article, tmp_path):
     result = rehearse_notebook(article, device="cpu", new_tokens=8, out=tmp_path / "walkthrough.ipynb")
     widget = result["widget"]
-    n = widget["max_new_tokens"]  # the widget's slider starts at 16
+    n = widget["max_new_tokens"]  # the widget's slider starts at the notebook's value
     assert n >= 8 and widget["send"]["tokens"] == n
     assert widget["stop"]["stop_reason"] == "stop" and widget["stop"]["tokens"] < n
     assert widget["regenerate"]["tokens"] == n
