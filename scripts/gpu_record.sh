@@ -14,7 +14,7 @@
 #   bench     the T4-budget comparison (ours vs the article's algorithm, one process), then `resident`
 #   resident  every expert on the GPU, no VRAM cap
 #   colab     what a free Colab runs: the copy microbenchmark (plain vs throttled to a T4's 9.7 GB/s), then
-#             the colab-t4 plan (ours vs the article's code, one process, iid routing) on this GPU capped at a
+#             the colab-t4 plan (ours vs the article's algorithm in our harness, one process, iid routing) on this GPU capped at a
 #             T4's 15,095 MiB counting the CUDA context, measured plain and with the T4's limits emulated
 #             (--emulate t4), with the T4 projection, D2H/H2D per token and the time to first token (512 tokens)
 #   gemv      one-token GEMV timings against the copy bandwidth: python scripts/kernel_bench.py bench
