@@ -289,13 +289,14 @@ def prepare_model(settings: NotebookSettings) -> Path:
 
 
 def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_per_layer: int | None = None,
-                context: int = 4096) -> Any:
+                context: int = 4096, show_cache_on_cpu: bool = False) -> Any:
     """The planner's OffloadConfig for this machine and model (``mixtral_nb.planner``).
 
     Mixtral on a GPU: the plan for the free VRAM and available RAM here, or for a named machine in
     ``planner.PRESETS`` (e.g. "colab-t4"). The embedded model: the same planner, fed the embedded
     model's sizes. ``offload_per_layer`` overrides the planner's choice (e.g. 4 on CPU, to watch
-    the expert cache miss).
+    the expert cache miss). ``show_cache_on_cpu``: on CPU, with ``offload_per_layer`` None, offload
+    half of each layer's experts, since there every expert fits and the cache would never miss.
     """
     if preset is not None:
         p = planner.preset(preset, context=context)
@@ -311,6 +312,8 @@ def memory_plan(settings: NotebookSettings, preset: str | None = None, offload_p
         else:  # DEVICE unset: every GPU (Kaggle's 2 x T4 split the layers and keep every expert resident)
             where = settings.device if settings.device_given else None
         p = planner.detect(where, **kw)
+    if offload_per_layer is None and show_cache_on_cpu and settings.device.type == "cpu":
+        offload_per_layer = p.sizes.num_experts // 2
     if offload_per_layer is not None and offload_per_layer != p.offload_per_layer:
         E = p.sizes.num_experts
         check_int(offload_per_layer, "offload_per_layer", 0, E - 1, why=f" (a layer of {E} experts keeps one on the GPU)")

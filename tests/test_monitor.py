@@ -248,7 +248,13 @@ def test_chat_widget_shows_every_turn_its_session_already_has(tok, tiny_chat_mod
     session.send("What is the capital of France?")
     session.send("And of Italy?")
     ui = ChatUI(session)
-    shown = [(("user" if "mnb-msg-user" in b._dom_classes else "assistant"), b.value) for b in ui.transcript.children]
+    def bubble(w):  # a message row holds its header, the bubble and a copy button
+        if {"mnb-msg-user", "mnb-msg-assistant"} & set(getattr(w, "_dom_classes", ())):
+            return w
+        return next((b for c in getattr(w, "children", ()) if (b := bubble(c)) is not None), None)
+
+    bubbles = [bubble(row) for row in ui.transcript.children]
+    shown = [(("user" if "mnb-msg-user" in b._dom_classes else "assistant"), b.value) for b in bubbles]
     assert [role for role, _ in shown] == [m["role"] for m in session.history] == ["user", "assistant"] * 2
     assert "What is the capital of France?" in shown[0][1] and "And of Italy?" in shown[2][1]
 

@@ -118,7 +118,7 @@ def test_the_scripted_question_comes_before_the_widget():
 
 def test_chat_notebooks_offload_on_cpu():
     """On CPU every expert of the embedded model fits, so without offloading the hit rate sits at 100 %:
-    the chat notebooks offload 4 of 8 there unless OFFLOAD_PER_LAYER says otherwise."""
+    the chat notebooks offload half (4 of 8) there unless OFFLOAD_PER_LAYER says otherwise."""
     from mixtral_nb.setup_env import notebook_settings
 
     settings = notebook_settings("embedded", "cpu")
