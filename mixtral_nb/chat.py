@@ -189,7 +189,11 @@ class ChatSession:
     def encoded_history(self) -> list[int]:
         """Token ids of the conversation as the model last saw it (what the cache holds after a reply)."""
         start = min(self._window, len(self.history))
-        return encode_conversation(self.tokenizer, self._head() + self.history[start:], add_generation_prompt=False)
+        return self._history_ids(self._head() + self.history[start:])
+
+    def _history_ids(self, messages: list[dict]) -> list[int]:
+        # nothing said yet is no tokens (chat templates refuse an empty conversation)
+        return encode_conversation(self.tokenizer, messages, add_generation_prompt=False) if messages else []
 
     # ---- public actions
 
@@ -255,7 +259,7 @@ class ChatSession:
                 cut -= 1
             removed, kept = history[cut:], history[:cut]
             window = min(self._window, len(kept))
-            target = encode_conversation(self.tokenizer, self._head() + kept[window:], add_generation_prompt=False)
+            target = self._history_ids(self._head() + kept[window:])
             engine = self._engine
             if engine is not None:  # cut first: the engine then holds a prefix of both the old and the new ids
                 engine.truncate(_common_prefix(self.cache_ids, target))

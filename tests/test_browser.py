@@ -1,11 +1,12 @@
 """notebooks/03_chat.ipynb in a real JupyterLab, driven through Debian's Chromium (marker ``browser``).
 
 A throwaway JupyterLab serves a tmp copy of the notebook (a cell injected after its parameters
-cell caps the reply length); Playwright opens it, runs all cells from the Run menu, and chats:
-an example prompt is answered, a reply must stream, the live chart must redraw, Stop must end a
-reply mid-way, Shift+Enter makes a new line and Enter sends, Copy puts a message on the clipboard,
-Undo takes the last exchange back into the box, the Markdown download holds the transcript, and the
-next question must still be answered. Every wait is on a DOM condition with a bounded timeout.
+cell caps the reply length); Playwright opens it, runs all cells from the Run menu, and chats: the
+widget opens with the notebook's own question and Undo takes it back, an example prompt is
+answered, a reply must stream, the live chart must redraw, Stop must end a reply mid-way,
+Shift+Enter makes a new line and Enter sends, Copy puts a message on the clipboard, Undo takes the
+last exchange back into the box, the Markdown download holds the transcript, and the next question
+must still be answered. Every wait is on a DOM condition with a bounded timeout.
 
 Run it with ``make test-browser`` (or ``pytest -m browser tests``). Needs ``apt-get install chromium``.
 Screenshots land in artifacts/ (``browser_chat_controls.png`` after Copy, ``browser_chat.png`` at the end;
@@ -259,6 +260,13 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         page.wait_for_function("() => document.body.classList.contains('mnb-js')", timeout=15_000)
         assert "Enter sends" in page.locator(".mnb-keyhint").first.inner_text()
 
+        # ---- the widget opens with the notebook's own question (asked from code before it was shown);
+        # Undo takes it back into the box, so the chat below starts empty and shows the example prompts
+        page.locator(USER, has_text=SHORT_QUESTION).first.wait_for(state="visible", timeout=15_000)
+        assert _count(page, USER) == 1 and _count(page, ASSISTANT) == 1
+        _undo(page, SHORT_QUESTION)
+        mark("notebook's turn undone")
+
         # ---- an example prompt is sent by one click and answered
         examples = page.locator(".mnb-example")
         assert examples.count() >= 1
@@ -270,7 +278,7 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         assert page.locator(".mnb-examples").is_hidden(), "the example prompts stay shown in a conversation"
         mark("example answered")
         # ... and undone: the exchange leaves the transcript, the prompt goes back into the box (the model's
-        # context is again just the notebook's own question, so the long reply below is long)
+        # context is empty again, so the long reply below is long)
         _undo(page, example)
         mark("example undone")
 

@@ -424,3 +424,16 @@ def test_stop_frees_a_suspended_stream(tok, model):
     t.join()
     assert session.history[-2] == U("from another thread")
     assert list(gen) == []  # the stopped stream is over
+
+
+def test_undo_of_the_only_exchange_with_a_chat_template(chatml_tok):
+    """A templated tokenizer refuses an empty conversation: undoing the only exchange must still work
+    (the notebooks' widget opens with one), and the next turn equals a fresh session's."""
+    chatml_model = tiny_mixtral(vocab=len(chatml_tok), seed=1)
+    session = ChatSession(chatml_model, chatml_tok, max_new_tokens=6)
+    session.send("Hello")
+    removed = session.undo()
+    assert [m["role"] for m in removed] == ["user", "assistant"] and session.history == []
+    assert_cache_consistent(session)
+    fresh = ChatSession(chatml_model, chatml_tok, max_new_tokens=6)
+    assert session.send("Again") == fresh.send("Again")
