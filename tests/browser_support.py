@@ -99,8 +99,13 @@ def _die_with_parent() -> None:
         pass
 
 
-class JupyterLab:
-    """``python -m jupyterlab`` on 127.0.0.1, a free port and a random token; ended by its pid."""
+class JupyterServer:
+    """A Jupyter server on 127.0.0.1, a free port and a random token, ended by its pid (with every
+    kernel it started). Subclasses say which server runs (``_command``) and how its folders are kept
+    under ``work_dir`` (``_env``), so a developer's ~/.jupyter cannot change what the test sees."""
+
+    name = "Jupyter server"
+    log_name = "server.log"
 
     def __init__(self, root_dir: Path, work_dir: Path, startup_timeout: float = 90.0) -> None:
         self.root_dir = Path(root_dir)
@@ -109,13 +114,19 @@ class JupyterLab:
         self.token = secrets.token_hex(24)
         self.port = 0
         self.proc: subprocess.Popen | None = None
-        self.log_path = self.work_dir / "jupyterlab.log"
+        self.log_path = self.work_dir / self.log_name
         self._log: Any = None
         self._children: list[Any] = []  # psutil.Process objects (safe against pid reuse)
 
-    # ---- lifecycle
+    def _command(self) -> list[str]:
+        """The server's command line (``self.port`` and ``self.token`` are set)."""
+        raise NotImplementedError
 
-    def __enter__(self) -> JupyterLab:
+    def _env(self) -> dict[str, str]:
+        """The server's environment, its folders under ``work_dir``."""
+        raise NotImplementedError
+
+    def __enter__(self) -> JupyterServer:
         try:
             self.start()
         except BaseException:
@@ -126,34 +137,13 @@ class JupyterLab:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)  # MIXTRAL_NB_CACHE, HF_HUB_OFFLINE, ... reach the kernel
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTERLAB_SETTINGS_DIR", "settings"),
-                         ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"), ("JUPYTER_RUNTIME_DIR", "runtime"),
-                         ("IPYTHONDIR", "ipython")):
-            (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
-            env[var] = str(self.work_dir / sub)
-        for name, value in LAB_SETTINGS.items():
-            path = self.work_dir / "settings" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(value))
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = self._env()
+        env["PYTHONUNBUFFERED"] = "1"
         for _attempt in range(3):  # the free port can be taken between probe and bind
             self.port = free_port()
-            cmd = [
-                sys.executable, "-m", "jupyterlab", "--no-browser",
-                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root_dir}",
-                "--ServerApp.open_browser=False", "--ServerApp.terminals_enabled=False",
-                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                "--LabApp.extension_manager=readonly",  # no PyPI queries from the extension manager
-            ]
+            cmd = self._command()
             if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI containers run as root
                 cmd.append("--allow-root")
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -165,7 +155,7 @@ class JupyterLab:
             self.stop()
             if "already in use" not in self.log_tail():
                 break
-        raise AssertionError(f"JupyterLab did not start; its log:\n{self.log_tail()}")
+        raise AssertionError(f"{self.name} did not start; its log:\n{self.log_tail()}")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout
@@ -183,7 +173,7 @@ class JupyterLab:
             time.sleep(0.25)
         return False
 
-    def url(self, path: str = "lab") -> str:
+    def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}?token={self.token}"
 
     def remember_children(self) -> None:
@@ -245,3 +235,37 @@ class JupyterLab:
             shutil.copyfile(self.log_path, dst)
         except OSError:
             pass
+
+
+class JupyterLab(JupyterServer):
+    """``python -m jupyterlab`` from this environment; settings, workspaces and runtime under ``work_dir``."""
+
+    name = "JupyterLab"
+    log_name = "jupyterlab.log"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)  # MIXTRAL_NB_CACHE, HF_HUB_OFFLINE, ... reach the kernel
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTERLAB_SETTINGS_DIR", "settings"),
+                         ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"), ("JUPYTER_RUNTIME_DIR", "runtime"),
+                         ("IPYTHONDIR", "ipython")):
+            (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
+            env[var] = str(self.work_dir / sub)
+        for name, value in LAB_SETTINGS.items():
+            path = self.work_dir / "settings" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(value))
+        return env
+
+    def _command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "jupyterlab", "--no-browser",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root_dir}",
+            "--ServerApp.open_browser=False", "--ServerApp.terminals_enabled=False",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly",  # no PyPI queries from the extension manager
+        ]
+
+    def url(self, path: str = "lab") -> str:
+        return super().url(path)

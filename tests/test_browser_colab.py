@@ -20,18 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, free_port, prepare_notebook
+from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, JupyterServer, prepare_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(540)]
 
@@ -89,34 +83,17 @@ _ALL_CELLS_RAN_JS = """() => {
 # --------------------------------------------------------------------------- the server
 
 
-class ClassicNotebook:
-    """Notebook 6 from ``.venv-colab`` on 127.0.0.1, a free port and a random token; ended by its pid.
+class ClassicNotebook(JupyterServer):
+    """Notebook 6 from ``.venv-colab``. Its config, data, runtime and IPython folders live under
+    ``work_dir``, so a developer's ~/.jupyter (or a kernelspec in ~/.local) cannot change which kernel
+    starts or what the page shows."""
 
-    Its config, data, runtime and IPython folders live under ``work_dir``, so a developer's ~/.jupyter
-    (or a kernelspec in ~/.local) cannot change which kernel starts or what the page shows.
-    """
+    name = "Notebook 6 (.venv-colab)"
+    log_name = "notebook.log"
 
     def __init__(self, python: Path, root_dir: Path, work_dir: Path) -> None:
+        super().__init__(root_dir, work_dir, startup_timeout=T_SERVER)
         self.python = python
-        self.root_dir = Path(root_dir)
-        self.work_dir = Path(work_dir)
-        self.token = secrets.token_hex(24)
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.work_dir / "notebook.log"
-        self._log: Any = None
-        self._children: list[Any] = []
-
-    def __enter__(self) -> ClassicNotebook:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -126,113 +103,14 @@ class ClassicNotebook:
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
             env[var] = str(self.work_dir / sub)
         env["JUPYTER_PLATFORM_DIRS"] = "1"  # jupyter_core 5: the folders above, not platformdirs' defaults
-        env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def start(self) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        env = self._env()
-        for _attempt in range(3):  # the free port can be taken between probe and bind
-            self.port = free_port()
-            cmd = [str(self.python), "-m", "notebook", "--no-browser", "--NotebookApp.ip=127.0.0.1",
-                   f"--NotebookApp.port={self.port}", "--NotebookApp.port_retries=0",
-                   f"--NotebookApp.token={self.token}", f"--NotebookApp.notebook_dir={self.root_dir}",
-                   "--NotebookApp.open_browser=False", "--NotebookApp.terminals_enabled=False",
-                   "--NotebookApp.show_banner=False"]  # no "migrate to Notebook 7" strip over the page
-            if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI containers run as root
-                cmd.append("--allow-root")
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-            self.proc = subprocess.Popen(cmd, cwd=self.root_dir, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent if os.name == "posix" else None)
-            if self._wait_ready():
-                return
-            self.stop()
-            if "already in use" not in self.log_tail():
-                break
-        raise AssertionError(f"Notebook 6 (.venv-colab) did not start; its log:\n{self.log_tail()}")
-
-    def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + T_SERVER
-        url = f"http://127.0.0.1:{self.port}/api/status"
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            try:
-                req = urllib.request.Request(url, headers={"Authorization": f"token {self.token}"})
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    if r.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        return False
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}?token={self.token}"
-
-    def remember_children(self) -> None:
-        """Note the kernels the server started, to end them by pid if it does not."""
-        try:
-            import psutil
-
-            if self.proc is not None:
-                known = {c.pid for c in self._children}
-                self._children += [c for c in psutil.Process(self.proc.pid).children(recursive=True) if c.pid not in known]
-        except Exception:
-            pass
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            self.remember_children()
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # the server shuts its kernels down on SIGTERM
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-            self._kill_leftovers()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def _kill_leftovers(self) -> None:
-        try:
-            import psutil
-        except ImportError:
-            return
-        alive = []
-        for p in self._children:
-            try:
-                p.terminate()  # psutil checks the pid still names the same process
-                alive.append(p)
-            except psutil.Error:
-                pass
-        _gone, still = psutil.wait_procs(alive, timeout=10)
-        for p in still:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        self._children.clear()
-
-    def log_tail(self, chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it if pytest dies without cleaning up (e.g. killed by a CI timeout)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    def _command(self) -> list[str]:
+        return [str(self.python), "-m", "notebook", "--no-browser", "--NotebookApp.ip=127.0.0.1",
+                f"--NotebookApp.port={self.port}", "--NotebookApp.port_retries=0",
+                f"--NotebookApp.token={self.token}", f"--NotebookApp.notebook_dir={self.root_dir}",
+                "--NotebookApp.open_browser=False", "--NotebookApp.terminals_enabled=False",
+                "--NotebookApp.show_banner=False"]  # no "migrate to Notebook 7" strip over the page
 
 
 # --------------------------------------------------------------------------- page helpers
