@@ -236,3 +236,42 @@ def test_t4_emulation_skips_dense_layers():
     assert len(tokens) == 3 and len(th.spins) == 3 * (2 * len(moe) + 1)
     assert th.spins.count(pytest.approx(ck.skeleton.top_k * emu.expert_s)) >= 2 * len(moe)  # one token: its k experts
     emu.remove()
+
+
+@pytest.mark.timeout(300)
+def test_gpu_record_families_step_command_lines(capsys, tmp_path):
+    """The `families` step of scripts/gpu_record.sh (run on the H200 later): its dry run prints the bench and
+    plan command lines; each bench line runs here as it is plus --tiny (the --emulate t4 ones are accepted and
+    refused only for want of a GPU), and the plan line prints the table."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mixtral_nb.__main__ import main
+
+    root = Path(__file__).resolve().parent.parent
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "DRY_RUN": "1", "PY": sys.executable}
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_record.sh"), "families"], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    benches = [a[3:] for a in lines if a[1:4] == ["-m", "mixtral_nb", "bench"]]
+    plans = [a[3:] for a in lines if a[1:4] == ["-m", "mixtral_nb", "plan"]]
+    assert len(benches) == 4 and plans == [["plan", "--model", "all", "--all"]]
+    models = [a[a.index("--model") + 1] for a in benches]
+    assert sorted(set(models)) == ["phi-3.5-moe", "qwen3-30b-a3b"]
+    for argv in benches:
+        assert argv[argv.index("--plan") + 1] == "colab-t4" and argv[argv.index("--routing") + 1] == "iid"
+        argv = [*argv[1:argv.index("--json") + 1], str(tmp_path / "bench.json"), "--tiny"]
+        if "--emulate" in argv:
+            with pytest.raises(SystemExit) as e:
+                bench.bench_main(argv)
+            assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+            continue
+        assert bench.bench_main(argv) == 0
+        data = json.loads((tmp_path / "bench.json").read_text())
+        assert data["args"]["model"] in models and data["runs"]["ours"]["decode_tok_s"] > 0
+    capsys.readouterr()
+    assert main(plans[0]) == 0
+    assert "| qwen3-30b-a3b " in capsys.readouterr().out
