@@ -136,3 +136,15 @@ def test_plan_for_a_family_config_object_and_dict_agree():
     b = plan(15 * 2 ** 30, 12 * 10 ** 9, model=known_config("phi-3.5-moe"))
     c = plan(15 * 2 ** 30, 12 * 10 ** 9, model="phi-3.5-moe")
     assert a.sizes == b.sizes == c.sizes and a.layer_slots() == c.layer_slots()
+
+
+def test_readme_shows_the_planner_table_as_it_prints(capsys):
+    """README's "Other MoE models" table is the real output of `plan --model all --all`."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Other MoE models", 1)[1].split("\n## ", 1)[0]
+    rc, out, _ = call(capsys, "plan", "--model", "all", "--all")
+    assert rc == 0
+    printed = [line for line in out.splitlines() if line.startswith("|")]
+    assert printed and "\n".join(printed) in section
