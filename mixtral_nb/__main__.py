@@ -9,6 +9,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .bench import bench_main
 from .chat import ChatSession
@@ -18,10 +19,11 @@ from .checkpoint.errors import HubError
 from .checkpoint.integrity import workers
 from .checkpoint.quantize import looks_like_repo_id
 from .config import article_quant_config
-from .families import skeleton
+from .families import family_of, skeleton
+from .known_models import KNOWN_MODELS, model_config, param_count
 from .load import load
 from .notebook_tools import dirty_notebooks, execute_to_html, prepare_for_nbval
-from .planner import PRESETS, Machine, MemoryPlanError, detect
+from .planner import PRESETS, Machine, MemoryPlanError, ModelSizes, Plan, detect
 from .policy import policy_main
 from .rehearse import rehearse_main
 from .synthetic import write_article_checkpoint, write_hf_checkpoint
@@ -201,13 +203,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def plan_table(machines: dict[str, Machine], context: int = 4096) -> str:
-    """One row per machine: the plan's settings and expected memory, or why no plan fits (no traceback)."""
+def plan_table(machines: dict[str, Machine], context: int = 4096, model: Any = "mixtral-8x7b") -> str:
+    """One row per machine: the plan's settings and expected memory, or why no plan fits (no traceback).
+    ``model``: what ``planner.plan`` takes (a name, a config, a ModelSizes)."""
     head = ("preset", "machine", "offload_per_layer", "experts in RAM", "GPU (per GPU)", "host RAM", "fits")
     rows = []
     for name, m in machines.items():
         try:
-            p = m.plan(context=context)
+            p = m.plan(context=context, model=model)
         except MemoryPlanError as e:
             rows.append((name, m.description, "-", "-", "-", "-", f"no plan: {e}"))
             continue
@@ -223,12 +226,78 @@ def plan_table(machines: dict[str, Machine], context: int = 4096) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in (head, *rows))
 
 
+TABLE_ORDER = ("colab-t4", "kaggle-2xt4", "12gb", "24gb", "a100-40gb", "a100-80gb", "cpu")  # the free machines first
+
+
+def _plan_cell(p: Plan) -> str:
+    """A plan in a few characters: GPU slots of all routed experts, then spare host blobs or 'mirror'."""
+    if p.device == "cpu":
+        return "yes"
+    if p.offload_per_layer == 0:
+        return "all on GPU"
+    total = p.sizes.num_layers * p.sizes.num_experts
+    return f"{sum(p.layer_slots())}/{total} " + ("mirror" if p.host_mirror else f"+{p.extra_host_slots * p.num_gpus}")
+
+
+MODELS_LEGEND = ("GB: the quantized checkpoint on disk (routed experts + everything resident). A machine's cell: GPU "
+                 "slots / routed experts in all, then +N spare host blobs (swap mode: host RAM holds the offloaded "
+                 "experts plus N copies of GPU-resident ones) or 'mirror' (host RAM holds every expert); 'no': no plan "
+                 "fits (`plan --model NAME --all` says why); cpu: the whole model in RAM.")
+
+
+def models_table(models: dict[str, Any], machines: dict[str, Machine], context: int = 4096) -> str:
+    """The planner's verdict for every model on every machine, one row per model (a markdown table, as
+    llama-bench prints): parameters, experts, bits (experts/attention), GB on disk, then one cell per machine."""
+    quant = article_quant_config()
+    head = ["model", "params", "routed experts", "bits e/a", "GB", *machines]
+    rows = []
+    for name, config in models.items():
+        sizes = ModelSizes.of(config, quant)
+        sk = skeleton(config)
+        disk = sizes.num_layers * sizes.num_experts * sizes.expert_bytes + sizes.trunk_bytes
+        row = [name, f"{param_count(config) / 1e9:.1f}B", f"{sizes.num_layers} x {sizes.num_experts}, top-{sk.top_k}",
+               f"{quant.ffn['nbits']}/{quant.attn['nbits']}", f"{disk / 1e9:.1f}"]
+        for m in machines.values():
+            try:
+                row.append(_plan_cell(m.plan(context=context, model=sizes)))
+            except MemoryPlanError:
+                row.append("no")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    right = {1, 4}  # numbers
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head), rule, *(line(r) for r in rows)])
+
+
+def plan_model(name: str) -> Any:
+    """--model of `plan`: a known model's or a folder's transformers config (one clear error otherwise)."""
+    if name in KNOWN_MODELS or (Path(name) / "config.json").is_file():
+        return model_config(name)
+    raise ValueError(f"--model {name!r} is not a known model ({', '.join(KNOWN_MODELS)}), 'all', or a folder with a "
+                     "config.json")
+
+
 def _plan(args: argparse.Namespace) -> int:
-    if args.all or args.preset:
-        names = sorted(PRESETS) if args.all else [args.preset]
-        print(plan_table({n: PRESETS[n] for n in names}, context=args.context))
+    names = sorted(PRESETS) if args.all or (args.model == "all" and not args.preset) else [args.preset]
+    if args.model == "all":
+        models = {n: model_config(n) for n in KNOWN_MODELS}
+        names = sorted(names, key=lambda n: TABLE_ORDER.index(n) if n in TABLE_ORDER else len(TABLE_ORDER))
+        print(models_table(models, {n: PRESETS[n] for n in names}, context=args.context))
+        print(MODELS_LEGEND)
         return 0
-    print(detect(context=args.context).explain())
+    config = plan_model(args.model)
+    sizes = ModelSizes.of(config)
+    if args.model != "mixtral-8x7b":
+        print(f"# {args.model}: {family_of(config).architecture}, {sizes.num_layers} MoE layers x {sizes.num_experts} "
+              f"routed experts of {sizes.expert_bytes / 1e6:.1f} MB")
+    if args.all or args.preset:
+        print(plan_table({n: PRESETS[n] for n in names}, context=args.context, model=sizes))
+        return 0
+    print(detect(context=args.context, model=sizes).explain())
     return 0
 
 
@@ -301,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="the plan of this preset machine instead of this one, as a table row")
     which.add_argument("--all", action="store_true", help="a table of the plans of every preset machine")
+    pl.add_argument("--model", default="mixtral-8x7b",
+                    help=f"the model to plan for: one of {', '.join(KNOWN_MODELS)}, a folder holding its config.json, "
+                         "or all (one table: every known model on every preset, or on --preset)")
     pl.add_argument("--context", type=_positive_int, default=4096, help="tokens of KV cache to plan for")
     pl.set_defaults(fn=_plan)
     sub.add_parser("bench", help="benchmark (see `bench --help`)")

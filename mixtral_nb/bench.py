@@ -26,6 +26,12 @@ attention, the experts used), KV cache and lm_head read from GPU memory per toke
 overlap of copies with compute (pessimistic) and carries over this machine's CPU/launch overhead
 unchanged (optimistic if the host CPU is slower, as Colab's is).
 
+``--model NAME`` (a name in :data:`mixtral_nb.known_models.KNOWN_MODELS`; default mixtral-8x7b) builds
+another model's exact shapes the same way (Qwen3-30B-A3B, Phi-3.5-MoE, ...): every tensor of the
+family's transformers model, the resident projections quantized, run by transformers' forward (the
+Decoder is Mixtral's); ``--tiny`` then gives the family's toy widths with the full model's experts and
+top-k. ``--plan`` plans for that model.
+
 ``--plan NAME`` runs the planner's plan for a machine in ``planner.PRESETS`` (e.g. ``colab-t4``:
 per-layer GPU slots, spare host blobs, the VRAM cap of that machine counting the CUDA context).
 ``--emulate t4`` measures a second time, on the same model, with a T4's limits imposed instead of
@@ -62,11 +68,13 @@ from .build import build_model
 from .config import OffloadConfig, QuantConfig, article_quant_config
 from .engine import make_engine
 from .expert import ExpertFormat
+from .families import FAMILIES, kv_bytes_per_token, skeleton
 from .generate import generate_tokens
 from .hostmem import HostBuffer
 from .kernels import route_topk
 from .quant import QSpec
-from .tiny import tiny_config
+from .known_models import KNOWN_MODELS, known_config, model_config
+from .tiny import tiny_config, tiny_family_config
 from .units import GiB as GIB
 
 T4_H2D_BPS = 9.7e9  # a Colab T4's pinned copy bandwidth, both directions
@@ -89,6 +97,33 @@ def tiny_bench_config() -> dict[str, Any]:
     for k in ("architectures", "model_type", "torch_dtype", "dtype"):
         cfg.pop(k, None)
     return cfg
+
+
+def bench_config(model: str, tiny: bool) -> dict[str, Any]:
+    """The config dict ``--model``/``--tiny`` benchmark: Mixtral-8x7B's (the default, as it always was), another
+    known model's full-size config, or (``tiny``) the family's toy sizes with the full model's expert count and
+    top-k, so routing, the plan's per-layer slots and the cache behave like the full model's on a CPU. Toy widths
+    that the article's 4-bit g64 attention cannot group (dense MLPs, MLA's kv rank, DeepSeek's shared experts) are
+    raised to 128 / 64 / the full model's two experts."""
+    if model == "mixtral-8x7b":
+        return tiny_bench_config() if tiny else mixtral_8x7b_config()
+    full = known_config(model)
+    if not tiny:
+        return full
+    fam = FAMILIES[full["model_type"]]
+    config = model_config(full)
+    cfg = tiny_family_config(fam.model_type, **{fam.experts_key: skeleton(config).num_experts,
+                                                "num_experts_per_tok": skeleton(config).top_k})
+    if fam.inter_key != "intermediate_size":
+        cfg["intermediate_size"] = 128
+    if "kv_lora_rank" in cfg:
+        cfg.update(kv_lora_rank=64, n_shared_experts=full["n_shared_experts"])  # shared experts 2 x 32 wide
+    cfg.pop("architectures", None)
+    return cfg
+
+
+def _skeleton_of(cfg: dict[str, Any]) -> Any:
+    return skeleton(model_config({"model_type": "mixtral", **cfg}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,56 +166,73 @@ class SyntheticCheckpoint:
 
     def __init__(self, config_dict: dict[str, Any], quant: QuantConfig, device: torch.device | str,
                  dtype: torch.dtype = torch.float16, seed: int = 0, router_scale: float = 4.0) -> None:
-        from transformers import MixtralConfig  # heavy: the package import stays fast without it
-
         if quant.ffn is None:
             raise ValueError("SyntheticCheckpoint makes quantized experts: give a QuantConfig with an ffn config")
-        self.config = MixtralConfig(**config_dict)
+        family = FAMILIES[config_dict.get("model_type", "mixtral")]  # a dict without one is Mixtral's
+        self.config = family.make_config({k: v for k, v in config_dict.items() if k != "model_type"})
         self.quant = quant
         self.device = torch.device(device)
         self.dtype = dtype
         self.router_scale = router_scale
-        c = self.config
-        self.fmt = ExpertFormat.make(c.hidden_size, c.intermediate_size, quant.ffn, dtype)
+        self.skeleton = sk = skeleton(self.config)
+        self.fmt = ExpertFormat.make(sk.hidden, sk.intermediate, quant.ffn, dtype)
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(seed)
-        hd = c.hidden_size // c.num_attention_heads
-        self._attn_shapes = {"q_proj": (c.num_attention_heads * hd, c.hidden_size),
-                             "k_proj": (c.num_key_value_heads * hd, c.hidden_size),
-                             "v_proj": (c.num_key_value_heads * hd, c.hidden_size),
-                             "o_proj": (c.hidden_size, c.num_attention_heads * hd)}
-        self.attn_specs: dict[str, dict[str, Any]] = {}
-        if quant.attn is not None:
-            for i in range(c.num_hidden_layers):
-                for p, shape in self._attn_shapes.items():
-                    self.attn_specs[f"model.layers.{i}.self_attn.{p}"] = QSpec.make(shape, quant.attn).to_json()
+        # the resident projections build_model quantizes (Mixtral: attention; other families: every *_proj)
+        self._quantized = sk.attn_linears(family) if quant.attn is not None else {}
+        self.attn_specs: dict[str, dict[str, Any]] = {base: QSpec.make(shape, quant.attn).to_json()
+                                                      for base, shape in self._quantized.items()}
 
     def _randn(self, *shape: int, scale: float) -> Tensor:
         t = torch.randn(*shape, device=self.device, dtype=torch.float32, generator=self.gen)
         return (t * scale).to(self.dtype)
 
+    def _plain(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """A floating-point trunk tensor: 1-D ones (norms, scales) or zeros (biases); matrices random with
+        std 1/sqrt(in_features), embeddings std 1, routers scaled up so that routing varies."""
+        if len(shape) == 1:
+            fill = torch.ones if name.endswith("norm.weight") or name.endswith("layernorm.weight") else torch.zeros
+            return fill(shape, device=self.device, dtype=self.dtype)
+        H = shape[-1]
+        if name == "model.embed_tokens.weight":
+            return self._randn(*shape, scale=1.0)
+        if name.rpartition(".")[0].rpartition(".")[2] in ("gate", "router") and ".mlp." in name:
+            return self._randn(*shape, scale=self.router_scale * H ** -0.5)
+        return self._randn(*shape, scale=H ** -0.5)
+
     def trunk(self) -> Iterator[tuple[str, Tensor]]:
-        c = self.config
-        H, V = c.hidden_size, c.vocab_size
-        yield "model.embed_tokens.weight", self._randn(V, H, scale=1.0)
-        yield "model.norm.weight", torch.ones(H, device=self.device, dtype=self.dtype)
-        yield "lm_head.weight", self._randn(V, H, scale=H ** -0.5)
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}"
-            yield f"{p}.input_layernorm.weight", torch.ones(H, device=self.device, dtype=self.dtype)
-            yield f"{p}.post_attention_layernorm.weight", torch.ones(H, device=self.device, dtype=self.dtype)
-            yield f"{p}.mlp.gate.weight", self._randn(c.num_local_experts, H, scale=self.router_scale * H ** -0.5)
-            for proj, shape in self._attn_shapes.items():
-                base = f"{p}.self_attn.{proj}"
-                if self.quant.attn is None:
-                    yield f"{base}.weight", self._randn(*shape, scale=shape[1] ** -0.5)
-                    continue
-                spec = QSpec(**self.attn_specs[base])
-                tensors = {s.name: torch.empty(s.shape, dtype=s.dtype, device=self.device)
-                           for s in spec.layout().segments}
-                fill_quantized(tensors, spec, self.gen)
-                for k, v in tensors.items():
-                    yield f"{base}.{k}", v
+        """Every trunk tensor of the family's model (the skeleton's shapes): the globals first, then per layer
+        its small tensors and routers, then its projections, quantized in the stored layout where build_model
+        expects them (for Mixtral the same random draws, in the same order, as this class always made)."""
+        sk = self.skeleton
+        shapes = dict(sk.shapes)
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            if name in shapes and not (name == "lm_head.weight" and sk.tied):
+                yield name, self._plain(name, shapes[name])
+        layers: dict[int, list[str]] = {}
+        for name in shapes:
+            if name.startswith("model.layers."):
+                layers.setdefault(int(name.split(".")[2]), []).append(name)
+        rest = [n for n in shapes if not n.startswith("model.layers.") and n not in
+                ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")]
+        for i in sorted(layers):
+            names = layers[i]
+            for name in names:
+                if name.rpartition(".")[0] not in sk.linears:
+                    yield name, self._plain(name, shapes[name])
+            for base in (b for b in sk.linears if b.startswith(f"model.layers.{i}.")):
+                if base in self._quantized:
+                    spec = QSpec(**self.attn_specs[base])
+                    tensors = {s.name: torch.empty(s.shape, dtype=s.dtype, device=self.device)
+                               for s in spec.layout().segments}
+                    fill_quantized(tensors, spec, self.gen)
+                    yield from ((f"{base}.{k}", v) for k, v in tensors.items())
+                else:
+                    yield f"{base}.weight", self._plain(f"{base}.weight", shapes[f"{base}.weight"])
+                if f"{base}.bias" in shapes:
+                    yield f"{base}.bias", self._plain(f"{base}.bias", shapes[f"{base}.bias"])
+        for name in rest:  # e.g. a lm_head bias
+            yield name, self._plain(name, shapes[name])
 
     def blob(self, layer: int, e: int) -> Tensor:
         """A fresh random expert blob (uint8, on the checkpoint's device)."""
@@ -241,22 +293,25 @@ def gpu_read_bytes_per_token(model: Any, cache: Any, uses_per_token: float, cont
         total += b.numel() * b.element_size()
     total += emb.shape[1] * emb.element_size()
     total += uses_per_token * cache.layout.raw_bytes
-    hd = c.hidden_size // c.num_attention_heads
-    total += context * c.num_hidden_layers * 2 * c.num_key_value_heads * hd * emb.element_size()
+    total += context * kv_bytes_per_token(c, emb.element_size())
     return float(total)
 
 
 class IIDRouting:
-    """Forward hooks that replace every router's choice with the top-k of random logits.
+    """Forward hooks that replace every router's choice with the top-k of random logits (k: the family's own).
 
+    Every family's router returns (logits, top-k weights, top-k indices), so one hook serves them all.
     The numbers come from torch's default generators (seeded here): unlike a private Generator,
     those advance on every replay of a CUDA graph that captured the hook.
     """
 
     def __init__(self, model: Any, seed: int = 1234) -> None:
         torch.manual_seed(seed)
-        self.handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
-        self.E, self.k = model.config.num_local_experts, model.config.num_experts_per_tok
+        family = FAMILIES[getattr(model, "mixtral_nb_family", "mixtral")]
+        sk = skeleton(model.config)
+        self.handles = [getattr(model.model.layers[i].mlp, family.router).register_forward_hook(self._hook)
+                        for i in sk.moe_layers]
+        self.E, self.k = sk.num_experts, sk.top_k
 
     def route(self, i: int, h: Tensor) -> tuple[Tensor, Tensor]:
         """The same draw for the Decoder (``Decoder.routing``), which computes routing without the gate
@@ -267,7 +322,7 @@ class IIDRouting:
     def _hook(self, module: Any, inputs: Any, output: Any) -> tuple[Tensor, Tensor, Tensor]:
         logits, scores, _ = output  # MixtralTopKRouter returns (logits, top-k weights, top-k indices)
         r = torch.randn(logits.shape, device=logits.device, dtype=torch.float32)
-        top = torch.topk(torch.softmax(r, dim=-1), module.top_k, dim=-1)
+        top = torch.topk(torch.softmax(r, dim=-1), self.k, dim=-1)
         weights = top.values / top.values.sum(dim=-1, keepdim=True)
         return r.to(logits.dtype), weights.to(scores.dtype), top.indices
 
@@ -351,8 +406,7 @@ def layer_read_bytes(model: Any, context: float) -> tuple[float, float, float]:
             per_layer += t.numel() * t.element_size()
     per_layer /= len(layers)
     emb = model.model.embed_tokens.weight
-    hd = c.hidden_size // c.num_attention_heads
-    per_layer += context * 2 * c.num_key_value_heads * hd * emb.element_size()
+    per_layer += context * kv_bytes_per_token(c, emb.element_size()) / len(layers)
     head = sum(t.numel() * t.element_size() for t in model.lm_head.parameters())
     head += sum(t.numel() * t.element_size() for t in model.model.norm.parameters())
     expert = float(model.expert_cache.layout.raw_bytes)
@@ -374,7 +428,9 @@ class T4Emulation:
         self.head_s = throttle.gpu_pad_s(head)
         self.handles = []
         for layer in model.model.layers:
-            ex = layer.mlp.experts
+            ex = getattr(layer.mlp, "experts", None)
+            if ex is None:  # a dense layer (DeepSeek's first, Qwen's mlp_only_layers): no expert calls to pad
+                continue
             self.handles.append(ex.register_forward_pre_hook(self._before_experts))
             self.handles.append(ex.register_forward_hook(self._after_experts))
         self.handles.append(model.lm_head.register_forward_hook(self._after_head))
@@ -506,10 +562,10 @@ def vram_cap_bytes(args: argparse.Namespace, mode: str, plan: Any) -> tuple[floa
 
 
 def bench_plan(args: argparse.Namespace, num_layers: int) -> Any:
-    """The planner's plan for --plan (None without), for this model's layer count."""
+    """The planner's plan for --plan (None without) for the full-size --model, on this model's MoE layer count."""
     if not args.plan:
         return None
-    p = planner.preset(args.plan)
+    p = planner.preset(args.plan, model=getattr(args, "model", "mixtral-8x7b"))
     if num_layers != p.sizes.num_layers:  # --tiny: the same per-layer settings on fewer layers
         p = dataclasses.replace(p, sizes=dataclasses.replace(p.sizes, num_layers=num_layers))
     return p
@@ -552,8 +608,9 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     devices = [torch.device(d) for d in args.devices.split(",")] if args.devices and device.type == "cuda" else [device]
     device = devices[0]
     dtype = torch.float32 if device.type == "cpu" else torch.float16
-    cfg = tiny_bench_config() if args.tiny else mixtral_8x7b_config()
-    L, E = cfg["num_hidden_layers"], cfg["num_local_experts"]
+    cfg = bench_config(args.model, args.tiny)
+    sk = _skeleton_of(cfg)
+    L, E = len(sk.moe_layers), sk.num_experts  # the cache's layers: the MoE ones
     plan = bench_plan(args, L)
     cap, with_context = vram_cap_bytes(args, mode, plan)
     context_bytes = 0
@@ -710,6 +767,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         "t4_projected_tok_s": 1.0 / t4_s,
         **emulated,
         "host_mirror": float(mirror),
+        "moe_layers": float(L),
+        "top_k": float(sk.top_k),
         "build_s": build_s,
         "outputs_finite": float(finite),
     }
@@ -738,12 +797,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="store_true", help="the article's algorithm in the same harness")
     g.add_argument("--compare", action="store_true", help="ours, then the baseline, in one process; prints the ratio")
     g.add_argument("--resident", action="store_true", help="every expert on the GPU, no VRAM cap")
-    p.add_argument("--engine", choices=("decoder", "transformers"), default="decoder",
-                   help="what runs the layers: mixtral_nb's Decoder (static KV cache, CUDA graphs) or transformers' "
-                        "forward; --baseline always uses transformers' forward, as the article's code does")
+    p.add_argument("--model", choices=list(KNOWN_MODELS), default="mixtral-8x7b",
+                   help="whose exact shapes to build (random codes in the quantized layout); other families run "
+                        "through transformers' forward")
+    p.add_argument("--engine", choices=("decoder", "transformers"), default=None,
+                   help="what runs the layers: mixtral_nb's Decoder (static KV cache, CUDA graphs; Mixtral only) or "
+                        "transformers' forward; none: the Decoder for Mixtral, transformers' forward for other "
+                        "families; --baseline always uses transformers' forward, as the article's code does")
     p.add_argument("--routing", choices=("model", "iid"), default="model",
-                   help="iid: replace router outputs with top-2 of random logits")
-    p.add_argument("--tiny", action="store_true", help="a small model on CPU (CI)")
+                   help="iid: replace router outputs with the top-k (the model's own k) of random logits")
+    p.add_argument("--tiny", action="store_true",
+                   help="a small model of --model's family on CPU (CI): toy widths, the full model's experts and top-k")
     p.add_argument("--profile", default=None, metavar="PATH", help="write a host + device profile of 16 decode steps")
     p.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1: split layers over GPUs, each capped at --vram-gib")
     p.add_argument("--plan", choices=sorted(planner.PRESETS), default=None,
@@ -784,7 +848,8 @@ def _fmt(v: float) -> str:
 def copy_main(args: argparse.Namespace) -> int:
     """``bench --copy-only``: the throttle alone, on expert-sized copies (prints ``copy.*`` lines)."""
     device = torch.device("cuda", torch.cuda.current_device())
-    blob = ExpertFormat.make(4096, 14336, article_quant_config().ffn, torch.float16).layout.total_bytes
+    sk = _skeleton_of(bench_config(args.model, False))
+    blob = ExpertFormat.make(sk.hidden, sk.intermediate, article_quant_config().ffn, torch.float16).layout.total_bytes
     plain = copy_microbench(device, blob, None)
     throttle = Throttle(plain["h2d"], plain["d2h"], copy_bandwidth(device, "d2d", mib=512), spin_cycles_per_s(device))
     slow = copy_microbench(device, blob, throttle)
@@ -815,6 +880,11 @@ def bench_main(argv: list[str] | None = None) -> int:
                      "leave one out")
     if args.ttft_prompt < 1:
         parser.error(f"--ttft-prompt must be at least 1, got {args.ttft_prompt}")
+    family = FAMILIES[KNOWN_MODELS[args.model]["model_type"]]
+    if args.engine == "decoder" and not family.decoder:
+        parser.error(f"--engine decoder runs Mixtral models only; {args.model} is {family.model_type}: leave --engine "
+                     "out (transformers' forward)")
+    args.engine = args.engine or ("decoder" if family.decoder else "transformers")
     if args.copy_only:
         return copy_main(args)
     default_len = 16 if args.tiny else 128
@@ -824,14 +894,19 @@ def bench_main(argv: list[str] | None = None) -> int:
         ["resident"] if args.resident else ["ours"]
     info = kernels.available()
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
-    print(f"# mixtral_nb bench: modes={modes} routing={args.routing} device={device_name} "
+    print(f"# mixtral_nb bench: model={args.model}{' (tiny)' if args.tiny else ''} modes={modes} routing={args.routing} "
+          f"device={device_name} "
           f"triton={info['triton_version']} fused_kernels={info['fused'] and device_name != 'cpu'}")
     print(f"# engine={args.engine} (baseline: transformers) prompt_len={args.prompt_len} "
           f"new_tokens={args.new_tokens} repeat={args.repeat} "
           f"offload_per_layer={args.offload_per_layer} prefetch={args.prefetch} vram_gib={args.vram_gib} "
           f"pinned_gib={args.pinned_gib} plan={args.plan} emulate={args.emulate} ttft_prompt={args.ttft_prompt}")
     if args.plan:
-        print("# plan: " + bench_plan(args, 32).explain().replace("\n", "\n# "))
+        try:
+            shown = bench_plan(args, planner.ModelSizes.of(args.model).num_layers)
+        except planner.MemoryPlanError as e:
+            parser.error(f"--plan {args.plan} has no plan for {args.model}: {e}")
+        print("# plan: " + shown.explain().replace("\n", "\n# "))
     print("# t4_s = h2d_bytes/9.7e9 + gpu_read_bytes/240e9 + overhead_s;  overhead_s = max(0, measured_s"
           " - h2d_bytes/h2d_Bps - gpu_read_bytes/hbm_Bps)")
     results: dict[str, dict[str, float]] = {}

@@ -33,7 +33,7 @@ from typing import Any
 from .quant import QSpec
 
 __all__ = ["FAMILIES", "Family", "UnsupportedModelError", "family_of", "family_for_dict", "skeleton", "Skeleton",
-           "planner_dims", "supported", "trunk_bytes"]
+           "kv_bytes_per_token", "planner_dims", "supported", "trunk_bytes"]
 
 
 class UnsupportedModelError(ValueError):
@@ -257,3 +257,15 @@ def trunk_bytes(config: Any, attn_quant: dict[str, Any] | None, dtype_bytes: int
                 n *= d
             total += n * dtype_bytes
     return total
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
+    """Bytes transformers' KV cache holds per token: every layer (dense ones too), keys and values at
+    their own head widths (MLA caches keys of ``qk_nope + qk_rope`` and values of ``v_head_dim`` per
+    head), so the planner's KV figure is right for DeepSeek-V2 and Qwen3's wide heads."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    k = getattr(config, "qk_head_dim", None) or hd
+    v = getattr(config, "v_head_dim", None) or hd
+    return config.num_hidden_layers * kv * (k + v) * dtype_bytes

@@ -27,6 +27,7 @@ import torch
 
 from .config import OffloadConfig, QuantConfig, article_quant_config, check_int
 from .expert import ExpertFormat
+from .families import FAMILIES, family_of, kv_bytes_per_token, planner_dims, trunk_bytes
 from .monitor import nvml_index
 from .quant import QSpec
 from .units import GiB, MiB, fmt_bytes
@@ -77,13 +78,29 @@ class ModelSizes:
     @classmethod
     def of(cls, model: str | Any = "mixtral-8x7b", quant: QuantConfig | None = None, dtype_bytes: int = 2,
            expert_bytes: int | None = None) -> "ModelSizes":
-        """From a model name in ``MODELS``, a config dict or a transformers config; quant defaults to the article's.
+        """From a model name in ``MODELS`` or ``known_models.KNOWN_MODELS``, a config dict or a transformers
+        config (another family's: :func:`family_sizes`); quant defaults to the article's. A ModelSizes is
+        returned as it is.
 
         ``expert_bytes`` overrides the blob size (build_model passes the checkpoint's own layout).
         """
+        if isinstance(model, ModelSizes):
+            return model
+        if isinstance(model, str) and model not in MODELS:
+            from .known_models import KNOWN_MODELS, model_config  # the named full-size configs of every family
+
+            if model not in KNOWN_MODELS:
+                raise ValueError(f"unknown model {model!r}: use one of {sorted(set(MODELS) | set(KNOWN_MODELS))} or "
+                                 "pass its config")
+            return family_sizes(model_config(model), quant, dtype_bytes, expert_bytes)
+        mt = model.get("model_type") if isinstance(model, dict) else getattr(model, "model_type", None)
+        if mt in FAMILIES and mt != "mixtral":
+            if isinstance(model, dict):
+                from .known_models import model_config
+
+                model = model_config(model)
+            return family_sizes(model, quant, dtype_bytes, expert_bytes)
         if isinstance(model, str):
-            if model not in MODELS:
-                raise ValueError(f"unknown model {model!r}: use one of {sorted(MODELS)} or pass its config")
             c = dict(MODELS[model])
         elif isinstance(model, dict):
             c = dict(model)
@@ -129,6 +146,21 @@ class ModelSizes:
     def runtime_bytes(self, context: int) -> int:
         """KV cache for ``context`` tokens + dequantizing one expert matrix (fp32 codes + weight, fp16 copy)."""
         return self.kv_bytes_per_token * context + 10 * self.hidden * self.intermediate + ACT_MARGIN
+
+
+def family_sizes(config: Any, quant: QuantConfig | None = None, dtype_bytes: int = 2,
+                 expert_bytes: int | None = None) -> ModelSizes:
+    """ModelSizes of any family's transformers config, counted from the config through the family
+    functions: the MoE layers and routed experts as layers and experts, every other resident tensor
+    (attention of any kind, shared experts, dense layers, biases) exactly as build_model holds it
+    (``families.trunk_bytes``), and the KV cache at the family's own head widths. Mixtral keeps the
+    planner's own arithmetic, so its figures do not move."""
+    quant = quant if quant is not None else article_quant_config()
+    base = ModelSizes.of(planner_dims(config), quant, dtype_bytes, expert_bytes)
+    if family_of(config).model_type == "mixtral":
+        return base
+    rest = trunk_bytes(config, quant.attn, dtype_bytes) - base.embed_bytes - base.small_bytes
+    return replace(base, attn_bytes=max(0, rest), kv_bytes_per_token=kv_bytes_per_token(config, dtype_bytes))
 
 
 def _dtype(nbytes: int):

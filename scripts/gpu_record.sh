@@ -18,10 +18,14 @@
 #             T4's 15,095 MiB counting the CUDA context, measured plain and with the T4's limits emulated
 #             (--emulate t4), with the T4 projection, D2H/H2D per token and the time to first token (512 tokens)
 #   gemv      one-token GEMV timings against the copy bandwidth: python scripts/kernel_bench.py bench
+#   families  other MoE families at the colab-t4 plan: for each of FAMILY_MODELS (qwen3-30b-a3b phi-3.5-moe) the
+#             synthetic full-size benchmark (--routing iid --repeat 3 --new-tokens 64) plain and with --emulate t4,
+#             JSON in $OUT/family-NAME-{plain,t4}.json; then the planner table `plan --model all --all`
 #   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
 #
 # Settings: OUT (log folder, default gpu_logs), PY (default python3), TINYQ (the quantized tiny checkpoint,
-# default .gpuassets/tinyq). Every step runs even when an earlier one fails; the summary at the end lists
+# default .gpuassets/tinyq), FAMILY_MODELS (the families step's models), DRY_RUN=1 (the families step prints
+# its command lines instead of running them; tests/test_bench.py runs them with --tiny on a CPU). Every step runs even when an earlier one fails; the summary at the end lists
 # each step's exit status and the script exits non-zero when any step failed. BENCHMARKS.md records the
 # results, with the step's command.
 set -u
@@ -83,6 +87,26 @@ step_colab() {
   [ "$rc_copy" -ne 0 ] && return "$rc_copy"
   return "$rc"
 }
+family_run() {  # family_run NAME CMD...: CMD's output in $OUT/NAME.txt, its key lines on screen (DRY_RUN: print CMD)
+  local name=$1
+  shift
+  if [ -n "${DRY_RUN:-}" ]; then echo "+ $*"; return 0; fi
+  timeout 380 "$@" | tee "$OUT/$name.txt" | grep -E "$KEYS"
+  return "${PIPESTATUS[0]}"
+}
+step_families() {
+  local rc=0 m
+  for m in ${FAMILY_MODELS:-qwen3-30b-a3b phi-3.5-moe}; do
+    family_run "family-$m-plain" $PY -m mixtral_nb bench --model "$m" --plan colab-t4 --routing iid --repeat 3 \
+      --new-tokens 64 --json "$OUT/family-$m-plain.json" || rc=1
+    family_run "family-$m-t4" $PY -m mixtral_nb bench --model "$m" --plan colab-t4 --routing iid --repeat 3 \
+      --new-tokens 64 --emulate t4 --json "$OUT/family-$m-t4.json" || rc=1
+  done
+  if [ -n "${DRY_RUN:-}" ]; then echo "+ $PY -m mixtral_nb plan --model all --all"; return 0; fi
+  timeout 120 $PY -m mixtral_nb plan --model all --all | tee "$OUT/families-plan.txt"
+  [ "${PIPESTATUS[0]}" -ne 0 ] && rc=1
+  return "$rc"
+}
 step_gemv() { timeout 300 $PY scripts/kernel_bench.py bench; }
 step_rehearse() {
   if [ ! -f scripts/gpu_rehearse.sh ]; then echo "scripts/gpu_rehearse.sh is missing"; return 2; fi
@@ -93,7 +117,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env kernels compile decoder bench gemv)
 for s in "${steps[@]}"; do
   if ! declare -F "step_$s" >/dev/null; then
-    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv rehearse" >&2
+    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv families rehearse" >&2
     exit 2
   fi
 done

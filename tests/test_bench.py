@@ -11,6 +11,7 @@ import torch
 
 from mixtral_nb import bench
 from mixtral_nb.config import article_quant_config
+from mixtral_nb.families import FAMILIES, skeleton
 from mixtral_nb.quant import QSpec, dequantize
 
 LINE = re.compile(r"^(\w+)\.(\w+) = (\S+)$")
@@ -159,3 +160,118 @@ def test_t4_emulation_pads_every_layer_and_the_head(tiny_dir):
     with torch.inference_mode():
         list(generate_tokens(engine, prompt, 2))
     assert len(th.spins) == 27
+
+
+FAMILY_MODELS = ["mixtral-8x22b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_tiny_of_every_family(model, capsys, tmp_path):
+    """Each family's toy model through build_model and transformers' forward: tokens come out, the hit rate
+    is a rate, and every decoded token used exactly the family's own top-k in each MoE layer."""
+    from mixtral_nb.known_models import model_config
+
+    printed, data = run(["--tiny", "--model", model, "--routing", "iid", "--new-tokens", "8", "--ttft-prompt", "16"],
+                        capsys, tmp_path)
+    ours = printed["ours"]
+    sk = skeleton(model_config(model))
+    assert data["args"]["engine"] == ("decoder" if model.startswith("mixtral") else "transformers")
+    assert ours["decode_tok_s"] > 0 and 0 <= ours["hit_rate"] <= 1 and ours["outputs_finite"] == 1
+    assert ours["top_k"] == sk.top_k
+    assert ours["expert_uses_per_token"] == ours["moe_layers"] * sk.top_k
+
+
+def test_synthetic_checkpoint_holds_every_family_tensor():
+    """The synthetic trunk is exactly the family's: every parameter of its skeleton (quantized ones as their
+    stored segments), routers scaled up, norms at one, biases at zero."""
+    for model in FAMILY_MODELS:
+        cfg = bench.bench_config(model, tiny=True)
+        ck = bench.SyntheticCheckpoint(cfg, article_quant_config(), "cpu", torch.float32)
+        sk = ck.skeleton
+        got = dict(ck.trunk())
+        bases = {n.rpartition(".")[0] for n in got}
+        for name, shape in sk.shapes.items():
+            base = name.rpartition(".")[0]
+            if base in ck.attn_specs and name.endswith(".weight"):
+                assert base in bases and name not in got
+            elif not (name == "lm_head.weight" and sk.tied):
+                assert tuple(got[name].shape) == shape, name
+                if name.endswith("norm.weight"):
+                    assert bool((got[name] == 1).all()), name
+                elif name.endswith(".bias"):
+                    assert bool((got[name] == 0).all()), name
+        assert set(ck.attn_specs) == set(sk.attn_linears(FAMILIES[cfg["model_type"]]))
+
+
+def test_bench_refuses_what_the_family_cannot_do(capsys):
+    """The Decoder is Mixtral's; a plan that does not fit is one error naming the model, before any build."""
+    with pytest.raises(SystemExit) as e:
+        bench.bench_main(["--tiny", "--model", "qwen3-30b-a3b", "--engine", "decoder"])
+    assert e.value.code == 2 and "Mixtral models only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.bench_main(["--tiny", "--model", "mixtral-8x22b", "--plan", "colab-t4"])
+    assert e.value.code == 2 and "no plan for mixtral-8x22b" in capsys.readouterr().err
+
+
+def test_t4_emulation_skips_dense_layers():
+    """--emulate t4 on a family with a dense layer (Qwen3's mlp_only_layers): the MoE layers are padded as
+    Mixtral's are, the dense one has no expert call to pad, and nothing fails on it."""
+    from mixtral_nb import OffloadConfig, build_model
+    from mixtral_nb.engine import make_engine
+    from mixtral_nb.generate import generate_tokens
+
+    cfg = bench.bench_config("qwen3-30b-a3b", tiny=True)
+    ck = bench.SyntheticCheckpoint(cfg, article_quant_config(), "cpu", torch.float32)
+    moe = ck.skeleton.moe_layers
+    assert len(moe) < cfg["num_hidden_layers"]
+    off = OffloadConfig.for_model(len(moe), ck.skeleton.num_experts, offload_per_layer=64, buffer_size=2, prefetch=0)
+    model = build_model("cpu", None, off, ck, dtype=torch.float32)
+    th = RecordingThrottle(h2d_bps=50e9, d2h_bps=50e9, hbm_bps=2e12, spin_hz=1e9)
+    emu = bench.T4Emulation(model, th, context=32)
+    assert len(emu.handles) == 2 * len(moe) + 1
+    engine = make_engine(model, "transformers", max_length=64)
+    with torch.inference_mode():
+        tokens = list(generate_tokens(engine, torch.randint(3, 256, (1, 8)), 3))
+    assert len(tokens) == 3 and len(th.spins) == 3 * (2 * len(moe) + 1)
+    assert th.spins.count(pytest.approx(ck.skeleton.top_k * emu.expert_s)) >= 2 * len(moe)  # one token: its k experts
+    emu.remove()
+
+
+@pytest.mark.timeout(300)
+def test_gpu_record_families_step_command_lines(capsys, tmp_path):
+    """The `families` step of scripts/gpu_record.sh (run on the H200 later): its dry run prints the bench and
+    plan command lines; each bench line runs here as it is plus --tiny (the --emulate t4 ones are accepted and
+    refused only for want of a GPU), and the plan line prints the table."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mixtral_nb.__main__ import main
+
+    root = Path(__file__).resolve().parent.parent
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "DRY_RUN": "1", "PY": sys.executable}
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_record.sh"), "families"], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    benches = [a[3:] for a in lines if a[1:4] == ["-m", "mixtral_nb", "bench"]]
+    plans = [a[3:] for a in lines if a[1:4] == ["-m", "mixtral_nb", "plan"]]
+    assert len(benches) == 4 and plans == [["plan", "--model", "all", "--all"]]
+    models = [a[a.index("--model") + 1] for a in benches]
+    assert sorted(set(models)) == ["phi-3.5-moe", "qwen3-30b-a3b"]
+    for argv in benches:
+        assert argv[argv.index("--plan") + 1] == "colab-t4" and argv[argv.index("--routing") + 1] == "iid"
+        argv = [*argv[1:argv.index("--json") + 1], str(tmp_path / "bench.json"), "--tiny"]
+        if "--emulate" in argv:
+            with pytest.raises(SystemExit) as e:
+                bench.bench_main(argv)
+            assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+            continue
+        assert bench.bench_main(argv) == 0
+        data = json.loads((tmp_path / "bench.json").read_text())
+        assert data["args"]["model"] in models and data["runs"]["ours"]["decode_tok_s"] > 0
+    capsys.readouterr()
+    assert main(plans[0]) == 0
+    assert "| qwen3-30b-a3b " in capsys.readouterr().out
