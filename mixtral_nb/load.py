@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .build import build_model, parse_devices
-from .checkpoint import CheckpointError, download, load_config, quantize
+from .checkpoint import CheckpointError, detect_layout, download, load_config, quantize, read_json
 from .checkpoint.quantize import check_hub_family
 from .config import OffloadConfig, QuantConfig
 from .embedded import build_embedded
@@ -63,6 +63,16 @@ def embedded_checkpoint(quant: QuantConfig | None = None, progress: bool = False
     if not (dst / "COMPLETE").exists():
         quantize(src, dst, quant, device="cpu", progress=progress)
     return dst
+
+
+def _folder_quant(folder: Path) -> QuantConfig | None:
+    """A project folder's own quantization (its manifest); None (the article's mix) for other layouts."""
+    if detect_layout(folder) != "project":
+        return None
+    try:
+        return QuantConfig.from_json(read_json(folder / "manifest.json")["quant"])
+    except (KeyError, TypeError, ValueError):
+        return None  # a malformed manifest: build_model names the problem when it opens the folder
 
 
 def tokenizer_for(folder: Path) -> Any:
@@ -115,8 +125,9 @@ def load(model: str = "auto", device: str | torch.device | list | None = None, o
         folder = download(name, local, token=token)
     target: Any = target_all or dev
     if offload_config is None:
-        # the folder's own sizes (Mixtral-8x7B's give the same plan as before; 8x22B and other families their own)
-        p = detect(device, model=planner_dims(load_config(folder)))  # device None: every GPU (Kaggle's 2 x T4)
+        # the folder's own sizes, counted per family at its own quantization (Mixtral-8x7B's give the same
+        # plan as before); device None: every GPU (Kaggle's 2 x T4)
+        p = detect(device, model=load_config(folder), quant=quant_config or _folder_quant(folder))
         offload_config = p.offload_config()
         if device is None:
             target = p.devices()

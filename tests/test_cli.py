@@ -47,7 +47,9 @@ def test_chat_answers_one_prompt_with_the_embedded_model():
 
 
 def test_plan_prints_the_memory_plan():
-    proc = run_cli("plan", timeout=120)
+    # a small model, so the plan for this machine fits whatever RAM the test machine has free
+    # (Mixtral-8x7B on a CPU needs ~21 GiB; the machine-fits-nothing path has its own test)
+    proc = run_cli("plan", "--model", "olmoe-1b-7b", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Memory plan" in proc.stdout and "offload_per_layer=" in proc.stdout
 

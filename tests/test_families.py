@@ -281,3 +281,20 @@ def test_low_precision_build_keeps_what_transformers_keeps_in_fp32(fam_dir):
         assert got["model.layers.1.mlp.gate.weight"] == torch.float32
     with torch.no_grad():
         assert torch.isfinite(model(_ids()).logits).all()
+
+
+def test_quantized_folder_carries_the_tokenizer_and_loads_with_its_template(tmp_path):
+    """quantize copies the original's tokenizer files before marking the folder complete, so load()
+    finds the family's own tokenizer and chat template in the quantized folder."""
+    from mixtral_nb.checkpoint.project import TOKENIZER_FILES
+    from mixtral_nb.load import load
+
+    src = write_tiny_family(tmp_path / "src", "qwen3_moe", seed=7)
+    _write_tokenizer(src)
+    dst = quantize(src, tmp_path / "q", QUANT, device="cpu", progress=False)
+    copied = sorted(n for n in TOKENIZER_FILES if (dst / n).exists())
+    assert copied and copied == sorted(n for n in TOKENIZER_FILES if (src / n).exists())
+    assert all((dst / n).read_bytes() == (src / n).read_bytes() for n in copied)
+    assert not list(dst.glob("*.tmp"))
+    model, tok = load(str(dst), device="cpu", keep_previous=True)
+    assert tok.chat_template == CHATML and model.mixtral_nb_family == "qwen3_moe"

@@ -380,6 +380,17 @@ class _ReadChecks:
 # writing
 
 
+# what a model folder ships beside its weights so that a tokenizer and its chat template load from it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -476,7 +487,7 @@ class Writer:
         _atomic_save(tensors, self._part(None))
 
     def finish(self, config_json: str, manifest: dict[str, Any], num_layers: int,
-               moe_layers: list[int] | None = None) -> None:
+               moe_layers: list[int] | None = None, tokenizer_from: Path | None = None) -> None:
         trunk: dict[str, Tensor] = {}
         for layer in [None, *range(num_layers)]:
             with safe_open(str(self._part(layer)), framework="pt", device="cpu") as f:
@@ -485,6 +496,9 @@ class Writer:
         _atomic_save(trunk, self.dst / "trunk.safetensors")
         del trunk
         atomic_text(config_json, self.dst / "config.json")
+        for name in TOKENIZER_FILES if tokenizer_from is not None else ():  # before COMPLETE: a complete
+            if (tokenizer_from / name).is_file():  # folder loads with its own tokenizer
+                _atomic_copy(tokenizer_from / name, self.dst / name)
         blob_hashes, blob_sums = {}, {}
         for layer in (range(num_layers) if moe_layers is None else moe_layers):
             name = expert_file(layer)
@@ -511,8 +525,12 @@ class Writer:
 def write_project(source: Source, dst: Path, *, quant: QuantConfig, fmt: ExpertFormat,
                   attn_specs: dict[str, QSpec], fingerprint: dict[str, Any], trunk_bytes: int,
                   overwrite: bool = False, progress: bool = True, desc: str = "experts",
-                  on_layer: Callable[[int], None] | None = None, source_memo: dict[str, Any] | None = None) -> Path:
+                  on_layer: Callable[[int], None] | None = None, source_memo: dict[str, Any] | None = None,
+                  tokenizer_from: Path | None = None) -> Path:
     """Stream a source into a project folder, layer by layer; resumable, locked and atomic (module docstring).
+
+    ``tokenizer_from``: a folder whose tokenizer files (``TOKENIZER_FILES``) are copied in before the
+    folder is marked complete, so ``load`` finds the model's own tokenizer and chat template there.
 
     ``on_layer(i)`` runs after layer i's files are written (progress hooks; tests use it to interrupt).
     ``source_memo`` (the stat-keyed digests of the source's files) is kept in the folder for the next resume.
@@ -555,7 +573,7 @@ def write_project(source: Source, dst: Path, *, quant: QuantConfig, fmt: ExpertF
             source.close()
         manifest = {"format": FORMAT, "version": VERSION, "quant": quant.to_json(), "expert_format": fmt.to_json(),
                     "attn_specs": {k: v.to_json() for k, v in attn_specs.items()}, "source": fingerprint}
-        writer.finish(cfg.to_json_string(use_diff=True), manifest, L, sorted(moe))
+        writer.finish(cfg.to_json_string(use_diff=True), manifest, L, sorted(moe), tokenizer_from)
     return dst
 
 

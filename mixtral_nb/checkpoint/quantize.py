@@ -181,4 +181,4 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant_config: Quant
     source = HFQuantizer(ck, fmt, attn_specs, dev)
     return write_project(source, dst, quant=quant_config, fmt=fmt, attn_specs=attn_specs, fingerprint=fingerprint,
                          trunk_bytes=ck.float_bytes(), overwrite=overwrite, progress=progress, desc="quantizing experts",
-                         on_layer=on_layer, source_memo=memo)
+                         on_layer=on_layer, source_memo=memo, tokenizer_from=ck.folder)
