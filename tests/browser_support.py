@@ -18,8 +18,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -269,3 +270,48 @@ class JupyterLab(JupyterServer):
 
     def url(self, path: str = "lab") -> str:
         return super().url(path)
+
+
+# --------------------------------------------------------------------------- page helpers
+
+ASSISTANT = ".mnb-msg-assistant"
+USER = ".mnb-msg-user"
+
+# JS: the last assistant bubble as {n: bubbles, text: body without the cursor, cursor: bool}; ui.py draws the
+# cursor (U+258C) while a reply streams and replaces it with a caption ("N tokens, x tok/s") at the end
+LAST_BUBBLE_JS = """(sel) => {
+  const els = document.querySelectorAll(sel);
+  if (!els.length) return {n: 0, text: '', cursor: false};
+  const t = els[els.length - 1].innerText;
+  return {n: els.length, text: t.replace('\\u258c', '').trim(), cursor: t.includes('\\u258c')};
+}"""
+
+
+@contextmanager
+def chromium_page() -> Iterator[Any]:
+    """A page in a headless Debian Chromium (1400 x 1000, 30 s default waits), closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def last_bubble(page: Any) -> dict:
+    return page.evaluate(LAST_BUBBLE_JS, ASSISTANT)
+
+
+def wait_bubble(page: Any, condition_js: str, arg: Any, timeout: float, what: str) -> dict:
+    """Wait until ``condition_js(bubble, arg)`` holds for the last assistant bubble; return the bubble."""
+    js = f"([sel, arg]) => {{ const b = ({LAST_BUBBLE_JS})(sel); return ({condition_js})(b, arg) ? b : null; }}"
+    try:
+        handle = page.wait_for_function(js, arg=[ASSISTANT, arg], timeout=timeout * 1000, polling=50)
+    except Exception as exc:
+        raise AssertionError(f"{what} (within {timeout:.0f} s); last bubble: {last_bubble(page)}") from exc
+    return handle.json_value()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, prepare_notebook
+from browser_support import (ARTIFACTS, ASSISTANT, CHROMIUM, REPO, USER, JupyterLab, chromium_page, last_bubble,
+                             prepare_notebook, wait_bubble)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -41,18 +42,7 @@ T_STOP = 45
 QUIET = 2.0  # after Stop: the text must not change during this long
 
 CHART = "img.mnb-chart, .mnb-chart img"  # ipywidgets 8 puts the class on the <img> itself
-ASSISTANT = ".mnb-msg-assistant"
-USER = ".mnb-msg-user"
 INPUT = ".mnb-input textarea"  # multiline: Enter sends (the widget's script), Shift+Enter adds a line
-
-# JS: the last assistant bubble as {n: bubbles, text: body without the cursor, cursor: bool}; ui.py draws the
-# cursor (U+258C) while a reply streams and replaces it with a caption ("N tokens, x tok/s") at the end
-_LAST_BUBBLE_JS = """(sel) => {
-  const els = document.querySelectorAll(sel);
-  if (!els.length) return {n: 0, text: '', cursor: false};
-  const t = els[els.length - 1].innerText;
-  return {n: els.length, text: t.replace('\\u258c', '').trim(), cursor: t.includes('\\u258c')};
-}"""
 
 
 def _require_chromium() -> None:
@@ -131,20 +121,6 @@ def _wait_notebook(page, log: list[str], timeout: float, what: str) -> None:
             continue
 
 
-def _last_bubble(page) -> dict:
-    return page.evaluate(_LAST_BUBBLE_JS, ASSISTANT)
-
-
-def _wait_bubble(page, condition_js: str, arg, timeout: float, what: str) -> dict:
-    """Wait until ``condition_js(bubble, arg)`` holds for the last assistant bubble; return the bubble."""
-    js = f"([sel, arg]) => {{ const b = ({_LAST_BUBBLE_JS})(sel); return ({condition_js})(b, arg) ? b : null; }}"
-    try:
-        handle = page.wait_for_function(js, arg=[ASSISTANT, arg], timeout=timeout * 1000, polling=50)
-    except Exception as exc:
-        raise AssertionError(f"{what} (within {timeout:.0f} s); last bubble: {_last_bubble(page)}") from exc
-    return handle.json_value()
-
-
 def _wait_stats_tokens(page, tokens: int, timeout: float = 20) -> None:
     """The stats line under the chart is redrawn after a reply's caption: wait for its final count."""
     try:
@@ -165,7 +141,7 @@ def _send(page, text: str) -> None:
 
 def _wait_reply_done(page, n_assistant: int, what: str) -> dict:
     """Wait for assistant bubble number ``n_assistant`` to be complete (no cursor, a token caption)."""
-    return _wait_bubble(page, "(b, n) => b.n >= n && !b.cursor && /\\d+ tokens/.test(b.text)", n_assistant, T_REPLY,
+    return wait_bubble(page, "(b, n) => b.n >= n && !b.cursor && /\\d+ tokens/.test(b.text)", n_assistant, T_REPLY,
                         what)
 
 
@@ -213,17 +189,8 @@ def lab(notebook_copy, tmp_path):
 
 @pytest.fixture
 def page(lab):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            pg = context.new_page()
-            pg.set_default_timeout(30_000)
-            yield pg
-        finally:
-            browser.close()
+    with chromium_page() as pg:
+        yield pg
 
 
 # --------------------------------------------------------------------------- the test
@@ -295,15 +262,15 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         except Exception as exc:
             raise AssertionError("the live chart did not change while the reply was generating") from exc
         mark("chart redrawn")
-        b1 = _wait_bubble(page, "(b) => b.cursor && b.text.length > 0", None, T_REPLY,
+        b1 = wait_bubble(page, "(b) => b.cursor && b.text.length > 0", None, T_REPLY,
                           "no streamed text appeared in the assistant bubble")
-        b2 = _wait_bubble(page, "(b, n) => b.cursor && b.text.length > n", len(b1["text"]), T_REPLY,
+        b2 = wait_bubble(page, "(b, n) => b.cursor && b.text.length > n", len(b1["text"]), T_REPLY,
                           "the streaming reply did not grow")
         assert b2["text"] != b1["text"]
         mark("reply streaming")
 
         page.locator(".mnb-stop").click(timeout=10_000)
-        stopped = _wait_bubble(page, "(b) => !b.cursor && b.text.includes('(stopped)')", None, T_STOP,
+        stopped = wait_bubble(page, "(b) => !b.cursor && b.text.includes('(stopped)')", None, T_STOP,
                                "the reply did not end with '(stopped)' after clicking Stop (if it ran to its "
                                "max_new_tokens, the kernel handled the click only after the reply)")
         mark("stopped")
@@ -313,7 +280,7 @@ def test_chat_notebook_streams_stops_and_answers_again(lab, page, notebook_copy)
         assert tokens < OVERRIDES["MAX_NEW_TOKENS"], f"Stop came after the reply had ended: {stopped['text']!r}"
         _wait_stats_tokens(page, tokens)
         page.wait_for_timeout(QUIET * 1000)  # a stopped reply stays as it is
-        assert _last_bubble(page)["text"] == stopped["text"], "the reply kept changing after Stop"
+        assert last_bubble(page)["text"] == stopped["text"], "the reply kept changing after Stop"
 
         # ---- multiline: Shift+Enter adds a line (nothing sent), Enter sends both lines
         box = page.locator(INPUT)

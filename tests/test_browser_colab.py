@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, JupyterServer, prepare_notebook
+from browser_support import (ARTIFACTS, ASSISTANT, CHROMIUM, REPO, USER, JupyterServer, chromium_page, last_bubble,
+                             prepare_notebook, wait_bubble)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(540)]
 
@@ -48,8 +49,6 @@ T_REPLY = 120
 T_STOP = 45
 QUIET = 2.0  # after Stop: the text must not change during this long
 
-ASSISTANT = ".mnb-msg-assistant"
-USER = ".mnb-msg-user"
 INPUT = ".mnb-input input, .mnb-input textarea"
 UNDO = ".mnb-undo"
 
@@ -63,15 +62,6 @@ _expected = {EXPECTED!r}
 _wrong = {{k: v for k, v in _versions.items() if not v.startswith(_expected[k])}}
 assert not _wrong, f"not Colab's stack: {{_wrong}} (expected prefixes {{_expected}})"
 print("COLAB-STACK " + json.dumps(_versions))"""
-
-# JS: the last assistant bubble as {n, text (no cursor), cursor}; ui.py draws the cursor (U+258C) while a
-# reply streams and replaces it with a caption ("N tokens, x tok/s") at the end
-_LAST_BUBBLE_JS = """(sel) => {
-  const els = document.querySelectorAll(sel);
-  if (!els.length) return {n: 0, text: '', cursor: false};
-  const t = els[els.length - 1].innerText;
-  return {n: els.length, text: t.replace('\\u258c', '').trim(), cursor: t.includes('\\u258c')};
-}"""
 
 # classic Notebook: every code cell shows "In [N]:" once it has run ("In [*]:" while running)
 _ALL_CELLS_RAN_JS = """() => {
@@ -171,20 +161,6 @@ def _kernel_versions(page) -> dict:
     return json.loads(re.search(r"COLAB-STACK (\{.*\})", text).group(1))
 
 
-def _last_bubble(page) -> dict:
-    return page.evaluate(_LAST_BUBBLE_JS, ASSISTANT)
-
-
-def _wait_bubble(page, condition_js: str, arg, timeout: float, what: str) -> dict:
-    """Wait until ``condition_js(bubble, arg)`` holds for the last assistant bubble; return the bubble."""
-    js = f"([sel, arg]) => {{ const b = ({_LAST_BUBBLE_JS})(sel); return ({condition_js})(b, arg) ? b : null; }}"
-    try:
-        handle = page.wait_for_function(js, arg=[ASSISTANT, arg], timeout=timeout * 1000, polling=50)
-    except Exception as exc:
-        raise AssertionError(f"{what} (within {timeout:.0f} s); last bubble: {_last_bubble(page)}") from exc
-    return handle.json_value()
-
-
 def _wait_idle(page) -> None:
     """Send enabled and Stop disabled again: the widget has finished its reply."""
     page.locator(".mnb-send:not([disabled])").wait_for(state="visible", timeout=15_000)
@@ -260,17 +236,8 @@ def server(notebook_copy, tmp_path):
 
 @pytest.fixture
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            pg = context.new_page()
-            pg.set_default_timeout(30_000)
-            yield pg
-        finally:
-            browser.close()
+    with chromium_page() as pg:
+        yield pg
 
 
 # --------------------------------------------------------------------------- the test
@@ -305,15 +272,15 @@ def test_colab_stack_chat_streams_stops_regenerates_and_undoes(server, page, not
         _send(page, LONG_QUESTION)
         page.locator(USER, has_text="dragon").wait_for(state="visible", timeout=15_000)
         page.locator(".mnb-stop:not([disabled])").wait_for(state="visible", timeout=15_000)
-        b1 = _wait_bubble(page, "(b) => b.cursor && b.text.length > 0", None, T_REPLY,
+        b1 = wait_bubble(page, "(b) => b.cursor && b.text.length > 0", None, T_REPLY,
                           "no streamed text appeared in the assistant bubble")
-        b2 = _wait_bubble(page, "(b, n) => b.cursor && b.text.length > n", len(b1["text"]), T_REPLY,
+        b2 = wait_bubble(page, "(b, n) => b.cursor && b.text.length > n", len(b1["text"]), T_REPLY,
                           "the streaming reply did not grow")
         assert b2["text"] != b1["text"]
         mark("reply streaming")
 
         page.locator(".mnb-stop").click(timeout=10_000)
-        stopped = _wait_bubble(page, "(b) => !b.cursor && b.text.includes('(stopped)')", None, T_STOP,
+        stopped = wait_bubble(page, "(b) => !b.cursor && b.text.includes('(stopped)')", None, T_STOP,
                                "the reply did not end with '(stopped)' after clicking Stop (if it ran to its "
                                "max_new_tokens, the kernel handled the click only after the reply: the "
                                "ipykernel 6 polling path is broken)")
@@ -321,13 +288,13 @@ def test_colab_stack_chat_streams_stops_regenerates_and_undoes(server, page, not
         _wait_idle(page)
         assert _tokens(stopped["text"]) < OVERRIDES["MAX_NEW_TOKENS"], f"Stop came after the reply ended: {stopped}"
         page.wait_for_timeout(QUIET * 1000)  # a stopped reply stays as it is
-        assert _last_bubble(page)["text"] == stopped["text"], "the reply kept changing after Stop"
+        assert last_bubble(page)["text"] == stopped["text"], "the reply kept changing after Stop"
         # the transcript may also show the turn the notebook asked from code: count from here on
         n_user, n_reply = page.locator(USER).count(), page.locator(ASSISTANT).count()
 
         # ---- Regenerate: the stopped reply is replaced by a new one in the same place
         page.locator(".mnb-regenerate:not([disabled])").click(timeout=10_000)
-        regenerated = _wait_bubble(page, f"(b, old) => b.text !== old && ({_COMPLETE})(b)", stopped["text"], T_REPLY,
+        regenerated = wait_bubble(page, f"(b, old) => b.text !== old && ({_COMPLETE})(b)", stopped["text"], T_REPLY,
                                    "Regenerate did not produce a new complete reply")
         mark("regenerated")
         _wait_idle(page)
@@ -339,7 +306,7 @@ def test_colab_stack_chat_streams_stops_regenerates_and_undoes(server, page, not
         # ---- 2nd question: answered to the end
         _send(page, SHORT_QUESTION)
         page.locator(USER, has_text="Italy").wait_for(state="visible", timeout=15_000)
-        second = _wait_bubble(page, f"(b, n) => b.n > n && ({_COMPLETE})(b)", n_reply, T_REPLY,
+        second = wait_bubble(page, f"(b, n) => b.n > n && ({_COMPLETE})(b)", n_reply, T_REPLY,
                               "the second question got no complete answer")
         mark("second answer")
         _wait_idle(page)
@@ -357,13 +324,13 @@ def test_colab_stack_chat_streams_stops_regenerates_and_undoes(server, page, not
             raise AssertionError(f"Undo did not remove the last turn: {page.locator(USER).count()} questions, "
                                  f"{page.locator(ASSISTANT).count()} replies shown") from exc
         assert page.locator(USER, has_text="Italy").count() == 0
-        assert _last_bubble(page)["text"] == regenerated["text"], "Undo changed the reply before the undone turn"
+        assert last_bubble(page)["text"] == regenerated["text"], "Undo changed the reply before the undone turn"
         mark("undone")
 
         # ---- 3rd question after the undo: the session is still consistent
         _send(page, THIRD_QUESTION)
         page.locator(USER, has_text="colours").wait_for(state="visible", timeout=15_000)
-        third = _wait_bubble(page, f"(b, n) => b.n > n && ({_COMPLETE})(b)", n_reply, T_REPLY,
+        third = wait_bubble(page, f"(b, n) => b.n > n && ({_COMPLETE})(b)", n_reply, T_REPLY,
                              "the question after Undo got no complete answer")
         mark("answer after undo")
         _wait_idle(page)
