@@ -19,8 +19,8 @@
 #             (--emulate t4), with the T4 projection, D2H/H2D per token and the time to first token (512 tokens)
 #   gemv      one-token GEMV timings against the copy bandwidth: python scripts/kernel_bench.py bench
 #   families  other MoE families at the colab-t4 plan: for each of FAMILY_MODELS (qwen3-30b-a3b phi-3.5-moe) the
-#             synthetic full-size benchmark (--routing iid --repeat 3 --new-tokens 64) plain and with --emulate t4,
-#             JSON in $OUT/family-NAME-{plain,t4}.json; then the planner table `plan --model all --all`
+#             synthetic full-size benchmark (--routing iid --repeat 3 --new-tokens 64 --emulate t4: plain, then with
+#             a T4's limits emulated, in one process), JSON in $OUT/family-NAME.json; then `plan --model all --all`
 #   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
 #
 # Settings: OUT (log folder, default gpu_logs), PY (default python3), TINYQ (the quantized tiny checkpoint,
@@ -97,10 +97,9 @@ family_run() {  # family_run NAME CMD...: CMD's output in $OUT/NAME.txt, its key
 step_families() {
   local rc=0 m
   for m in ${FAMILY_MODELS:-qwen3-30b-a3b phi-3.5-moe}; do
-    family_run "family-$m-plain" $PY -m mixtral_nb bench --model "$m" --plan colab-t4 --routing iid --repeat 3 \
-      --new-tokens 64 --json "$OUT/family-$m-plain.json" || rc=1
-    family_run "family-$m-t4" $PY -m mixtral_nb bench --model "$m" --plan colab-t4 --routing iid --repeat 3 \
-      --new-tokens 64 --emulate t4 --json "$OUT/family-$m-t4.json" || rc=1
+    # one process per model: the plain run, then the same model with a T4's limits emulated
+    family_run "family-$m" $PY -m mixtral_nb bench --model "$m" --plan colab-t4 --routing iid --repeat 3 \
+      --new-tokens 64 --emulate t4 --json "$OUT/family-$m.json" || rc=1
   done
   if [ -n "${DRY_RUN:-}" ]; then echo "+ $PY -m mixtral_nb plan --model all --all"; return 0; fi
   timeout 120 $PY -m mixtral_nb plan --model all --all | tee "$OUT/families-plan.txt"
