@@ -275,3 +275,10 @@ def test_gpu_record_families_step_command_lines(capsys, tmp_path):
     capsys.readouterr()
     assert main(plans[0]) == 0
     assert "| qwen3-30b-a3b " in capsys.readouterr().out
+
+
+def test_efficiency_is_speed_over_the_copy_bound_limit():
+    """1 GB copied per token at 20 GB/s allows 20 tok/s: decoding 10 tok/s is half of it; no copies, no figure."""
+    assert bench._efficiency(10.0, 1e9, 20e9) == pytest.approx(0.5)
+    assert bench._efficiency(6.27, 1.3e9, bench.T4_H2D_BPS) == pytest.approx(6.27 / (9.7e9 / 1.3e9))
+    assert math.isnan(bench._efficiency(10.0, 0.0, 20e9))
