@@ -22,6 +22,10 @@
 #             synthetic full-size benchmark (--routing iid --repeat 3 --new-tokens 64 --emulate t4: plain, then with
 #             a T4's limits emulated, in one process), JSON in $OUT/family-NAME.json; then `plan --model all --all`
 #   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
+#   article   ours at the colab-t4 plan (plain and --emulate t4) and then the article's own code, unmodified, in its
+#             own environment (scripts/article_code_bench.py; prepare .article/ first with scripts/article_env.sh
+#             and carry it) at the same VRAM cap with its notebook's offload_per_layer=4 and with 3, on the
+#             synthetic folder $SYNTH (default /tmp/synth, written if missing); prints ours / theirs
 #
 # Settings: OUT (log folder, default gpu_logs), PY (default python3), TINYQ (the quantized tiny checkpoint,
 # default .gpuassets/tinyq), FAMILY_MODELS (the families step's models), DRY_RUN=1 (the families step prints
@@ -106,6 +110,34 @@ step_families() {
   [ "${PIPESTATUS[0]}" -ne 0 ] && rc=1
   return "$rc"
 }
+step_article() {
+  if [ ! -f .article/src/build_model.py ] || ! ls .article/whl/*.whl >/dev/null 2>&1; then
+    echo "no .article/: run 'bash scripts/article_env.sh' on a machine with internet, then carry .article"
+    return 2
+  fi
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/artsite \
+    .article/whl/*.whl || return 2
+  timeout 250 $PY -m mixtral_nb.bench --plan colab-t4 --emulate t4 --routing iid --repeat 2 --new-tokens 64 \
+    --json "$OUT/ours-colab.json" | tee "$OUT/ours-colab.txt" | grep -E "$KEYS"
+  local rc=${PIPESTATUS[0]} opl
+  for opl in 4 3; do  # in the article's own environment: its transformers 4.36.1 must not meet ours
+    PYTHONPATH=/tmp/artsite:.article timeout 290 $PY scripts/article_code_bench.py --folder "${SYNTH:-/tmp/synth}" \
+      --write-synthetic --offload-per-layer "$opl" --repeat 2 --new-tokens 64 --json "$OUT/article-opl$opl.json" \
+      2>&1 | tee "$OUT/article-opl$opl.txt" | grep -E "^(article\.|# built|article_code_bench)"
+    [ "${PIPESTATUS[0]}" -ne 0 ] && rc=1
+  done
+  $PY - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+ours = json.loads((out / "ours-colab.json").read_text())["runs"]["ours"]["decode_tok_s"]
+for opl in (4, 3):
+    theirs = json.loads((out / f"article-opl{opl}.json").read_text()).get("article", {}).get("decode_tok_s")
+    if theirs:
+        print(f"ours {ours:.2f} tok/s / the article's own code (offload_per_layer={opl}) {theirs:.2f} = {ours / theirs:.2f}x")
+EOF
+  return "$rc"
+}
 step_gemv() { timeout 300 $PY scripts/kernel_bench.py bench; }
 step_rehearse() {
   if [ ! -f scripts/gpu_rehearse.sh ]; then echo "scripts/gpu_rehearse.sh is missing"; return 2; fi
@@ -116,7 +148,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env kernels compile decoder bench gemv)
 for s in "${steps[@]}"; do
   if ! declare -F "step_$s" >/dev/null; then
-    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv families rehearse" >&2
+    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv families rehearse article" >&2
     exit 2
   fi
 done
