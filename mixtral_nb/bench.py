@@ -28,9 +28,9 @@ unchanged (optimistic if the host CPU is slower, as Colab's is).
 
 ``--model NAME`` (a name in :data:`mixtral_nb.known_models.KNOWN_MODELS`; default mixtral-8x7b) builds
 another model's exact shapes the same way (Qwen3-30B-A3B, Phi-3.5-MoE, ...): every tensor of the
-family's transformers model, the resident projections quantized, run by transformers' forward (the
-Decoder is Mixtral's); ``--tiny`` then gives the family's toy widths with the full model's experts and
-top-k. ``--plan`` plans for that model.
+family's transformers model, the resident projections quantized, run by the Decoder where the family
+has Mixtral's layer shape (Qwen3-MoE, OLMoE) and by transformers' forward otherwise; ``--tiny``
+then gives the family's toy widths with the full model's experts and top-k. ``--plan`` plans for that model.
 
 ``--plan NAME`` runs the planner's plan for a machine in ``planner.PRESETS`` (e.g. ``colab-t4``:
 per-layer GPU slots, spare host blobs, the VRAM cap of that machine counting the CUDA context).
@@ -806,12 +806,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true", help="ours, then the baseline, in one process; prints the ratio")
     g.add_argument("--resident", action="store_true", help="every expert on the GPU, no VRAM cap")
     p.add_argument("--model", choices=list(KNOWN_MODELS), default="mixtral-8x7b",
-                   help="whose exact shapes to build (random codes in the quantized layout); other families run "
-                        "through transformers' forward")
+                   help="whose exact shapes to build (random codes in the quantized layout)")
     p.add_argument("--engine", choices=("decoder", "transformers"), default=None,
-                   help="what runs the layers: mixtral_nb's Decoder (static KV cache, CUDA graphs; Mixtral only) or "
-                        "transformers' forward; none: the Decoder for Mixtral, transformers' forward for other "
-                        "families; --baseline always uses transformers' forward, as the article's code does")
+                   help="what runs the layers: mixtral_nb's Decoder (static KV cache, CUDA graphs; Mixtral, "
+                        "Qwen3-MoE, OLMoE) or transformers' forward; none: the Decoder where it applies, else "
+                        "transformers' forward; --baseline always uses transformers' forward, as the article's code "
+                        "does")
     p.add_argument("--routing", choices=("model", "iid"), default="model",
                    help="iid: replace router outputs with the top-k (the model's own k) of random logits")
     p.add_argument("--tiny", action="store_true",
@@ -890,7 +890,8 @@ def bench_main(argv: list[str] | None = None) -> int:
         parser.error(f"--ttft-prompt must be at least 1, got {args.ttft_prompt}")
     family = FAMILIES[KNOWN_MODELS[args.model]["model_type"]]
     if args.engine == "decoder" and not family.decoder:
-        parser.error(f"--engine decoder runs Mixtral models only; {args.model} is {family.model_type}: leave --engine "
+        runs = ", ".join(f.model_type for f in FAMILIES.values() if f.decoder)
+        parser.error(f"--engine decoder runs {runs} models only; {args.model} is {family.model_type}: leave --engine "
                      "out (transformers' forward)")
     args.engine = args.engine or ("decoder" if family.decoder else "transformers")
     if args.copy_only:

@@ -1,4 +1,10 @@
-"""Decoder: Mixtral's forward pass written out in plain PyTorch, with a static KV cache and CUDA graphs.
+"""Decoder: a MoE forward pass written out in plain PyTorch, with a static KV cache and CUDA graphs.
+
+It runs the families whose layers have Mixtral's shape (RMSNorm, rotary GQA attention, a top-k
+router over routed experts, or a dense MLP in a layer without experts): Mixtral, Qwen3-MoE (q/k
+RMSNorm per head, ``mlp_only_layers``) and OLMoE (q/k RMSNorm over the whole projection, optional
+q/k/v clipping, top-k probabilities not renormalised). Families with other attention or shared
+experts decode through transformers' forward.
 
 Why: one decode step of Mixtral-8x7B reads ~5 GB of weights (milliseconds on a GPU), while
 transformers' forward spends ~2 ms of Python per layer on masks, cache objects and kwargs, and each
@@ -49,7 +55,7 @@ class DecoderConfig:
 
 
 class Decoder:
-    """Runs a ``build_model`` Mixtral token by token; see the module docstring. An :class:`~.engine.Engine`.
+    """Runs a ``build_model`` model token by token; see the module docstring. An :class:`~.engine.Engine`.
 
     ``forward(ids)`` appends ``ids`` [1, T] at position ``pos`` (= ``length``) and returns the logits
     [1, vocab] of the last one; ``truncate(n)`` forgets everything from position n on (chat
@@ -69,6 +75,7 @@ class Decoder:
         self.nh, self.nkv = c.num_attention_heads, c.num_key_value_heads
         self.hd = getattr(c, "head_dim", None) or c.hidden_size // self.nh
         self.window = getattr(c, "sliding_window", None)
+        self.clip = getattr(c, "clip_qkv", None)  # OLMoE: q, k and v clamped to [-clip, clip]
         n = config.max_len
         self.k = [torch.zeros(self.nkv, n, self.hd, dtype=self.dtype, device=d) for d in self.devs]
         self.v = [torch.zeros_like(t) for t in self.k]
@@ -90,11 +97,13 @@ class Decoder:
         self.routing: Any = None
         self._graphs: dict[int, list[Any]] = {}  # bucket length -> stages
         self._pool = GraphPool()
-        experts = [layer.mlp.experts for layer in self.layers]
+        # each layer's routed experts (None: a dense MLP layer)
+        self.experts = [getattr(layer.mlp, "experts", None) for layer in self.layers]
         self.use_graphs = config.cuda_graphs and first.type == "cuda"
         probe = torch.zeros(1, c.hidden_size, dtype=self.dtype, device=first)
         self.static = self.use_graphs and all(
-            hasattr(e, "static") and e.static() and e.grouped(probe.to(d)) for e, d in zip(experts, self.devs))
+            hasattr(e, "static") and e.static() and e.grouped(probe.to(d))
+            for e, d in zip(self.experts, self.devs) if e is not None)
         on_release(model, self.release)  # a re-run notebook cell frees this KV cache and these graphs too
 
     def release(self) -> None:
@@ -161,6 +170,10 @@ class Decoder:
         projs = (a.q_proj, a.k_proj, a.v_proj)
         xq = kernels.shared_x(h, [getattr(p, "spec", None) for p in projs])  # one quantize_x for the three
         q, k, v = (p(h) if xq is None else p(h, xq) for p in projs)
+        if getattr(a, "q_norm", None) is not None:  # Qwen3-MoE, OLMoE: RMSNorm of q and k before rotary
+            q, k = self._qk_norm(a.q_norm, q), self._qk_norm(a.k_norm, k)
+        if self.clip is not None:  # after the norms, as OLMoE does
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         # q rotated to [heads, T, hd]; k rotated and v written into the cache at `positions`
         q = rope_and_cache(q, k, v, cos, sin, self.k[i], self.v[i], positions)
         length = mask.shape[-1]
@@ -173,23 +186,45 @@ class Decoder:
         o = o.view(self.nh, T, self.hd).transpose(0, 1).reshape(T, self.nh * self.hd)
         return x + a.o_proj(o)
 
+    def _qk_norm(self, norm: Any, t: Tensor) -> Tensor:
+        """RMSNorm of a projection [T, heads*hd]: per head when the norm's weight is one head wide
+        (Qwen3-MoE), else over the whole row (OLMoE)."""
+        w = norm.weight
+        if w.numel() == self.hd and t.shape[-1] != self.hd:
+            return rms_norm(t.reshape(-1, self.hd), w, norm.variance_epsilon).view(t.shape)
+        return rms_norm(t, w, norm.variance_epsilon)
+
+    def post_norm(self, i: int, x: Tensor) -> Tensor:
+        """Layer i's post-attention RMSNorm."""
+        norm = self.layers[i].post_attention_layernorm
+        return rms_norm(x, norm.weight, norm.variance_epsilon)
+
     def route(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer i's post-attention norm and router: (normed x, top-k weights, top-k expert ids)."""
         layer = self.layers[i]
-        norm = layer.post_attention_layernorm
-        h = rms_norm(x, norm.weight, norm.variance_epsilon)
+        h = self.post_norm(i, x)
         if self.routing is not None:
             weights, idx = self.routing(i, h)
         else:
             gate = layer.mlp.gate
-            weights, idx = route_topk(h, gate.weight.to(h.dtype), gate.top_k)
+            if getattr(gate, "norm_topk_prob", True):  # renormalised top-k (Mixtral always): one fused kernel
+                w = gate.weight.to(h.dtype)
+                if w.shape[0] > 32:  # many experts (Qwen3: 128): logits by cuBLAS, not in one program's registers
+                    weights, idx = route_topk(F.linear(h, w), None, gate.top_k)
+                else:
+                    weights, idx = route_topk(h, w, gate.top_k)
+            else:  # OLMoE: the top-k softmax probabilities as they are
+                top = torch.topk(torch.softmax(F.linear(h, gate.weight.to(h.dtype)).float(), dim=-1), gate.top_k, dim=-1)
+                weights, idx = top.values, top.indices
         return h, weights, idx
 
     def layer(self, i: int, x: Tensor, step: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
         """One decoder layer on x [T, H]."""
         x = self.attention(i, x, step)
+        if self.experts[i] is None:  # a dense layer: its MLP (quantized projections) on the normed x
+            return x + self.layers[i].mlp(self.post_norm(i, x))
         h, weights, idx = self.route(i, x)
-        return x + self.layers[i].mlp.experts(h, idx, weights)
+        return x + self.experts[i](h, idx, weights)
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and lm_head on the last row: logits [1, vocab]."""
@@ -242,13 +277,14 @@ class Decoder:
                 g(self.pos_t[self.devs[first]])
                 continue
             x = x.to(self.devs[first])
-            if kind == "layers":  # every expert resident: the whole range is one graph
+            if kind == "layers":  # every expert resident (or a dense layer): the whole range is one graph
                 x = g(x)
-                for i in range(first, last):
-                    self.layers[i].mlp.experts.count_static_step()
+                for e in self.experts[first:last]:
+                    if e is not None:
+                        e.count_static_step()
             else:  # attention + router replayed, experts eager (they decide which copies to start)
                 x_mid, h, weights, idx = g(x)
-                y = self.layers[first].mlp.experts(h, idx, weights)
+                y = self.experts[first](h, idx, weights)
                 # the residual sum lands in the next graph's input buffer: no copy at its replay
                 nxt = stages[si + 1] if si + 1 < len(stages) else None
                 if nxt is not None and nxt[0] == "attention" and self.devs[nxt[1]] == self.devs[first]:
@@ -260,7 +296,7 @@ class Decoder:
     def _capture(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
         """The graphs of one decode step for cache length ``length``; their warm-up runs are not uses."""
         with contextlib.ExitStack() as stack:
-            for cache in {id(c): c for c in (layer.mlp.experts.cache for layer in self.layers)}.values():
+            for cache in {id(e.cache): e.cache for e in self.experts if e is not None}.values():
                 stack.enter_context(cache.uncounted())
             return self._capture_stages(length)
 
@@ -274,9 +310,9 @@ class Decoder:
             dev = self.devs[i]
             x = torch.zeros(1, H, dtype=self.dtype, device=dev)
             pos = self.pos_t[dev]
-            if self.static:
-                j = i
-                while j < len(self.layers) and self.devs[j] == dev:
+            if self.static or self.experts[i] is None:  # a dense layer makes no host sync either
+                j = i + 1
+                while self.static and j < len(self.layers) and self.devs[j] == dev:
                     j += 1
 
                 def run(x: Tensor, first: int = i, last: int = j, dev: torch.device = dev, pos: Tensor = pos) -> Tensor:

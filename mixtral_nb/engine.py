@@ -54,17 +54,24 @@ def input_device(model: Any) -> torch.device:
     return emb.weight.device if emb is not None else torch.device("cpu")
 
 
+def decoder_runs(model: Any) -> bool:
+    """Whether the Decoder implements this model's family (``Family.decoder``: Mixtral's layer shape)."""
+    family = getattr(model, "mixtral_nb_family", "mixtral")
+    return family in FAMILIES and FAMILIES[family].decoder
+
+
 def engine_kind(model: Any, kind: str = "auto") -> str:
     """Resolve ``kind``: "auto" is the Decoder for a ``build_model`` model on a GPU, else transformers' forward."""
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine={kind!r}: use one of {', '.join(map(repr, ENGINE_KINDS))}")
     family = getattr(model, "mixtral_nb_family", "mixtral")
-    decodable = FAMILIES[family].decoder if family in FAMILIES else False  # the Decoder implements Mixtral only
+    decodable = decoder_runs(model)
     if kind == "auto":
         on_gpu = input_device(model).type == "cuda"
         return "decoder" if on_gpu and decodable and getattr(model, "expert_cache", None) is not None else "transformers"
     if kind == "decoder" and not decodable:
-        raise ValueError(f"engine='decoder' runs Mixtral models only; this model is {family}: use engine='transformers' "
+        runs = ", ".join(f.model_type for f in FAMILIES.values() if f.decoder)
+        raise ValueError(f"engine='decoder' runs {runs} models only; this model is {family}: use engine='transformers' "
                          "(or 'auto', which picks it)")
     return kind
 

@@ -168,15 +168,17 @@ FAMILY_MODELS = ["mixtral-8x22b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("model", FAMILY_MODELS)
 def test_tiny_of_every_family(model, capsys, tmp_path):
-    """Each family's toy model through build_model and transformers' forward: tokens come out, the hit rate
-    is a rate, and every decoded token used exactly the family's own top-k in each MoE layer."""
+    """Each family's toy model through build_model and its engine (the Decoder where the family has Mixtral's
+    layer shape, else transformers' forward): tokens come out, the hit rate is a rate, and every decoded token
+    used exactly the family's own top-k in each MoE layer."""
     from mixtral_nb.known_models import model_config
 
     printed, data = run(["--tiny", "--model", model, "--routing", "iid", "--new-tokens", "8", "--ttft-prompt", "16"],
                         capsys, tmp_path)
     ours = printed["ours"]
     sk = skeleton(model_config(model))
-    assert data["args"]["engine"] == ("decoder" if model.startswith("mixtral") else "transformers")
+    family = FAMILIES[model_config(model).model_type]
+    assert data["args"]["engine"] == ("decoder" if family.decoder else "transformers")
     assert ours["decode_tok_s"] > 0 and 0 <= ours["hit_rate"] <= 1 and ours["outputs_finite"] == 1
     assert ours["top_k"] == sk.top_k
     assert ours["expert_uses_per_token"] == ours["moe_layers"] * sk.top_k
@@ -205,10 +207,12 @@ def test_synthetic_checkpoint_holds_every_family_tensor():
 
 
 def test_bench_refuses_what_the_family_cannot_do(capsys):
-    """The Decoder is Mixtral's; a plan that does not fit is one error naming the model, before any build."""
+    """The Decoder does not run Phi-3.5-MoE (LayerNorms, sparsemixer); a plan that does not fit is one error
+    naming the model, before any build."""
     with pytest.raises(SystemExit) as e:
-        bench.bench_main(["--tiny", "--model", "qwen3-30b-a3b", "--engine", "decoder"])
-    assert e.value.code == 2 and "Mixtral models only" in capsys.readouterr().err
+        bench.bench_main(["--tiny", "--model", "phi-3.5-moe", "--engine", "decoder"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "runs mixtral, qwen3_moe, olmoe models only" in err and "phimoe" in err
     with pytest.raises(SystemExit) as e:
         bench.bench_main(["--tiny", "--model", "mixtral-8x22b", "--plan", "colab-t4"])
     assert e.value.code == 2 and "no plan for mixtral-8x22b" in capsys.readouterr().err

@@ -480,6 +480,13 @@ def _check_route_and_sum(fused, device: str):
         assert ids.dtype == torch.int64 and w.dtype == torch.float32 and w.shape == (3, k)
         assert torch.equal(ids.cpu(), top.indices.cpu())
         assert torch.allclose(w, top.values / top.values.sum(-1, keepdim=True), atol=1e-5)
+    x128 = torch.randn(2, 300, generator=gen).half().to(device)  # Qwen3's 128 experts, top-8, as the Decoder
+    gate128 = (torch.randn(128, 300, generator=gen) * 0.2).half().to(device)  # routes them (logits given)
+    probs = torch.softmax(F.linear(x128, gate128).float(), -1)
+    top = torch.topk(probs, 8, -1)
+    for w, ids in (fused.route_topk(x128, gate128, 8), fused.route_topk(F.linear(x128, gate128), None, 8)):
+        assert torch.equal(ids.cpu(), top.indices.cpu())
+        assert torch.allclose(w, top.values / top.values.sum(-1, keepdim=True), atol=1e-5)
     logits = torch.randn(2, 8, generator=gen).to(device)  # given logits (random routing)
     w, ids = fused.route_topk(logits, None, 2)
     top = torch.topk(torch.softmax(logits, -1), 2, -1)
