@@ -22,6 +22,8 @@
 #             synthetic full-size benchmark (--routing iid --repeat 3 --new-tokens 64 --emulate t4: plain, then with
 #             a T4's limits emulated, in one process), JSON in $OUT/family-NAME.json; then `plan --model all --all`
 #   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
+#   gaps      where the copy engine idles at the colab-t4 plan: a profiled 16-token decode (--profile), then
+#             scripts/trace_gaps.py on its trace (the per-layer gap behind efficiency < 1)
 #   article   ours at the colab-t4 plan (plain and --emulate t4) and then the article's own code, unmodified, in its
 #             own environment (scripts/article_code_bench.py; prepare .article/ first with scripts/article_env.sh
 #             and carry it) at the same VRAM cap with its notebook's offload_per_layer=4 and with 3, on the
@@ -138,6 +140,14 @@ for opl in (4, 3):
 EOF
   return "$rc"
 }
+step_gaps() {  # where the copy engine idles at the colab-t4 plan: a profiled decode, then its gaps cut by cause
+  timeout 300 $PY -m mixtral_nb.bench --plan colab-t4 --routing iid --repeat 1 --new-tokens 16 \
+    --profile "$OUT/gaps-prof.txt" --json "$OUT/gaps-bench.json" | grep -E "$KEYS" || return 1
+  timeout 120 $PY scripts/trace_gaps.py "$OUT/gaps-prof.txt.trace.json" | tee "$OUT/gaps.txt"
+  local rc=${PIPESTATUS[0]}
+  rm -f "$OUT/gaps-prof.txt.trace.json"  # hundreds of MB: the gaps and the text profile are kept
+  return "$rc"
+}
 step_gemv() { timeout 300 $PY scripts/kernel_bench.py bench; }
 step_rehearse() {
   if [ ! -f scripts/gpu_rehearse.sh ]; then echo "scripts/gpu_rehearse.sh is missing"; return 2; fi
@@ -148,7 +158,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env kernels compile decoder bench gemv)
 for s in "${steps[@]}"; do
   if ! declare -F "step_$s" >/dev/null; then
-    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv families rehearse article" >&2
+    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv families rehearse article gaps" >&2
     exit 2
   fi
 done
