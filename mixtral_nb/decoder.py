@@ -2,9 +2,10 @@
 
 It runs the families whose layers have Mixtral's shape (RMSNorm, rotary GQA attention, a top-k
 router over routed experts, or a dense MLP in a layer without experts): Mixtral, Qwen3-MoE (q/k
-RMSNorm per head, ``mlp_only_layers``) and OLMoE (q/k RMSNorm over the whole projection, optional
-q/k/v clipping, top-k probabilities not renormalised). Families with other attention or shared
-experts decode through transformers' forward.
+RMSNorm per head, ``mlp_only_layers``), OLMoE (q/k RMSNorm over the whole projection, optional
+q/k/v clipping, top-k probabilities not renormalised) and Qwen2-MoE (q/k/v biases, a sigmoid-gated
+shared expert beside the routed ones). Phi-3.5-MoE (LayerNorms, sparsemixer routing) and
+DeepSeek-V2 (MLA) decode through transformers' forward.
 
 Why: one decode step of Mixtral-8x7B reads ~5 GB of weights (milliseconds on a GPU), while
 transformers' forward spends ~2 ms of Python per layer on masks, cache objects and kwargs, and each
@@ -218,13 +219,22 @@ class Decoder:
                 weights, idx = top.values, top.indices
         return h, weights, idx
 
+    def shared(self, i: int, h: Tensor) -> Tensor | None:
+        """Layer i's shared expert on the normed h, scaled by its sigmoid gate (Qwen2-MoE); None without one."""
+        mlp = self.layers[i].mlp
+        if getattr(mlp, "shared_expert", None) is None:
+            return None
+        return torch.sigmoid(mlp.shared_expert_gate(h)) * mlp.shared_expert(h)
+
     def layer(self, i: int, x: Tensor, step: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
         """One decoder layer on x [T, H]."""
         x = self.attention(i, x, step)
         if self.experts[i] is None:  # a dense layer: its MLP (quantized projections) on the normed x
             return x + self.layers[i].mlp(self.post_norm(i, x))
         h, weights, idx = self.route(i, x)
-        return x + self.experts[i](h, idx, weights)
+        y = self.experts[i](h, idx, weights)
+        s = self.shared(i, h)
+        return x + (y if s is None else y + s)
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and lm_head on the last row: logits [1, vocab]."""
@@ -329,7 +339,9 @@ class Decoder:
 
                 def attn_route(x: Tensor, k: int = i, step: tuple[Tensor, ...] = preps[dev].out) -> tuple[Tensor, ...]:
                     x = self.attention(k, x, step)
-                    return (x, *self.route(k, x))
+                    h, weights, idx = self.route(k, x)
+                    s = self.shared(k, h)  # a shared expert needs no routing: it runs inside the graph
+                    return (x if s is None else x + s, h, weights, idx)
                 stages.append(("attention", i, j, CapturedGraph(attn_route, [x], self._pool)))
             i = j
         return stages

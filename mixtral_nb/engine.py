@@ -55,9 +55,11 @@ def input_device(model: Any) -> torch.device:
 
 
 def decoder_runs(model: Any) -> bool:
-    """Whether the Decoder implements this model's family (``Family.decoder``: Mixtral's layer shape)."""
+    """Whether the Decoder implements this model: its family's layers have Mixtral's shape (``Family.decoder``)
+    and every layer attends alike (the Decoder builds one mask per step: no mix of sliding and full layers)."""
     family = getattr(model, "mixtral_nb_family", "mixtral")
-    return family in FAMILIES and FAMILIES[family].decoder
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    return family in FAMILIES and FAMILIES[family].decoder and len(set(types or ())) <= 1
 
 
 def engine_kind(model: Any, kind: str = "auto") -> str:
@@ -71,8 +73,9 @@ def engine_kind(model: Any, kind: str = "auto") -> str:
         return "decoder" if on_gpu and decodable and getattr(model, "expert_cache", None) is not None else "transformers"
     if kind == "decoder" and not decodable:
         runs = ", ".join(f.model_type for f in FAMILIES.values() if f.decoder)
-        raise ValueError(f"engine='decoder' runs {runs} models only; this model is {family}: use engine='transformers' "
-                         "(or 'auto', which picks it)")
+        why = (f"runs {runs} models only; this model is {family}" if family not in FAMILIES or not FAMILIES[family].decoder
+               else f"needs every layer to attend alike; this {family} model mixes sliding-window and full layers")
+        raise ValueError(f"engine='decoder' {why}: use engine='transformers' (or 'auto', which picks it)")
     return kind
 
 

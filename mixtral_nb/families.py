@@ -11,9 +11,10 @@ config, the resident projection matrices. So a family is described by:
   hub names to transformers-5 module names (Mixtral's ``block_sparse_moe.gate`` is ``mlp.gate``);
 - the config keys holding the expert count and the expert width;
 - where the router sits (``mlp.gate`` or ``mlp.router``), which prefetch reads;
-- whether the CUDA-graph Decoder can run it (Mixtral, Qwen3-MoE and OLMoE, whose layers have
-  Mixtral's shape; Phi-3.5-MoE's LayerNorms and sparsemixer, Qwen2-MoE's shared experts and
-  DeepSeek-V2's MLA decode through transformers' forward, :class:`mixtral_nb.engine.HFEngine`).
+- whether the CUDA-graph Decoder can run it (Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE, whose layers
+  have Mixtral's shape plus q/k norms, biases or a shared expert; Phi-3.5-MoE's LayerNorms and
+  sparsemixer and DeepSeek-V2's MLA decode through transformers' forward,
+  :class:`mixtral_nb.engine.HFEngine`).
 
 Everything else (which layers are MoE layers, every parameter's shape, which linears stay resident)
 is read from the family's transformers model built on the meta device, so it cannot drift from
@@ -110,7 +111,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "Qwen/Qwen3-30B-A3B",
            "num_experts", "moe_intermediate_size", _QWEN, _GUD, (), "gate", decoder=True),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", "Qwen/Qwen1.5-MoE-A2.7B-Chat",
-           "num_experts", "moe_intermediate_size", _QWEN, _GUD, (), "gate"),
+           "num_experts", "moe_intermediate_size", _QWEN, _GUD, (), "gate", decoder=True),
     Family("olmoe", "OlmoeForCausalLM", "OlmoeConfig", "allenai/OLMoE-1B-7B-0924-Instruct",
            "num_experts", "intermediate_size", _QWEN, _GUD, (), "gate", decoder=True),
     Family("deepseek_v2", "DeepseekV2ForCausalLM", "DeepseekV2Config", "deepseek-ai/DeepSeek-V2-Lite-Chat",

@@ -131,12 +131,12 @@ def test_engine_on_a_cpu_is_transformers_and_the_decoder_only_where_it_applies(f
 
 
 @pytest.mark.parametrize("model_type,overrides", [("qwen3_moe", {}), ("qwen3_moe", {"head_dim": 32}), ("olmoe", {}),
-                                                   ("olmoe", {"clip_qkv": 0.4})])
+                                                   ("olmoe", {"clip_qkv": 0.4}), ("qwen2_moe", {})])
 def test_decoder_matches_transformers_for_other_families(tmp_path, model_type, overrides):
     """The Decoder (eager here) on Qwen3-MoE (q/k norms per head, a dense layer, heads wider than hidden/heads as
-    in the real model) and OLMoE (q/k norms over the
-    whole projection, probabilities not renormalised, clipping): prefill then one token at a time, offloaded with
-    prefetch; logits equal transformers' within 1e-5 at every position, greedy tokens identical."""
+    in the real model), OLMoE (q/k norms over the whole projection, probabilities not renormalised, clipping)
+    and Qwen2-MoE (q/k/v biases, a gated shared expert, a dense layer): prefill then one token at a time,
+    offloaded with prefetch; logits equal transformers' within 1e-5 at every position, greedy tokens identical."""
     assert FAMILIES[model_type].decoder
     folder = write_tiny_family(tmp_path / "m", model_type, seed=3, **overrides)
     ref = _reference(folder)
@@ -333,3 +333,15 @@ def test_quantized_folder_carries_the_tokenizer_and_loads_with_its_template(tmp_
     assert not list(dst.glob("*.tmp"))
     model, tok = load(str(dst), device="cpu", keep_previous=True)
     assert tok.chat_template == CHATML and model.mixtral_nb_family == "qwen3_moe"
+
+
+def test_decoder_is_refused_where_layers_attend_differently(tmp_path):
+    """Qwen2-MoE with sliding-window layers beside full ones: the Decoder builds one mask per step, so 'auto'
+    keeps transformers' forward and asking for the Decoder is one clear error."""
+    folder = write_tiny_family(tmp_path / "m", "qwen2_moe", seed=3, use_sliding_window=True, sliding_window=8,
+                               max_window_layers=3)
+    model = build_model("cpu", None, _offload(folder, 0), folder, keep_previous=True)
+    assert len(set(model.config.layer_types)) == 2
+    assert engine_kind(model, "auto") == "transformers"
+    with pytest.raises(ValueError, match="mixes sliding-window and full layers"):
+        engine_kind(model, "decoder")
