@@ -29,7 +29,7 @@ unchanged (optimistic if the host CPU is slower, as Colab's is).
 ``--model NAME`` (a name in :data:`mixtral_nb.known_models.KNOWN_MODELS`; default mixtral-8x7b) builds
 another model's exact shapes the same way (Qwen3-30B-A3B, Phi-3.5-MoE, ...): every tensor of the
 family's transformers model, the resident projections quantized, run by the Decoder where the family
-has Mixtral's layer shape (Qwen3-MoE, OLMoE, Qwen2-MoE) and by transformers' forward otherwise; ``--tiny``
+has Mixtral's layer shape (all but DeepSeek-V2) and by transformers' forward otherwise; ``--tiny``
 then gives the family's toy widths with the full model's experts and top-k. ``--plan`` plans for that model.
 
 ``--plan NAME`` runs the planner's plan for a machine in ``planner.PRESETS`` (e.g. ``colab-t4``:
@@ -808,8 +808,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(KNOWN_MODELS), default="mixtral-8x7b",
                    help="whose exact shapes to build (random codes in the quantized layout)")
     p.add_argument("--engine", choices=("decoder", "transformers"), default=None,
-                   help="what runs the layers: mixtral_nb's Decoder (static KV cache, CUDA graphs; Mixtral, "
-                        "Qwen3-MoE, OLMoE, Qwen2-MoE) or transformers' forward; none: the Decoder where it applies, else "
+                   help="what runs the layers: mixtral_nb's Decoder (static KV cache, CUDA graphs; every family "
+                        "but DeepSeek-V2) or transformers' forward; none: the Decoder where it applies, else "
                         "transformers' forward; --baseline always uses transformers' forward, as the article's code "
                         "does")
     p.add_argument("--routing", choices=("model", "iid"), default="model",

@@ -1,11 +1,12 @@
 """Decoder: a MoE forward pass written out in plain PyTorch, with a static KV cache and CUDA graphs.
 
-It runs the families whose layers have Mixtral's shape (RMSNorm, rotary GQA attention, a top-k
-router over routed experts, or a dense MLP in a layer without experts): Mixtral, Qwen3-MoE (q/k
-RMSNorm per head, ``mlp_only_layers``), OLMoE (q/k RMSNorm over the whole projection, optional
-q/k/v clipping, top-k probabilities not renormalised) and Qwen2-MoE (q/k/v biases, a sigmoid-gated
-shared expert beside the routed ones). Phi-3.5-MoE (LayerNorms, sparsemixer routing) and
-DeepSeek-V2 (MLA) decode through transformers' forward.
+It runs the families whose layers have Mixtral's shape (a norm, rotary GQA attention, a router over
+routed experts, or a dense MLP in a layer without experts): Mixtral, Qwen3-MoE (q/k RMSNorm per head,
+``mlp_only_layers``), OLMoE (q/k RMSNorm over the whole projection, optional q/k/v clipping),
+Qwen2-MoE (q/k/v biases, a sigmoid-gated shared expert beside the routed ones) and Phi-3.5-MoE
+(LayerNorms, biases, sparsemixer routing). Mixtral's router (and any renormalised softmax top-k) is
+one fused kernel; the other routers are the family's own module, called as transformers calls it.
+DeepSeek-V2 (MLA) decodes through transformers' forward.
 
 Why: one decode step of Mixtral-8x7B reads ~5 GB of weights (milliseconds on a GPU), while
 transformers' forward spends ~2 ms of Python per layer on masks, cache objects and kwargs, and each
@@ -77,7 +78,13 @@ class Decoder:
         self.hd = getattr(c, "head_dim", None) or c.hidden_size // self.nh
         self.window = getattr(c, "sliding_window", None)
         self.clip = getattr(c, "clip_qkv", None)  # OLMoE: q, k and v clamped to [-clip, clip]
+        self.family = getattr(model, "mixtral_nb_family", "mixtral")
         n = config.max_len
+        rope = getattr(c, "rope_parameters", None) or {}
+        short = rope.get("original_max_position_embeddings") if rope.get("rope_type", "default") != "default" else None
+        if short and n > short:  # e.g. Phi-3.5's longrope: its scale switches past this length, per sequence
+            raise ValueError(f"DecoderConfig.max_len={n} is over this model's {short}-position rotary range "
+                             f"({rope.get('rope_type')}): use max_len <= {short}, or engine='transformers'")
         self.k = [torch.zeros(self.nkv, n, self.hd, dtype=self.dtype, device=d) for d in self.devs]
         self.v = [torch.zeros_like(t) for t in self.k]
         first = self.devs[0]
@@ -166,8 +173,7 @@ class Decoder:
         layer = self.layers[i]
         a = layer.self_attn
         T = x.shape[0]
-        norm = layer.input_layernorm
-        h = rms_norm(x, norm.weight, norm.variance_epsilon)
+        h = self._norm(layer.input_layernorm, x)
         projs = (a.q_proj, a.k_proj, a.v_proj)
         xq = kernels.shared_x(h, [getattr(p, "spec", None) for p in projs])  # one quantize_x for the three
         q, k, v = (p(h) if xq is None else p(h, xq) for p in projs)
@@ -195,10 +201,16 @@ class Decoder:
             return rms_norm(t.reshape(-1, self.hd), w, norm.variance_epsilon).view(t.shape)
         return rms_norm(t, w, norm.variance_epsilon)
 
+    @staticmethod
+    def _norm(norm: Any, x: Tensor) -> Tensor:
+        """An RMSNorm module as one fused kernel; any other norm (Phi-3.5's LayerNorm) as its module."""
+        if hasattr(norm, "variance_epsilon"):
+            return rms_norm(x, norm.weight, norm.variance_epsilon)
+        return norm(x)
+
     def post_norm(self, i: int, x: Tensor) -> Tensor:
-        """Layer i's post-attention RMSNorm."""
-        norm = self.layers[i].post_attention_layernorm
-        return rms_norm(x, norm.weight, norm.variance_epsilon)
+        """Layer i's post-attention norm."""
+        return self._norm(self.layers[i].post_attention_layernorm, x)
 
     def route(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer i's post-attention norm and router: (normed x, top-k weights, top-k expert ids)."""
@@ -207,16 +219,17 @@ class Decoder:
         if self.routing is not None:
             weights, idx = self.routing(i, h)
         else:
-            gate = layer.mlp.gate
-            if getattr(gate, "norm_topk_prob", True):  # renormalised top-k (Mixtral always): one fused kernel
+            mlp = layer.mlp
+            gate = mlp.gate if hasattr(mlp, "gate") else mlp.router
+            if self.family == "mixtral" or getattr(gate, "norm_topk_prob", False) is True:
+                # softmax, top-k, renormalised (Mixtral, Qwen3-MoE): one fused kernel
                 w = gate.weight.to(h.dtype)
                 if w.shape[0] > 32:  # many experts (Qwen3: 128): logits by cuBLAS, not in one program's registers
                     weights, idx = route_topk(F.linear(h, w), None, gate.top_k)
                 else:
                     weights, idx = route_topk(h, w, gate.top_k)
-            else:  # OLMoE: the top-k softmax probabilities as they are
-                top = torch.topk(torch.softmax(F.linear(h, gate.weight.to(h.dtype)).float(), dim=-1), gate.top_k, dim=-1)
-                weights, idx = top.values, top.indices
+            else:  # the family's own router (OLMoE, Qwen2-MoE: probabilities as they are; Phi-3.5: sparsemixer)
+                _, weights, idx = gate(h)
         return h, weights, idx
 
     def shared(self, i: int, h: Tensor) -> Tensor | None:
@@ -240,7 +253,7 @@ class Decoder:
         """Final norm and lm_head on the last row: logits [1, vocab]."""
         m = self.model
         norm = m.model.norm
-        x = rms_norm(x[-1:].to(norm.weight.device), norm.weight, norm.variance_epsilon)
+        x = self._norm(norm, x[-1:].to(norm.weight.device))
         return m.lm_head(x.to(m.lm_head.weight.device))
 
     # ------------------------------------------------------------------ running

@@ -11,10 +11,8 @@ config, the resident projection matrices. So a family is described by:
   hub names to transformers-5 module names (Mixtral's ``block_sparse_moe.gate`` is ``mlp.gate``);
 - the config keys holding the expert count and the expert width;
 - where the router sits (``mlp.gate`` or ``mlp.router``), which prefetch reads;
-- whether the CUDA-graph Decoder can run it (Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE, whose layers
-  have Mixtral's shape plus q/k norms, biases or a shared expert; Phi-3.5-MoE's LayerNorms and
-  sparsemixer and DeepSeek-V2's MLA decode through transformers' forward,
-  :class:`mixtral_nb.engine.HFEngine`).
+- whether the CUDA-graph Decoder can run it (every family but DeepSeek-V2, whose MLA decodes through
+  transformers' forward, :class:`mixtral_nb.engine.HFEngine`).
 
 Everything else (which layers are MoE layers, every parameter's shape, which linears stay resident)
 is read from the family's transformers model built on the meta device, so it cannot drift from
@@ -107,7 +105,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            ((".block_sparse_moe.gate.", ".mlp.gate."),), "gate", decoder=True),
     Family("phimoe", "PhimoeForCausalLM", "PhimoeConfig", "microsoft/Phi-3.5-MoE-instruct",
            "num_local_experts", "intermediate_size", _MIX, ("w1", "w3", "w2"),
-           ((".block_sparse_moe.gate.", ".mlp.router."),), "router"),
+           ((".block_sparse_moe.gate.", ".mlp.router."),), "router", decoder=True),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "Qwen/Qwen3-30B-A3B",
            "num_experts", "moe_intermediate_size", _QWEN, _GUD, (), "gate", decoder=True),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", "Qwen/Qwen1.5-MoE-A2.7B-Chat",

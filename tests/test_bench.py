@@ -207,13 +207,14 @@ def test_synthetic_checkpoint_holds_every_family_tensor():
 
 
 def test_bench_refuses_what_the_family_cannot_do(capsys):
-    """The Decoder does not run Phi-3.5-MoE (LayerNorms, sparsemixer); a plan that does not fit is one error
-    naming the model, before any build."""
+    """The Decoder does not run DeepSeek-V2 (MLA); a plan that does not fit is one error naming the model,
+    before any build."""
     with pytest.raises(SystemExit) as e:
-        bench.bench_main(["--tiny", "--model", "phi-3.5-moe", "--engine", "decoder"])
+        bench.bench_main(["--tiny", "--model", "deepseek-v2-lite", "--engine", "decoder"])
     err = capsys.readouterr().err
     runs = ", ".join(f.model_type for f in FAMILIES.values() if f.decoder)
-    assert e.value.code == 2 and f"runs {runs} models only" in err and "is phimoe" in err and "phimoe" not in runs
+    assert e.value.code == 2 and f"runs {runs} models only" in err and "is deepseek_v2" in err
+    assert "deepseek_v2" not in runs
     with pytest.raises(SystemExit) as e:
         bench.bench_main(["--tiny", "--model", "mixtral-8x22b", "--plan", "colab-t4"])
     assert e.value.code == 2 and "no plan for mixtral-8x22b" in capsys.readouterr().err

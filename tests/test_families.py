@@ -131,11 +131,12 @@ def test_engine_on_a_cpu_is_transformers_and_the_decoder_only_where_it_applies(f
 
 
 @pytest.mark.parametrize("model_type,overrides", [("qwen3_moe", {}), ("qwen3_moe", {"head_dim": 32}), ("olmoe", {}),
-                                                   ("olmoe", {"clip_qkv": 0.4}), ("qwen2_moe", {})])
+                                                   ("olmoe", {"clip_qkv": 0.4}), ("qwen2_moe", {}), ("phimoe", {})])
 def test_decoder_matches_transformers_for_other_families(tmp_path, model_type, overrides):
     """The Decoder (eager here) on Qwen3-MoE (q/k norms per head, a dense layer, heads wider than hidden/heads as
     in the real model), OLMoE (q/k norms over the whole projection, probabilities not renormalised, clipping)
-    and Qwen2-MoE (q/k/v biases, a gated shared expert, a dense layer): prefill then one token at a time,
+    Qwen2-MoE (q/k/v biases, a gated shared expert, a dense layer) and Phi-3.5-MoE (LayerNorms, attention and
+    lm_head biases, sparsemixer routing): prefill then one token at a time,
     offloaded with prefetch; logits equal transformers' within 1e-5 at every position, greedy tokens identical."""
     assert FAMILIES[model_type].decoder
     folder = write_tiny_family(tmp_path / "m", model_type, seed=3, **overrides)
@@ -345,3 +346,19 @@ def test_decoder_is_refused_where_layers_attend_differently(tmp_path):
     assert engine_kind(model, "auto") == "transformers"
     with pytest.raises(ValueError, match="mixes sliding-window and full layers"):
         engine_kind(model, "decoder")
+
+
+def test_decoder_keeps_inside_a_longrope_models_short_range(tmp_path):
+    """Phi-3.5-MoE's longrope changes its rotary scale once a sequence passes original_max_position_embeddings;
+    the Decoder's rotary table is built once, so it refuses a longer cache, and within it equals transformers."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 32, "short_mscale": 1.0, "long_mscale": 1.2}
+    folder = write_tiny_family(tmp_path / "m", "phimoe", seed=3, rope_parameters=rope, max_position_embeddings=256)
+    model = build_model("cpu", None, _offload(folder, 0), folder, keep_previous=True)
+    with pytest.raises(ValueError, match="max_len=64 is over this model's 32-position rotary range"):
+        Decoder(model, DecoderConfig(max_len=64))
+    ids = _ids(n=20, seed=5)
+    with torch.no_grad():
+        want = _reference(folder)(ids).logits[0, -1:]
+    got = Decoder(model, DecoderConfig(max_len=32, bucket=16)).forward(ids)
+    assert (got - want).abs().max().item() <= 1e-5
