@@ -121,6 +121,12 @@ class Decoder:
         self.rope, self.arange, self.pos_t = {}, {}, {}
         self.pos = 0
 
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs; the next one-token step captures them again. A graph replays the
+        kernels its capture recorded, so hooks added to the modules afterwards (the benchmark's T4
+        emulation pads expert calls from hooks) take effect in graphs only once they are recaptured."""
+        self._graphs, self._pool = {}, GraphPool()
+
     # ------------------------------------------------------------------ sequence state
 
     def reset(self) -> None:
