@@ -68,7 +68,7 @@ from .build import build_model
 from .config import OffloadConfig, QuantConfig, article_quant_config
 from .engine import make_engine
 from .expert import ExpertFormat
-from .families import FAMILIES, kv_bytes_per_token, skeleton
+from .families import FAMILIES, decoder_refusal, kv_bytes_per_token, skeleton
 from .generate import generate_tokens
 from .hostmem import HostBuffer
 from .kernels import route_topk
@@ -697,7 +697,9 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
             rates = copy_microbench(device, cache.blob_bytes, None)  # expert-sized copies, as the cache makes them
             throttle = Throttle(rates["h2d"], rates["d2h"], hbm_bps, spin_cycles_per_s(device))
             emu = T4Emulation(model, throttle, args.prompt_len + args.new_tokens / 2)
-            regraph = getattr(engine, "drop_graphs", None)  # the Decoder's graphs must record the padding
+            # a whole-model Decoder graph (every expert resident) runs the expert calls the emulation pads from
+            # hooks: it must be recaptured under the emulation to record them (per-layer graphs hold none)
+            regraph = engine.drop_graphs if getattr(engine, "static", False) else None
             try:
                 if regraph:  # recaptured by a warm-up run, as before the plain runs
                     regraph()
@@ -896,9 +898,8 @@ def bench_main(argv: list[str] | None = None) -> int:
         parser.error(f"--ttft-prompt must be at least 1, got {args.ttft_prompt}")
     family = FAMILIES[KNOWN_MODELS[args.model]["model_type"]]
     if args.engine == "decoder" and not family.decoder:
-        runs = ", ".join(f.model_type for f in FAMILIES.values() if f.decoder)
-        parser.error(f"--engine decoder runs {runs} models only; {args.model} is {family.model_type}: leave --engine "
-                     "out (transformers' forward)")
+        parser.error(f"--engine decoder {decoder_refusal(family.model_type)} ({args.model}): leave --engine out "
+                     "(transformers' forward)")
     args.engine = args.engine or ("decoder" if family.decoder else "transformers")
     if args.copy_only:
         return copy_main(args)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from . import kernels
 from .build import on_release
+from .families import FAMILIES
 from .kernels import rms_norm, rope_and_cache, route_topk
 from .graphs import CapturedGraph, GraphPool
 
@@ -78,7 +79,11 @@ class Decoder:
         self.hd = getattr(c, "head_dim", None) or c.hidden_size // self.nh
         self.window = getattr(c, "sliding_window", None)
         self.clip = getattr(c, "clip_qkv", None)  # OLMoE: q, k and v clamped to [-clip, clip]
-        self.family = getattr(model, "mixtral_nb_family", "mixtral")
+        family = FAMILIES[getattr(model, "mixtral_nb_family", "mixtral")]
+        self.router = family.router  # the MoE block's attribute holding the router
+        # softmax, top-k, renormalised (Mixtral always, Qwen3 by config): one fused kernel; any other router
+        # (OLMoE's and Qwen2-MoE's probabilities as they are, Phi-3.5's sparsemixer) is the family's own module
+        self.fused_router = family.model_type == "mixtral" or getattr(c, "norm_topk_prob", False) is True
         n = config.max_len
         rope = getattr(c, "rope_parameters", None) or {}
         short = rope.get("original_max_position_embeddings") if rope.get("rope_type", "default") != "default" else None
@@ -225,16 +230,14 @@ class Decoder:
         if self.routing is not None:
             weights, idx = self.routing(i, h)
         else:
-            mlp = layer.mlp
-            gate = mlp.gate if hasattr(mlp, "gate") else mlp.router
-            if self.family == "mixtral" or getattr(gate, "norm_topk_prob", False) is True:
-                # softmax, top-k, renormalised (Mixtral, Qwen3-MoE): one fused kernel
+            gate = getattr(layer.mlp, self.router)
+            if self.fused_router:
                 w = gate.weight.to(h.dtype)
                 if w.shape[0] > 32:  # many experts (Qwen3: 128): logits by cuBLAS, not in one program's registers
                     weights, idx = route_topk(F.linear(h, w), None, gate.top_k)
                 else:
                     weights, idx = route_topk(h, w, gate.top_k)
-            else:  # the family's own router (OLMoE, Qwen2-MoE: probabilities as they are; Phi-3.5: sparsemixer)
+            else:
                 _, weights, idx = gate(h)
         return h, weights, idx
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .decoder import Decoder, DecoderConfig
-from .families import FAMILIES
+from .families import decoder_refusal
 
 __all__ = ["ENGINE_KINDS", "Engine", "HFEngine", "engine_kind", "make_engine"]
 
@@ -54,27 +54,25 @@ def input_device(model: Any) -> torch.device:
     return emb.weight.device if emb is not None else torch.device("cpu")
 
 
-def decoder_runs(model: Any) -> bool:
-    """Whether the Decoder implements this model: its family's layers have Mixtral's shape (``Family.decoder``)
-    and every layer attends alike (the Decoder builds one mask per step: no mix of sliding and full layers)."""
+def _decoder_refusal(model: Any) -> str | None:
+    """Why the Decoder cannot run this model (None: it can): its family's layers must have Mixtral's shape
+    (``Family.decoder``) and every layer attend alike (one mask per step: no mix of sliding and full layers)."""
     family = getattr(model, "mixtral_nb_family", "mixtral")
-    types = getattr(getattr(model, "config", None), "layer_types", None)
-    return family in FAMILIES and FAMILIES[family].decoder and len(set(types or ())) <= 1
+    why = decoder_refusal(family)
+    if why is None and len(set(getattr(getattr(model, "config", None), "layer_types", None) or ())) > 1:
+        why = f"needs every layer to attend alike; this {family} model mixes sliding-window and full layers"
+    return why
 
 
 def engine_kind(model: Any, kind: str = "auto") -> str:
     """Resolve ``kind``: "auto" is the Decoder for a ``build_model`` model on a GPU, else transformers' forward."""
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine={kind!r}: use one of {', '.join(map(repr, ENGINE_KINDS))}")
-    family = getattr(model, "mixtral_nb_family", "mixtral")
-    decodable = decoder_runs(model)
+    why = _decoder_refusal(model)
     if kind == "auto":
         on_gpu = input_device(model).type == "cuda"
-        return "decoder" if on_gpu and decodable and getattr(model, "expert_cache", None) is not None else "transformers"
-    if kind == "decoder" and not decodable:
-        runs = ", ".join(f.model_type for f in FAMILIES.values() if f.decoder)
-        why = (f"runs {runs} models only; this model is {family}" if family not in FAMILIES or not FAMILIES[family].decoder
-               else f"needs every layer to attend alike; this {family} model mixes sliding-window and full layers")
+        return "decoder" if on_gpu and why is None and getattr(model, "expert_cache", None) is not None else "transformers"
+    if kind == "decoder" and why is not None:
         raise ValueError(f"engine='decoder' {why}: use engine='transformers' (or 'auto', which picks it)")
     return kind
 

@@ -32,8 +32,8 @@ from typing import Any
 
 from .quant import QSpec
 
-__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "family_of", "family_for_dict", "skeleton", "Skeleton",
-           "kv_bytes_per_token", "planner_dims", "supported", "trunk_bytes"]
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "decoder_refusal", "family_of", "family_for_dict", "skeleton",
+           "Skeleton", "kv_bytes_per_token", "planner_dims", "supported", "trunk_bytes"]
 
 
 class UnsupportedModelError(ValueError):
@@ -120,6 +120,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 def supported() -> str:
     """The supported architectures, for error messages."""
     return ", ".join(f"{f.model_type} ({f.architecture}, e.g. {f.example})" for f in FAMILIES.values())
+
+
+def decoder_refusal(model_type: str) -> str | None:
+    """Why the Decoder cannot run ``model_type`` (None: it can), in the words of an error message."""
+    if model_type in FAMILIES and FAMILIES[model_type].decoder:
+        return None
+    runs = ", ".join(f.model_type for f in FAMILIES.values() if f.decoder)
+    return f"runs {runs} models only; this model is {model_type}"
 
 
 def family_for_dict(data: dict[str, Any], where: str = "config.json") -> Family:
