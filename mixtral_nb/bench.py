@@ -510,10 +510,10 @@ def _generate(engine: Any, prompt: Tensor, new_tokens: int, device: torch.device
 
 
 def _profile_decode(engine: Any, prompt: Tensor, device: torch.device, path: str) -> None:
-    """Where a decode step's time goes: host (cProfile) and device (torch.profiler), 16 tokens."""
+    """Where a decode step's time goes: host (cProfile) and device (torch.profiler), 16 one-token steps
+    each; both start after the prefill, so its kernels and copies do not mix with the steps'."""
     prof = cProfile.Profile()
-    prof.enable()
-    _generate(engine, prompt[:, :16], 16, device)
+    _generate(engine, prompt[:, :16], 16, device, between=prof.enable)
     prof.disable()
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf)
@@ -522,8 +522,9 @@ def _profile_decode(engine: Any, prompt: Tensor, device: torch.device, path: str
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as tp:
-        _generate(engine, prompt[:, :16], 8, device)
+    tp = torch.profiler.profile(activities=acts)
+    _generate(engine, prompt[:, :16], 16, device, between=tp.start)
+    tp.stop()
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     buf.write(tp.key_averages().table(sort_by=sort, row_limit=40))
     tp.export_chrome_trace(path + ".trace.json")

@@ -201,7 +201,8 @@ class Decoder:
         g = self.nh // self.nkv
         o = F.scaled_dot_product_attention(q.reshape(self.nkv, g * T, self.hd)[None], K[None], V[None],
                                            attn_mask=mask, scale=self.hd ** -0.5)[0]
-        o = o.view(self.nh, T, self.hd).transpose(0, 1).reshape(T, self.nh * self.hd)
+        # reshape, not view: some SDPA kernels (fp32 on a GPU) return o with strides a view cannot fold
+        o = o.reshape(self.nh, T, self.hd).transpose(0, 1).reshape(T, self.nh * self.hd)
         return x + a.o_proj(o)
 
     def _qk_norm(self, norm: Any, t: Tensor) -> Tensor:
