@@ -698,9 +698,10 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
             rates = copy_microbench(device, cache.blob_bytes, None)  # expert-sized copies, as the cache makes them
             throttle = Throttle(rates["h2d"], rates["d2h"], hbm_bps, spin_cycles_per_s(device))
             emu = T4Emulation(model, throttle, args.prompt_len + args.new_tokens / 2)
-            # a whole-model Decoder graph (every expert resident) runs the expert calls the emulation pads from
-            # hooks: it must be recaptured under the emulation to record them (per-layer graphs hold none)
-            regraph = engine.drop_graphs if getattr(engine, "static", False) else None
+            # a whole-step Decoder graph (every expert resident, or streamed experts) runs the expert calls the
+            # emulation pads from hooks: it must be recaptured under the emulation to record them (per-layer
+            # graphs hold none)
+            regraph = engine.drop_graphs if getattr(engine, "one_graph", False) else None
             try:
                 if regraph:  # recaptured by a warm-up run, as before the plain runs
                     regraph()

@@ -171,6 +171,7 @@ class ExpertCache:
                     self.lru[layer][e] = b
                     b += 1
         self._slot_table: Tensor | None = None
+        self.version = 0  # counts changes of which experts sit in GPU buffers (streamed.py mirrors them)
         self.graph_pool = GraphPool()  # for the CUDA graphs of this cache's expert groups
         self.gpu_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(b, n_gpu))
         self.host_free: deque[tuple[int, torch.cuda.Event | None]] = deque((i, None) for i in range(h, len(self.host)))
@@ -312,6 +313,7 @@ class ExpertCache:
             if not self.gpu_free:  # no spare buffer: the victim's buffer must be freed first
                 self._evict(layer, victim, main)
                 victim = None
+        self.version += 1
         if not prefetch:
             self._stats.misses += 1
         else:
@@ -359,6 +361,7 @@ class ExpertCache:
 
     def _evict(self, layer: int, expert: int, main: torch.cuda.Stream | None = None) -> None:
         buf = self.lru[layer].pop(expert)
+        self.version += 1
         self.prefetched[layer].discard(expert)
         if self.mirror or self.host_of[layer][expert] is not None:  # the host still has it: no write-back
             self.gpu_free.append((buf, self.last_use[buf]))

@@ -24,7 +24,10 @@ of the ~20 kernels per layer costs a launch. This file drives the same modules o
   otherwise one per layer for attention + router, with the experts (one host sync per layer: which
   experts to load) run eagerly in between, and one per device and token for what the layers share
   (rotary rows, attention mask). With offloaded experts those graphs run while the copy engine
-  waits for the next layer's routing, so every kernel they save is copy time gained.
+  waits for the next layer's routing, so every kernel they save is copy time gained;
+- on one GPU with offloaded experts the step is by default one graph too, "streamed": each layer
+  sends its routing to the host and waits on the GPU while the host loads its misses
+  (``streamed.py``; ``DecoderConfig.stream_experts``), so no layer waits for the host to launch it.
 
 Prefill (several tokens) runs eagerly through the same functions. Logits match transformers' own
 forward (tests/test_decoder.py).
@@ -46,6 +49,7 @@ from .build import on_release
 from .families import FAMILIES
 from .kernels import rms_norm, rope_and_cache, route_topk
 from .graphs import CapturedGraph, GraphPool
+from .streamed import ExpertStream
 
 
 @dataclass
@@ -55,6 +59,9 @@ class DecoderConfig:
     max_len: int = 4096  # positions in the KV cache (prompt + reply); K+V take 2*kv_heads*head_dim*2 B each per layer
     bucket: int = 256  # attention reads the cache in multiples of this many positions
     cuda_graphs: bool = True  # replay captured graphs for one-token steps (CUDA only)
+    # offloaded experts on one GPU: the whole one-token step as one graph, the host serving its misses
+    # while it replays (streamed.py); False: a graph per layer, and a host sync per layer
+    stream_experts: bool = True
 
 
 class Decoder:
@@ -117,12 +124,26 @@ class Decoder:
         self.static = self.use_graphs and all(
             hasattr(e, "static") and e.static() and e.grouped(probe.to(d))
             for e, d in zip(self.experts, self.devs) if e is not None)
+        self._moe = [e for e in self.experts if e is not None]
+        self.stream: ExpertStream | None = None
+        if (self.use_graphs and not self.static and config.stream_experts and len(set(self.devs)) == 1
+                and self._moe and len({id(e.cache) for e in self._moe}) == 1
+                and all(e.streamable(probe) for e in self._moe)):
+            self.stream = ExpertStream(self._moe[0].cache, self._moe[0].top_k)
         on_release(model, self.release)  # a re-run notebook cell frees this KV cache and these graphs too
+
+    @property
+    def one_graph(self) -> bool:
+        """Whether a one-token step is one CUDA graph (every expert resident, or streamed experts)."""
+        return self.static or self.stream is not None
 
     def release(self) -> None:
         """Free the KV cache and the captured graphs (the model was released; this Decoder is done)."""
         self.k, self.v = [], []
         self._graphs, self._pool = {}, GraphPool()
+        if self.stream is not None:
+            self.stream.release()
+            self.stream = None
         self.rope, self.arange, self.pos_t = {}, {}, {}
         self.pos = 0
 
@@ -299,11 +320,23 @@ class Decoder:
         if stages is None:
             try:
                 stages = self._graphs[length] = self._capture(length)
-            except RuntimeError as e:  # a driver or library that cannot capture: same math, launched one by one
+            except Exception as e:
+                if self.stream is not None:  # e.g. a Triton that cannot build the wait: a graph per layer instead
+                    warnings.warn(f"streamed decode steps failed to capture ({e}); the Decoder uses a graph per "
+                                  "layer and a host sync per layer", RuntimeWarning, stacklevel=3)
+                    self.drop_graphs()
+                    self.stream.release()
+                    self.stream = None
+                    return self._step_graphed(ids, length)
+                if not isinstance(e, RuntimeError):
+                    raise
+                # a driver or library that cannot capture: same math, launched one by one
                 warnings.warn(f"CUDA graph capture failed ({e}); the Decoder runs without graphs", RuntimeWarning,
                               stacklevel=3)
                 self.use_graphs = self.static = False
                 return self._eager(ids, length)
+        if self.stream is not None:
+            return self._step_streamed(ids, stages)
         x = self.model.model.embed_tokens(ids.to(self.devs[0]))
         for si, (kind, first, last, g) in enumerate(stages):
             if kind == "prep":  # rotary rows and mask of this token, shared by the device's layers
@@ -326,12 +359,47 @@ class Decoder:
                     x = x_mid + y
         return self.head(x)
 
+    def _step_streamed(self, ids: Tensor, stages: list[tuple[str, int, int, CapturedGraph]]) -> Tensor:
+        """One streamed step: replay the whole-step graph and the head, then serve every MoE layer's
+        misses as its routing arrives; an interrupted serve ends the step on the GPU and raises."""
+        stream = self.stream
+        assert stream is not None and len(stages) == 1
+        main = torch.cuda.current_stream(self.devs[0])
+        seq = stream.begin(main)
+        try:
+            logits = self.head(stages[0][3](self.model.model.embed_tokens(ids.to(self.devs[0]))))
+            for e in self._moe:
+                stream.serve(e, seq, main)
+        except BaseException:
+            stream.abort(main)  # interrupted in turn: the next begin() aborts again
+            raise
+        stream.end()
+        return logits
+
     def _capture(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
-        """The graphs of one decode step for cache length ``length``; their warm-up runs are not uses."""
+        """The graphs of one decode step for cache length ``length``; their warm-up runs are not uses.
+        A streamed step's capture runs with the abort flag up, so its eager warm-up runs (which no
+        host serves) do not wait for experts."""
         with contextlib.ExitStack() as stack:
             for cache in {id(e.cache): e.cache for e in self.experts if e is not None}.values():
                 stack.enter_context(cache.uncounted())
+            if self.stream is not None:
+                stack.enter_context(self._streaming())
             return self._capture_stages(length)
+
+    @contextlib.contextmanager
+    def _streaming(self) -> Any:
+        stream = self.stream
+        assert stream is not None
+        stream.flags.fill_(1)
+        for e in self._moe:
+            e.stream = stream
+        try:
+            yield
+        finally:
+            for e in self._moe:
+                e.stream = None
+            stream.flags.zero_()
 
     def _capture_stages(self, length: int) -> list[tuple[str, int, int, CapturedGraph]]:
         H = self.model.config.hidden_size
@@ -343,9 +411,9 @@ class Decoder:
             dev = self.devs[i]
             x = torch.zeros(1, H, dtype=self.dtype, device=dev)
             pos = self.pos_t[dev]
-            if self.static or self.experts[i] is None:  # a dense layer makes no host sync either
+            if self.one_graph or self.experts[i] is None:  # a dense layer makes no host sync either
                 j = i + 1
-                while self.static and j < len(self.layers) and self.devs[j] == dev:
+                while self.one_graph and j < len(self.layers) and self.devs[j] == dev:
                     j += 1
 
                 def run(x: Tensor, first: int = i, last: int = j, dev: torch.device = dev, pos: Tensor = pos) -> Tensor:

@@ -10,7 +10,9 @@ Decoding one token on a GPU, the k experts run as one group: two grouped kernel 
 of every expert, then w2 of every expert) that find each expert's weights from GPU buffer numbers
 held in a device tensor. When every expert of the layer is resident, those numbers come from a
 device-side table indexed by the router's output, so the layer makes no host sync at all and can
-be captured in a CUDA graph (see ``decoder.py``).
+be captured in a CUDA graph (see ``decoder.py``). Otherwise the Decoder may capture the whole step
+anyway, streamed: the layer then hands its routing to the host and waits on the GPU for the host to
+load its misses (see ``streamed.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class OffloadedExperts(nn.Module):
         self._graphs: dict[tuple, Any] = {}
         self.graphs = True  # replay captured graphs for one-token expert groups (CUDA)
         self.recorder: Any = None  # trace.record_routing sets it to see each call's routing (off: None)
+        self.stream: Any = None  # a streamed.ExpertStream while the Decoder captures a streamed step, else None
 
     @property
     def cache(self) -> ExpertCache:
@@ -109,6 +112,20 @@ class OffloadedExperts(nn.Module):
         y = kernels.qgemv_grouped(h, cache.gpu_views[0][2], s2, bufs, cache.blob_bytes,
                                   split=split).view(-1, n, s2.out_features)
         return weighted_sum(y, weights, cols, h.dtype)
+
+    def streamable(self, x: Tensor) -> bool:
+        """Whether one-token steps through this layer can run in a streamed whole-step graph
+        (:mod:`.streamed`): the grouped kernels apply, and the layer has a GPU slot for each of its
+        top-k experts, so a miss always finds a victim."""
+        return (x.is_cuda and self.grouped(x) and kernels.HAVE_TRITON and not self.static()
+                and min(self.cache.layer_slots) >= self.top_k)
+
+    def _decode_streamed(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The graph's part of a streamed step: routing out to the host, wait for the experts' buffers
+        (the host loads the misses meanwhile), then the grouped kernels on them."""
+        self.stream.publish(self.cache_layer, top_k_index)
+        bufs = self.stream.wait(self.cache_layer, top_k_index)
+        return self.run_group(x, bufs, top_k_weights.view(-1))
 
     def count_static_step(self) -> None:
         """Count one token's expert uses on the all-resident path (every use is a hit). The Decoder
@@ -177,6 +194,8 @@ class OffloadedExperts(nn.Module):
         grouped = decode and self.grouped(hidden_states)
         if grouped and self.static():
             return self._decode_static(hidden_states, top_k_index, top_k_weights)
+        if grouped and self.stream is not None:
+            return self._decode_streamed(hidden_states, top_k_index, top_k_weights)
         if self.recorder is not None:  # a routing trace; the graph path above is not recorded
             self.recorder.record(self.layer_idx, top_k_index)
         flat = top_k_index.reshape(-1)

@@ -502,10 +502,44 @@ def _check_route_and_sum(fused, device: str):
     assert torch.allclose(out.float()[0], (y[0].half().float() * weights[:3].view(3, 1)).sum(0), atol=2e-2, rtol=2e-3)
 
 
+def _check_wait_slots(device: str) -> None:
+    """wait_slots: buffers of loaded experts at once; an abort or the spin limit ends a wait for a
+    missing one with buffer 0 and the 'gave up' flag."""
+    row = torch.tensor([3, -1, 5, 7], dtype=torch.int32, device=device)
+    flags = torch.zeros(2, dtype=torch.int32, device=device)
+    ids = lambda *e: torch.tensor(e, device=device)  # noqa: E731
+    assert fused.wait_slots(ids(3, 0, 2), row, flags).tolist() == [7, 3, 5] and flags.tolist() == [0, 0]
+    assert fused.wait_slots(ids(0, 1), row, flags, max_spins=5).tolist() == [3, 0] and flags.tolist() == [0, 1]
+    flags.copy_(torch.tensor([1, 0]))
+    assert fused.wait_slots(ids(1, 3), row, flags).tolist() == [0, 7] and flags.tolist() == [1, 1]
+
+
 @needs_interpreter
 def test_fused_interpreted():
     assert fused._use_triton(torch.zeros(1))
     _check_fused(fused, "cpu")
+    _check_wait_slots("cpu")
+
+
+@pytest.mark.gpu
+def test_wait_slots_sees_a_copy_land_while_it_runs():
+    """The kernel spins on the compute stream until another stream's copy fills the row in."""
+    import time
+
+    _check_wait_slots("cuda")
+    row = torch.tensor([-1, -1, 9, -1], dtype=torch.int32, device="cuda")
+    flags = torch.zeros(2, dtype=torch.int32, device="cuda")
+    out = fused.wait_slots(torch.tensor([2, 1], device="cuda"), row, flags)
+    done = torch.cuda.Event()
+    done.record()
+    time.sleep(0.2)
+    assert not done.query(), "the wait ended before its expert was loaded"
+    src = torch.tensor([4], dtype=torch.int32).pin_memory()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        row[1:2].copy_(src, non_blocking=True)
+    done.synchronize()
+    assert out.tolist() == [9, 4] and flags.tolist() == [0, 0]
 
 
 def test_fused_fallback():

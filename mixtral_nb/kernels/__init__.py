@@ -5,7 +5,8 @@ everywhere else.
   format and what the device can build (``qlinear``, ``qgemv``, ``qgemv_grouped``, ``shared_x``...);
 - :mod:`.dp4a`: the one-token dp4a GEMV of 2/4-bit weights and its activation quantizer;
 - :mod:`.words`: the fp32 word kernel, the element-wise GEMV and the dequantize kernel;
-- :mod:`.fused`: RMSNorm, rotary + KV-cache write, the router's top-k, the experts' weighted sum;
+- :mod:`.fused`: RMSNorm, rotary + KV-cache write, the router's top-k, the experts' weighted sum,
+  a streamed step's wait for its experts;
 - :mod:`.capability`: the Triton import and the per-device record of kernel families that failed.
 
 ``COMPILE_LIST`` is every kernel variant the engine launches, as the sm_75 compile check builds them
@@ -35,14 +36,14 @@ from .dispatch import (
     shared_x,
     warmup,
 )
-from .fused import rms_norm, rope_and_cache, route_topk, weighted_sum
+from .fused import rms_norm, rope_and_cache, route_topk, wait_slots, weighted_sum
 from .words import words_per_split
 
 __all__ = [
     "CAPABILITIES", "COMPILE_LIST", "GEMV_MAX_T", "HAVE_TRITON", "METHODS", "Capabilities", "CompileCase", "available",
     "can_fuse", "compile_cases", "dequantize_fused", "grouped_split", "on_device", "plan", "qgemv", "qgemv_grouped",
     "qlinear", "qlinear_reference", "quantize_x", "rms_norm", "rope_and_cache", "route_topk", "shared_x", "tl",
-    "triton", "warmup", "weighted_sum", "words_per_split",
+    "triton", "wait_slots", "warmup", "weighted_sum", "words_per_split",
 ]
 
 

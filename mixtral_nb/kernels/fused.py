@@ -1,5 +1,5 @@
 """Small fused kernels for the Decoder's step: RMSNorm, rotary embedding + KV-cache write, the
-router's top-k, and the weighted sum of expert outputs.
+router's top-k, the weighted sum of expert outputs, and the wait of a streamed step for its experts.
 
 Why: in a one-token step every PyTorch op is its own kernel launch (with a gap between kernels even
 inside a CUDA graph), and the math between the big matrix products is many such ops:
@@ -121,6 +121,27 @@ def weighted_sum(y: Tensor, weights: Tensor, cols: Tensor | None = None, dtype: 
     return (y.float() * w.view(1, n, 1).float()).sum((0, 1)).view(1, H).to(dtype)
 
 
+WAIT_SPINS = 1 << 27  # ~2 minutes of polling: past any copy, well past the host's own timeout (streamed.py)
+
+
+def wait_slots(ids: Tensor, row: Tensor, flags: Tensor, max_spins: int = WAIT_SPINS) -> Tensor:
+    """The GPU buffers int32 [k] of experts ``ids`` [k] read from ``row`` [E] (int32; -1: not loaded),
+    once every one of them is loaded: the kernel polls ``row`` until then, which the host fills in
+    (a copy behind the experts' own) while a CUDA graph of the whole step runs (:mod:`..streamed`).
+
+    ``flags`` int32 [2]: a nonzero ``flags[0]`` ends the wait at once (the host gave up on the step);
+    a wait that ends with an expert still missing (that, or ``max_spins`` polls) sets ``flags[1]``
+    and returns buffer 0 for it, so the step finishes, with output nobody may use. Triton only (a
+    CUDA device, or Triton's interpreter in tests): streamed steps need it.
+    """
+    k = ids.numel()
+    out = torch.empty(k, dtype=torch.int32, device=ids.device)
+    with on_device(ids):
+        wait_slots_kernel[(1,)](ids, row, flags, out, max_spins, K=k, KP=max(2, triton.next_power_of_2(k)),
+                                num_warps=1)
+    return out
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -211,3 +232,21 @@ if HAVE_TRITON:
             dst = (kh * MAX_LEN + p) * HD + j
             tl.store(K_ptr + dst, r.to(K_ptr.dtype.element_ty))
             tl.store(V_ptr + dst, tl.load(v_ptr + t * stride_v + kh * HD + j))
+
+    @triton.jit
+    def wait_slots_kernel(ids_ptr, row_ptr, flags_ptr, out_ptr, max_spins, K: tl.constexpr, KP: tl.constexpr):
+        """One program: volatile loads of the K chosen entries of the row (the host's copies change
+        them under the running kernel) until none is negative, the abort flag is set, or max_spins."""
+        j = tl.arange(0, KP)
+        jm = j < K
+        e = tl.load(ids_ptr + j, mask=jm, other=0)
+        b = tl.load(row_ptr + e, mask=jm, other=0, volatile=True)
+        stop = tl.load(flags_ptr, volatile=True)
+        spins = 0
+        while (tl.min(tl.where(jm, b, 0), axis=0) < 0) & (stop == 0) & (spins < max_spins):
+            b = tl.load(row_ptr + e, mask=jm, other=0, volatile=True)
+            stop = tl.load(flags_ptr, volatile=True)
+            spins += 1
+        if tl.min(tl.where(jm, b, 0), axis=0) < 0:
+            tl.store(flags_ptr + 1, 1)
+        tl.store(out_ptr + j, tl.where(b < 0, 0, b), mask=jm)
