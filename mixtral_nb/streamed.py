@@ -30,23 +30,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import kernels
 from .cache import ExpertCache
-from .hostmem import HostBuffer
 
 SERVE_TIMEOUT_S = 60.0  # the host gives up on a layer's routing after this long (the GPU's own wait is longer)
 _RING = 64  # pinned rows for table writes in flight
 
 
-def _pinned_int32(shape: tuple[int, ...]) -> tuple[HostBuffer, Tensor]:
-    """Registered (not caching-allocator) pinned memory: a captured copy into it stays valid forever."""
-    n = int(np.prod(shape))
-    buf = HostBuffer(4 * n, True)
-    return buf, buf.data[: 4 * n].view(torch.int32).view(*shape)
+def _pinned_int32(shape: tuple[int, ...]) -> Tensor:
+    """Pinned by PyTorch's own allocator: a copy into host memory inside a CUDA graph capture must be
+    to memory PyTorch knows as pinned (a cudaHostRegister'd buffer is refused there)."""
+    return torch.zeros(shape, dtype=torch.int32, pin_memory=True)
 
 
 class ExpertStream:
@@ -61,9 +58,8 @@ class ExpertStream:
         self.flags = torch.zeros(2, dtype=torch.int32, device=dev)  # [abort, gave up]
         self.routes = torch.zeros(L, top_k, dtype=torch.int32, device=dev)
         self.seq = torch.zeros(1, dtype=torch.int32, device=dev)  # the step's number, written before each replay
-        self._bufs = [_pinned_int32((L, top_k)), _pinned_int32((L,)), _pinned_int32((_RING, E)),
-                      _pinned_int32((L, E)), _pinned_int32((1,))]
-        (_, self.host_ids), (_, self.host_seq), (_, self._ring), (_, self._full), (_, self._one) = self._bufs
+        self.host_ids, self.host_seq = _pinned_int32((L, top_k)), _pinned_int32((L,))
+        self._ring, self._full, self._one = _pinned_int32((_RING, E)), _pinned_int32((L, E)), _pinned_int32((1,))
         self.host_seq.fill_(-1)
         self._one.fill_(1)
         self._ids_np, self._seq_np, self._ring_np = self.host_ids.numpy(), self.host_seq.numpy(), self._ring.numpy()
@@ -179,7 +175,6 @@ class ExpertStream:
         self.open = False
 
     def release(self) -> None:
-        """Unpin the host rows (the Decoder that owns this stream is done)."""
+        """Let the host rows go (the Decoder that owns this stream is done), once no copy uses them."""
         torch.cuda.synchronize(self.cache.device)
-        for buf, _ in self._bufs:
-            buf.release()
+        self.host_ids = self.host_seq = self._ring = self._full = self._one = torch.empty(0, dtype=torch.int32)
