@@ -113,8 +113,6 @@ class ExpertStream:
                     raise RuntimeError(f"streamed decode: layer {module.layer_idx}'s routing did not arrive in "
                                        f"{SERVE_TIMEOUT_S:.0f} s (the GPU stopped?)")
         ids = self._ids_np[layer].tolist()
-        if module.recorder is not None:
-            module.recorder.record(module.layer_idx, torch.tensor([ids]))
         before = cache.version
         protect = set(ids)
         # the order of OffloadedExperts.forward: expert ids ascending, hits first (the LRU order follows it)
@@ -124,6 +122,8 @@ class ExpertStream:
         if cache.version != before:
             self._write_row(layer, main)
         self._seen = cache.version
+        if module.recorder is not None:  # after the row: a recorder that syncs (its flush) must not stall the graph
+            module.recorder.record(module.layer_idx, torch.tensor([ids]))
 
     def _write_row(self, layer: int, main: torch.cuda.Stream) -> None:
         """Copy the layer's placement into its table row on the copy stream, behind its expert copies."""

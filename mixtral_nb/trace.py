@@ -214,7 +214,8 @@ class TraceRecorder:
                 self._pending.append(step)
                 if len(self._pending) >= self.flush_every:
                     self._flush_locked()
-            else:
+            else:  # steps still on a device (a prefill) go first: the trace keeps the steps' order
+                self._flush_locked()
                 self._done.append(step.numpy())
 
     def _flush_locked(self) -> None:
