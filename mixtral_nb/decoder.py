@@ -49,7 +49,7 @@ from .build import on_release
 from .families import FAMILIES
 from .kernels import rms_norm, rope_and_cache, route_topk
 from .graphs import CapturedGraph, GraphPool
-from .streamed import ExpertStream
+from .streamed import ExpertStream, launches_wait
 
 
 @dataclass
@@ -126,7 +126,8 @@ class Decoder:
             for e, d in zip(self.experts, self.devs) if e is not None)
         self._moe = [e for e in self.experts if e is not None]
         self.stream: ExpertStream | None = None
-        if (self.use_graphs and not self.static and config.stream_experts and len(set(self.devs)) == 1
+        if (self.use_graphs and not self.static and config.stream_experts and not launches_wait()
+                and len(set(self.devs)) == 1
                 and self._moe and len({id(e.cache) for e in self._moe}) == 1
                 and all(e.streamable(probe) for e in self._moe)):
             self.stream = ExpertStream(self._moe[0].cache, self._moe[0].top_k)

@@ -27,6 +27,7 @@ GPU runs the step without the host; the host only starts copies:
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -38,6 +39,12 @@ from .cache import ExpertCache
 
 SERVE_TIMEOUT_S = 60.0  # the host gives up on a layer's routing after this long (the GPU's own wait is longer)
 _RING = 64  # pinned rows for table writes in flight
+
+
+def launches_wait() -> bool:
+    """Whether CUDA launches block until their work is done (``CUDA_LAUNCH_BLOCKING=1``, a debugging
+    setting): a streamed graph, which waits for the host, would then never return to it."""
+    return os.environ.get("CUDA_LAUNCH_BLOCKING", "0") not in ("", "0")
 
 
 def _pinned_int32(shape: tuple[int, ...]) -> Tensor:

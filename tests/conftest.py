@@ -13,6 +13,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
+def script():
+    """``script(name)``: scripts/NAME.py loaded as a module (scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random 4-layer, 8-expert Mixtral in the original hub layout."""
     from mixtral_nb.tiny import write_tiny

@@ -4,26 +4,20 @@ article's own environment; BENCHMARKS.md records those runs)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from mixtral_nb.synthetic import write_article_checkpoint
 from mixtral_nb.tiny import tiny_config
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def acb():
-    spec = importlib.util.spec_from_file_location("article_code_bench", ROOT / "scripts" / "article_code_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def acb(script):
+    return script("article_code_bench")
 
 
 @pytest.fixture(scope="module")

@@ -70,3 +70,15 @@ def test_an_interrupted_streamed_step_leaves_the_sequence_as_it_was(tiny_dir, mo
     for t in range(3, 7):  # the same steps again, from a cache the interrupted one left changed
         logits = dec.forward(torch.tensor([[toks[t - 1]]], device="cuda"))
         assert (logits - want[t]).abs().max().item() < 1e-3
+
+
+def test_blocking_launches_keep_streamed_steps_off(monkeypatch):
+    """CUDA_LAUNCH_BLOCKING=1 would make the replay of a graph that waits for the host never return."""
+    from mixtral_nb.streamed import launches_wait
+
+    monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
+    assert not launches_wait()
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    assert launches_wait()
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "0")
+    assert not launches_wait()
