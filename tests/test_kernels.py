@@ -112,6 +112,7 @@ def test_every_kernel_variant_compiles_for_a_t4(tmp_path):
                                                                              or "SUSPECT" in ln)
     assert any("grouped2_splitk" in ln for ln in lines) and any("gemv_generic" in ln for ln in lines)
     assert any("gemv_dp4a" in ln for ln in lines) and any("quantize_x" in ln for ln in lines)
+    assert any("wait_slots" in ln for ln in lines)
 
 
 # ---------------------------------------------------------------------------------------------

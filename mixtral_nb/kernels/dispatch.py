@@ -302,7 +302,8 @@ class CompileCase(NamedTuple):
 def compile_cases(block_n: int | None = None, block_k: int | None = None, warps: int | None = None,
                   tiles: int | None = None) -> list[CompileCase]:
     """Every kernel variant the engine launches for Mixtral-8x7B's shapes (plain T = 1..4, grouped
-    w1+w3, grouped split-K w2; 2/3/4-bit; both axes; the Decoder's fused kernels), with the block
+    w1+w3, grouped split-K w2; 2/3/4-bit; both axes; the Decoder's fused kernels and a streamed
+    step's wait), with the block
     arguments overridden where given (``COMPILE_LIST`` is the default). Empty without Triton."""
     if not HAVE_TRITON:
         return []
@@ -384,4 +385,7 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
     out.append(CompileCase("weighted_sum", fused.weighted_sum_kernel, {"y_ptr": "*fp32", "w_ptr": "*fp32", "c_ptr": "*i32",
                                                                  "out_ptr": "*fp16"},
                            dict(HAS_COLS=True, BLOCK=1024), dict(S=4, N=2, H=4096), 4))
+    out.append(CompileCase("wait_slots", fused.wait_slots_kernel, {"ids_ptr": "*i64", "row_ptr": "*i32",
+                                                             "flags_ptr": "*i32", "out_ptr": "*i32"},
+                           dict(K=2, KP=2), dict(max_spins=fused.WAIT_SPINS), 1))
     return out
