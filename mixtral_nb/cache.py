@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -279,12 +280,27 @@ class ExpertCache:
         if any(s != self.E for s in self.layer_slots):
             raise RuntimeError("slot_table() needs every expert resident (offload_per_layer=0)")
         if self._slot_table is None:
-            table = [[self.lru[layer][e] for e in range(self.E)] for layer in range(self.L)]
-            self._slot_table = torch.tensor(table, dtype=torch.int32, device=self.device)
+            table = np.empty((self.L, self.E), dtype=np.int32)
+            for layer in range(self.L):
+                self.placement(layer, table[layer])
+            self._slot_table = torch.from_numpy(table).to(self.device)
         return self._slot_table
+
+    def placement(self, layer: int, out: np.ndarray) -> None:
+        """Write layer ``layer``'s map expert -> GPU buffer into ``out`` [E] (-1: not on the GPU), the
+        row a device-side lookup reads (``slot_table``, streamed steps' table)."""
+        lru = self.lru[layer]
+        out.fill(-1)
+        out[list(lru)] = list(lru.values())
 
     def resident(self, layer: int, expert: int) -> bool:
         return expert in self.lru[layer]
+
+    def hits_first(self, layer: int, experts: list[int] | set[int]) -> list[int]:
+        """``experts`` in the order a layer fetches them: ascending ids, the resident ones first (they
+        compute while the misses load). The LRU order follows it, and the policy simulator replays it."""
+        lru = self.lru[layer]
+        return sorted(sorted(experts), key=lambda e: e not in lru)
 
     def fetch(self, layer: int, expert: int, protect: set[int] | frozenset[int] = frozenset(),
               prefetch: bool = False, main: torch.cuda.Stream | None = None) -> int | None:

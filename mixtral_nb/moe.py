@@ -228,7 +228,7 @@ class OffloadedExperts(nn.Module):
             self.predicted = None
 
         # hits first: they compute while the misses' copies are in flight
-        order = sorted(needed, key=lambda e: not cache.resident(layer, e))
+        order = cache.hits_first(layer, needed)
         protect = set(needed)
         bufs: dict[int, int] = {}
         for e in order:

@@ -47,10 +47,10 @@ def launches_wait() -> bool:
     return os.environ.get("CUDA_LAUNCH_BLOCKING", "0") not in ("", "0")
 
 
-def _pinned_int32(shape: tuple[int, ...]) -> Tensor:
+def _pinned(*shape: int, dtype: torch.dtype = torch.int32) -> Tensor:
     """Pinned by PyTorch's own allocator: a copy into host memory inside a CUDA graph capture must be
     to memory PyTorch knows as pinned (a cudaHostRegister'd buffer is refused there)."""
-    return torch.zeros(shape, dtype=torch.int32, pin_memory=True)
+    return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
 
 class ExpertStream:
@@ -63,10 +63,10 @@ class ExpertStream:
         self.cache, self.top_k = cache, top_k
         self.table = torch.full((L, E), -1, dtype=torch.int32, device=dev)
         self.flags = torch.zeros(2, dtype=torch.int32, device=dev)  # [abort, gave up]
-        self.routes = torch.zeros(L, top_k, dtype=torch.int32, device=dev)
         self.seq = torch.zeros(1, dtype=torch.int32, device=dev)  # the step's number, written before each replay
-        self.host_ids, self.host_seq = _pinned_int32((L, top_k)), _pinned_int32((L,))
-        self._ring, self._full, self._one = _pinned_int32((_RING, E)), _pinned_int32((L, E)), _pinned_int32((1,))
+        self.host_ids = _pinned(L, top_k, dtype=torch.int64)  # the router's ids, as it gives them
+        self.host_seq = _pinned(L)
+        self._ring, self._full, self._one = _pinned(_RING, E), _pinned(L, E), _pinned(1)
         self.host_seq.fill_(-1)
         self._one.fill_(1)
         self._ids_np, self._seq_np, self._ring_np = self.host_ids.numpy(), self.host_seq.numpy(), self._ring.numpy()
@@ -80,9 +80,8 @@ class ExpertStream:
     # ------------------------------------------------------------------ graph side (recorded once)
 
     def publish(self, layer: int, ids: Tensor) -> None:
-        """Copy layer ``layer``'s expert ids [1, k] to the host, then the step's number."""
-        self.routes[layer].copy_(ids.view(-1))
-        self.host_ids[layer].copy_(self.routes[layer], non_blocking=True)
+        """Copy layer ``layer``'s expert ids [1, k] (int64) to the host, then the step's number."""
+        self.host_ids[layer].copy_(ids.view(-1), non_blocking=True)
         self.host_seq[layer:layer + 1].copy_(self.seq, non_blocking=True)
 
     def wait(self, layer: int, ids: Tensor) -> Tensor:
@@ -122,8 +121,7 @@ class ExpertStream:
         ids = self._ids_np[layer].tolist()
         before = cache.version
         protect = set(ids)
-        # the order of OffloadedExperts.forward: expert ids ascending, hits first (the LRU order follows it)
-        for e in sorted(sorted(protect), key=lambda e: not cache.resident(layer, e)):
+        for e in cache.hits_first(layer, protect):
             if cache.fetch(layer, e, protect, main=main) is None:  # the Decoder checks slots >= top_k
                 raise RuntimeError(f"streamed decode: layer {module.layer_idx} has no slot for expert {e}")
         if cache.version != before:
@@ -139,10 +137,7 @@ class ExpertStream:
         ev = self._ring_ev[i]
         if ev is not None and not ev.query():
             ev.synchronize()
-        row = self._ring_np[i]
-        row.fill(-1)
-        lru = self.cache.lru[layer]
-        row[list(lru.keys())] = list(lru.values())
+        self.cache.placement(layer, self._ring_np[i])
         stream = self.cache.s.h2d
         torch.cuda.set_stream(stream)
         try:
@@ -158,9 +153,8 @@ class ExpertStream:
         if self._full_ev is not None:
             self._full_ev.synchronize()
         full = self._full.numpy()
-        full.fill(-1)
-        for layer, lru in enumerate(self.cache.lru):
-            full[layer, list(lru.keys())] = list(lru.values())
+        for layer in range(self.cache.L):
+            self.cache.placement(layer, full[layer])
         main.wait_stream(self.cache.s.h2d)
         self.table.copy_(self._full, non_blocking=True)
         self.flags.zero_()
