@@ -36,14 +36,18 @@ class HostBuffer:
         if nbytes < 0:
             raise ValueError(f"HostBuffer needs a size >= 0, got {nbytes}")
         self.nbytes = int(nbytes)
-        raw = torch.empty(self.nbytes + PAGE, dtype=torch.uint8)
-        start = (-raw.data_ptr()) % PAGE  # page-aligned start: the driver pins whole pages
+        # The driver pins whole pages, so the pinned span is page-aligned and page-rounded, and it must lie
+        # inside this allocation: a page shared with another allocation would be partly pinned, and a
+        # later copy to memory straddling the span's end fails with "invalid argument".
+        size = -(-self.nbytes // PAGE) * PAGE
+        raw = torch.empty(size + PAGE, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % PAGE
         self.data = raw[start:start + self.nbytes]
+        self.span = (raw.data_ptr() + start, size)  # what is (or would be) page-locked
         self.pinned = False
         self._finalizer: weakref.finalize | None = None
         if pin and self.nbytes:
             ptr = self.data.data_ptr()
-            size = -(-self.nbytes // PAGE) * PAGE
             err = torch.cuda.cudart().cudaHostRegister(ptr, size, _PORTABLE)
             if int(err) != 0:
                 raise RuntimeError(

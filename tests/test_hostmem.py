@@ -23,6 +23,19 @@ def test_rows_are_disjoint_views_of_one_page_aligned_buffer():
         HostBuffer(-1, pin=False)
 
 
+
+@pytest.mark.parametrize("nbytes", [1, 3007, PAGE - 1, PAGE, PAGE + 1, 5 * PAGE + 123])
+def test_the_pinned_span_is_whole_pages_inside_the_allocation(nbytes):
+    """The driver pins whole pages: a span reaching past the allocation would half-pin a page that other
+    tensors share, and a later copy straddling its end fails with CUDA's "invalid argument"."""
+    buf = HostBuffer(nbytes, pin=False)
+    start, size = buf.span
+    storage = buf.data.untyped_storage()
+    lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    assert start % PAGE == 0 and size % PAGE == 0 and size >= nbytes
+    assert start == buf.data.data_ptr() and lo <= start and start + size <= hi, (lo, start, size, hi)
+
+
 def _h2d_gbps(src: torch.Tensor, dst: torch.Tensor) -> float:
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
@@ -55,3 +68,18 @@ def test_pinned_buffer_costs_its_size_and_copies_at_pinned_speed():
     assert ours > 0.8 * ref, (ours, ref, slow)  # the driver treats it as page-locked memory
     buf.release()
     assert not buf.pinned
+
+
+@pytest.mark.gpu
+def test_small_pinned_buffers_leave_later_copies_alone():
+    """Odd-sized pinned buffers (a tiny model's host chunk) next to ordinary small tensors: copies into
+    those tensors from the GPU keep working (they failed when the pinned span reached past the buffer)."""
+    keep = []
+    for n in (3007, PAGE + 1, 2 * PAGE - 5):
+        keep.append(HostBuffer(n, pin=True))
+        for _ in range(64):
+            keep.append(torch.arange(257, device="cuda").cpu())
+    assert all(int(t[-1]) == 256 for t in keep[1:] if isinstance(t, torch.Tensor))
+    for b in keep:
+        if isinstance(b, HostBuffer):
+            b.release()
