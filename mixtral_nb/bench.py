@@ -43,6 +43,11 @@ the VRAM cap (15,095 MiB) then counts the CUDA context. Copies still overlap com
 they would on the T4. ``--copy-only`` measures expert-sized copies, plain and throttled, both
 directions (the throttle should read 9.7 GB/s). Every run also reports the time to first token
 for a ``--ttft-prompt``-token prompt and D2H/H2D bytes per token.
+
+``decode_tok_s`` keeps each token on the GPU (the next step is queued before the host sees it). A chat
+cannot: it reads every token to detokenize it and to stop. ``--chat`` measures decode that way too, plus
+with the notebook's resource monitor or the rehearsal's memory watch sampling in a thread, and through
+``ChatSession`` itself (``chat_*`` figures), so the benchmark's speed and a chat's can be told apart.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ T4_H2D_BPS = 9.7e9  # a Colab T4's pinned copy bandwidth, both directions
 T4_HBM_BPS = 240e9  # its memory bandwidth
 T4_VRAM_BYTES = planner.PRESETS["colab-t4"].vram_bytes  # what a T4 offers, CUDA context included
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MIXTRAL_VOCAB = 32000
 
 
 def mixtral_8x7b_config() -> dict[str, Any]:
@@ -603,6 +609,72 @@ def _ttft(engine: Any, prompt: Tensor, device: torch.device, reps: int = 2) -> f
     return statistics.median(times)
 
 
+
+def _synced_decode(engine: Any, prompt: Tensor, new_tokens: int) -> float:
+    """Decode tok/s when the host reads each token before the next step, as a chat must (to detokenize
+    and to stop); :func:`_generate` keeps tokens on the device, which no interactive use can."""
+    engine.reset()
+    steps = generate_tokens(engine, prompt, new_tokens + 1)
+    int(next(steps))  # the prefill's token
+    t0 = time.perf_counter()
+    n = sum(1 for t in steps if int(t) >= 0)
+    return n / (time.perf_counter() - t0)
+
+
+def _chat_paths(args: argparse.Namespace, engine: Any, model: Any, prompt: Tensor, device: torch.device,
+                routing: Any) -> dict[str, float]:
+    """``--chat``: decode the ways a chat runs it, in this process (median of --repeat runs each):
+    each token read by the host; the same with the notebook's resource monitor running (0.5 s) and with
+    the rehearsal's memory watch (0.05 s); and (full-size Mixtral: its tokenizer's ids fit the model)
+    through ChatSession itself (Mixtral, whose tokenizer ships offline; --tiny widens the toy vocabulary to
+    its 32,000 ids), greedy replies of exactly --new-tokens, with and without the watch."""
+    from .monitor import ResourceMonitor
+    from .rehearse import MemoryWatch
+
+    def median_of(run: Any) -> float:
+        return statistics.median(run() for _ in range(args.repeat))
+
+    def synced() -> float:
+        return median_of(lambda: _synced_decode(engine, prompt, args.new_tokens))
+
+    out = {"chat_synced_tok_s": synced()}
+    monitor = ResourceMonitor(model, device, interval=0.5).start()
+    try:
+        out["chat_synced_monitor_tok_s"] = synced()
+    finally:
+        monitor.stop()
+    watch = MemoryWatch(device, math.inf, None, interval=0.05).start()
+    try:
+        out["chat_synced_watch_tok_s"] = synced()
+    finally:
+        watch.stop()
+    if args.model != "mixtral-8x7b":
+        print("# chat: the ChatSession runs need the model's own tokenizer, shipped offline for Mixtral only")
+        return out
+    from .chat import ChatSession
+    from .tokenizer import mixtral_tokenizer
+
+    session = ChatSession(model, mixtral_tokenizer(), max_new_tokens=args.new_tokens,
+                          min_new_tokens=args.new_tokens, engine=args.engine or "auto")
+    chat_engine = session._ensure_engine()  # its own engine, sized to the chat's context budget
+    if routing is not None and getattr(chat_engine, "kind", "") == "decoder":
+        chat_engine.routing = routing.route
+    session.send("Tell me about the history of Rome.")  # the first reply captures the graphs
+
+    def reply() -> float:
+        session.regenerate()  # the same prompt (cached), the same cache length: no new capture
+        return float(session.last_stats["tok_s"])
+
+    out["chat_session_tok_s"] = median_of(reply)
+    watch = MemoryWatch(device, math.inf, None, interval=0.05).start()
+    try:
+        out["chat_session_watch_tok_s"] = median_of(reply)
+    finally:
+        watch.stop()
+    session.reset()
+    return out
+
+
 def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -610,6 +682,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     device = devices[0]
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     cfg = bench_config(args.model, args.tiny)
+    if args.chat and args.tiny and args.model == "mixtral-8x7b":
+        cfg["vocab_size"] = MIXTRAL_VOCAB  # ChatSession's tokenizer is Mixtral's own
     sk = _skeleton_of(cfg)
     L, E = len(sk.moe_layers), sk.num_experts  # the cache's layers: the MoE ones
     plan = bench_plan(args, L)
@@ -693,6 +767,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
             _profile_decode(engine, prompt, device, args.profile)
         prefill_times, decode_times, totals, finite = _decode_runs(args, engine, cache, prompt, device, vocab)
         ttft = _ttft(engine, long_prompt, device)
+        chat = _chat_paths(args, engine, model, prompt, device, routing) if args.chat and mode == "ours" else {}
+        gc.collect()  # the chat's own engine (KV cache, graphs) goes before the emulated runs
         emulated: dict[str, float] = {}
         if args.emulate == "t4" and device.type == "cuda":
             rates = copy_microbench(device, cache.blob_bytes, None)  # expert-sized copies, as the cache makes them
@@ -778,6 +854,7 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
         "gpu_read_bytes_per_token": gpu_read,
         "overhead_s_per_token": overhead,
         "t4_projected_tok_s": 1.0 / t4_s,
+        **chat,
         **emulated,
         "host_mirror": float(mirror),
         "moe_layers": float(L),
@@ -838,6 +915,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-only", action="store_true",
                    help="only the copy microbenchmark: expert-sized copies each way, plain and throttled to a T4's "
                         "rate (CUDA only)")
+    p.add_argument("--chat", action="store_true",
+                   help="also measure decode as a chat runs it (each token read by the host; with the notebook's "
+                        "monitor and the rehearsal's memory watch running; through ChatSession): chat_* figures")
     p.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for the time-to-first-token figure")
     p.add_argument("--offload-per-layer", type=int, default=4, help="experts of each layer kept off the GPU")
     p.add_argument("--prefetch", type=int, default=2, help="next-layer experts to load early (0: no prefetch)")

@@ -19,9 +19,23 @@ PAGE = 4096
 _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context (layers split over GPUs)
 
 
+def drop_cuda_error() -> None:
+    """Consume CUDA's pending "last error" after a failed runtime call made here (register, unregister).
+
+    The runtime keeps it until some call reads it, and PyTorch reads it after its next kernel launch: that
+    launch, anywhere later (the next model build in a notebook), would fail with this error instead.
+    """
+    if not torch.cuda.is_initialized() or torch.cuda.is_current_stream_capturing():
+        return  # nothing pending / a launch now would be recorded into the graph being captured
+    try:
+        torch.empty(1, dtype=torch.uint8, device=torch.cuda.current_device()).zero_()
+    except RuntimeError:
+        pass
+
+
 def _unregister(ptr: int, keep: list[Tensor]) -> None:
-    if torch.cuda.is_initialized():
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+    if torch.cuda.is_initialized() and int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:
+        drop_cuda_error()
     keep.clear()
 
 
@@ -50,6 +64,7 @@ class HostBuffer:
             ptr = self.data.data_ptr()
             err = torch.cuda.cudart().cudaHostRegister(ptr, size, _PORTABLE)
             if int(err) != 0:
+                drop_cuda_error()
                 raise RuntimeError(
                     f"could not page-lock {self.nbytes / 1e9:.2f} GB of host memory (CUDA error {int(err)}): "
                     "host RAM is short or locked memory is limited (ulimit -l); use a plan with fewer offloaded experts"

@@ -22,6 +22,8 @@
 #             synthetic full-size benchmark (--routing iid --repeat 3 --new-tokens 64 --emulate t4: plain, then with
 #             a T4's limits emulated, in one process), JSON in $OUT/family-NAME.json; then `plan --model all --all`
 #   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
+#   chat      decode as a chat runs it at the colab-t4 plan (--chat: each token read by the host; with the
+#             notebook's monitor and the rehearsal's memory watch running; through ChatSession), iid routing
 #   gaps      where the copy engine idles at the colab-t4 plan: a profiled 16-token decode (--profile), then
 #             scripts/trace_gaps.py on its trace (the per-layer gap behind efficiency < 1)
 #   article   ours at the colab-t4 plan (plain and --emulate t4) and then the article's own code, unmodified, in its
@@ -149,6 +151,11 @@ step_gaps() {  # where the copy engine idles at the colab-t4 plan: a profiled de
   return "$rc"
 }
 step_gemv() { timeout 300 $PY scripts/kernel_bench.py bench; }
+step_chat() {
+  timeout 300 $PY -m mixtral_nb.bench --plan colab-t4 --routing iid --repeat 3 --new-tokens 64 --chat \
+    --json "$OUT/chat.json" | tee "$OUT/chat.txt" | grep -E "$KEYS|chat_"
+  return "${PIPESTATUS[0]}"
+}
 step_rehearse() {
   if [ ! -f scripts/gpu_rehearse.sh ]; then echo "scripts/gpu_rehearse.sh is missing"; return 2; fi
   OUT="$OUT/rehearse" bash scripts/gpu_rehearse.sh
@@ -158,7 +165,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env kernels compile decoder bench gemv)
 for s in "${steps[@]}"; do
   if ! declare -F "step_$s" >/dev/null; then
-    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv families rehearse article gaps" >&2
+    echo "unknown step '$s': choose from assets env kernels compile decoder bench resident colab gemv families rehearse article gaps chat" >&2
     exit 2
   fi
 done

@@ -63,6 +63,24 @@ def test_tiny_compare(capsys, tmp_path):
     assert "speedup_decode" in data
 
 
+
+CHAT = ("chat_synced_tok_s", "chat_synced_monitor_tok_s", "chat_synced_watch_tok_s", "chat_session_tok_s",
+        "chat_session_watch_tok_s")
+
+
+@pytest.mark.timeout(180)
+def test_tiny_chat_paths(capsys, tmp_path):
+    """--chat: decode read token by token, under the monitors, and through a real ChatSession (the toy
+    vocabulary widened to the Mixtral tokenizer's); without --chat none of these figures appear."""
+    printed, data = run(["--tiny", "--chat", "--new-tokens", "6"], capsys, tmp_path)
+    ours = printed["ours"]
+    for name in CHAT:
+        assert name in ours and math.isfinite(ours[name]) and ours[name] > 0, name
+        assert math.isclose(data["runs"]["ours"][name], ours[name], rel_tol=1e-3)
+    printed, _ = run(["--tiny", "--new-tokens", "4"], capsys, tmp_path)
+    assert not any(k.startswith("chat_") for k in printed["ours"])
+
+
 @pytest.mark.timeout(60)
 def test_tiny_resident(capsys, tmp_path):
     printed, _ = run(["--tiny", "--resident", "--new-tokens", "4"], capsys, tmp_path)

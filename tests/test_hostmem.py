@@ -6,7 +6,7 @@ import psutil
 import pytest
 import torch
 
-from mixtral_nb.hostmem import PAGE, HostBuffer
+from mixtral_nb.hostmem import PAGE, HostBuffer, drop_cuda_error
 
 
 def test_rows_are_disjoint_views_of_one_page_aligned_buffer():
@@ -83,3 +83,16 @@ def test_small_pinned_buffers_leave_later_copies_alone():
     for b in keep:
         if isinstance(b, HostBuffer):
             b.release()
+
+
+@pytest.mark.gpu
+def test_a_failed_registration_leaves_no_error_behind():
+    """Registering pages twice fails (cudaErrorHostMemoryAlreadyRegistered); after drop_cuda_error the next
+    kernel launch runs (without it, that launch raises the old error)."""
+    torch.cuda.init()
+    buf = HostBuffer(2 * PAGE, pin=True)
+    err = int(torch.cuda.cudart().cudaHostRegister(buf.data.data_ptr(), 2 * PAGE, 0))
+    assert err != 0
+    drop_cuda_error()
+    assert int(torch.ones(4, device="cuda").sum()) == 4
+    buf.release()
