@@ -97,9 +97,10 @@ def mixtral_8x7b_config() -> dict[str, Any]:
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "router_jitter_noise": 0.0}
 
 
-def tiny_bench_config() -> dict[str, Any]:
-    """A Mixtral small enough for CI on a CPU, with the real model's structure."""
-    cfg = tiny_config(layers=4, experts=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
+def tiny_bench_config(hidden: int = 64) -> dict[str, Any]:
+    """A Mixtral small enough for CI on a CPU, with the real model's structure (``hidden`` 128 gives
+    k/v projections of 64 rows, which the article's axis-0 group of 64 needs)."""
+    cfg = tiny_config(layers=4, experts=8, hidden=hidden, intermediate=128, heads=4, kv_heads=2, vocab=512)
     for k in ("architectures", "model_type", "torch_dtype", "dtype"):
         cfg.pop(k, None)
     return cfg
@@ -568,6 +569,18 @@ def vram_cap_bytes(args: argparse.Namespace, mode: str, plan: Any) -> tuple[floa
     return args.vram_gib * GIB, False
 
 
+def bench_quant(layout: str) -> QuantConfig:
+    """The article's mixed quantization with groups along K (``ours``: what ``quantize`` writes) or along
+    the output rows (``article``: hqq 0.1.1's axis 0, what the article's pre-quantized files hold and
+    what a converted copy of them keeps), so either layout's kernels can be measured."""
+    q = article_quant_config()
+    if layout == "ours":
+        return q
+    axis0 = {part: {**cfg, "weight_quant_params": {**cfg["weight_quant_params"], "axis": 0}}
+             for part, cfg in (("ffn_config", q.ffn_config), ("attn_config", q.attn_config))}
+    return QuantConfig(**axis0)
+
+
 def bench_plan(args: argparse.Namespace, num_layers: int) -> Any:
     """The planner's plan for --plan (None without) for the full-size --model, on this model's MoE layer count."""
     if not args.plan:
@@ -682,6 +695,8 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     device = devices[0]
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     cfg = bench_config(args.model, args.tiny)
+    if args.tiny and args.layout == "article" and args.model == "mixtral-8x7b":
+        cfg = tiny_bench_config(hidden=128)
     if args.chat and args.tiny and args.model == "mixtral-8x7b":
         cfg["vocab_size"] = MIXTRAL_VOCAB  # ChatSession's tokenizer is Mixtral's own
     sk = _skeleton_of(cfg)
@@ -703,7 +718,7 @@ def _run_one(args: argparse.Namespace, mode: str, device: torch.device) -> dict[
     d2h_bps = copy_bandwidth(device, "d2h")
     hbm_bps = copy_bandwidth(device, "d2d", mib=512)
 
-    ck = SyntheticCheckpoint(cfg, article_quant_config(), device, dtype, seed=args.seed)
+    ck = SyntheticCheckpoint(cfg, bench_quant(args.layout), device, dtype, seed=args.seed)
     blob_bytes = ck.expert_bytes
     opl = 0 if mode == "resident" else args.offload_per_layer
     pinned_limit = args.pinned_gib * GIB
@@ -915,6 +930,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-only", action="store_true",
                    help="only the copy microbenchmark: expert-sized copies each way, plain and throttled to a T4's "
                         "rate (CUDA only)")
+    p.add_argument("--layout", choices=("ours", "article"), default="ours",
+                   help="how the synthetic weights group their codes: ours (along K, as mixtral_nb quantizes) or "
+                        "article (hqq 0.1.1's axis 0, as the article's pre-quantized checkpoint, which the Colab "
+                        "notebook loads, and its converted copy hold)")
     p.add_argument("--chat", action="store_true",
                    help="also measure decode as a chat runs it (each token read by the host; with the notebook's "
                         "monitor and the rehearsal's memory watch running; through ChatSession): chat_* figures")
@@ -978,6 +997,9 @@ def bench_main(argv: list[str] | None = None) -> int:
                      "leave one out")
     if args.ttft_prompt < 1:
         parser.error(f"--ttft-prompt must be at least 1, got {args.ttft_prompt}")
+    if args.layout == "article" and args.model != "mixtral-8x7b":
+        parser.error(f"--layout article is the layout of the article's Mixtral-8x7B checkpoint: leave it out for "
+                     f"{args.model}")
     family = FAMILIES[KNOWN_MODELS[args.model]["model_type"]]
     if args.engine == "decoder" and not family.decoder:
         parser.error(f"--engine decoder {decoder_refusal(family.model_type)} ({args.model}): leave --engine out "

@@ -23,7 +23,8 @@
 #             a T4's limits emulated, in one process), JSON in $OUT/family-NAME.json; then `plan --model all --all`
 #   rehearse  the Colab rehearsal: bash scripts/gpu_rehearse.sh
 #   chat      decode as a chat runs it at the colab-t4 plan (--chat: each token read by the host; with the
-#             notebook's monitor and the rehearsal's memory watch running; through ChatSession), iid routing
+#             notebook's monitor and the rehearsal's memory watch running; through ChatSession), iid routing,
+#             in our code layout and in the article's (--layout article: axis 0, what the Colab notebook loads)
 #   gaps      where the copy engine idles at the colab-t4 plan: a profiled 16-token decode (--profile), then
 #             scripts/trace_gaps.py on its trace (the per-layer gap behind efficiency < 1)
 #   article   ours at the colab-t4 plan (plain and --emulate t4) and then the article's own code, unmodified, in its
@@ -151,10 +152,14 @@ step_gaps() {  # where the copy engine idles at the colab-t4 plan: a profiled de
   return "$rc"
 }
 step_gemv() { timeout 300 $PY scripts/kernel_bench.py bench; }
-step_chat() {
-  timeout 300 $PY -m mixtral_nb.bench --plan colab-t4 --routing iid --repeat 3 --new-tokens 64 --chat \
-    --json "$OUT/chat.json" | tee "$OUT/chat.txt" | grep -E "$KEYS|chat_"
-  return "${PIPESTATUS[0]}"
+step_chat() {  # each layout: ours (what quantize writes) and the article's (what the Colab notebook loads)
+  local rc=0 layout
+  for layout in ours article; do
+    timeout 280 $PY -m mixtral_nb.bench --plan colab-t4 --routing iid --repeat 3 --new-tokens 64 --chat \
+      --layout "$layout" --json "$OUT/chat-$layout.json" | tee "$OUT/chat-$layout.txt" | grep -E "$KEYS|chat_"
+    [ "${PIPESTATUS[0]}" -ne 0 ] && rc=1
+  done
+  return "$rc"
 }
 step_rehearse() {
   if [ ! -f scripts/gpu_rehearse.sh ]; then echo "scripts/gpu_rehearse.sh is missing"; return 2; fi

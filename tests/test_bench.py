@@ -81,6 +81,22 @@ def test_tiny_chat_paths(capsys, tmp_path):
     assert not any(k.startswith("chat_") for k in printed["ours"])
 
 
+
+@pytest.mark.timeout(120)
+def test_tiny_in_the_article_layout(capsys, tmp_path):
+    """--layout article builds axis-0 codes (what the article's files and their converted copy hold), and
+    they decode to finite tokens; the layout exists for the article's Mixtral only."""
+    from mixtral_nb.bench import bench_quant
+
+    assert bench_quant("article").ffn["axis"] == 0 and bench_quant("article").attn["axis"] == 0
+    assert bench_quant("ours").ffn["axis"] == 1
+    printed, _ = run(["--tiny", "--layout", "article", "--new-tokens", "4"], capsys, tmp_path)
+    assert printed["ours"]["outputs_finite"] == 1 and printed["ours"]["decode_tok_s"] > 0
+    with pytest.raises(SystemExit):
+        bench.bench_main(["--tiny", "--layout", "article", "--model", "qwen3-30b-a3b"])
+    assert "--layout article is the layout of the article's Mixtral-8x7B checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_tiny_resident(capsys, tmp_path):
     printed, _ = run(["--tiny", "--resident", "--new-tokens", "4"], capsys, tmp_path)
