@@ -44,6 +44,10 @@ they would on the T4. ``--copy-only`` measures expert-sized copies, plain and th
 directions (the throttle should read 9.7 GB/s). Every run also reports the time to first token
 for a ``--ttft-prompt``-token prompt and D2H/H2D bytes per token.
 
+``--layout article`` groups the synthetic codes along axis 0, as the article's pre-quantized files (and
+their converted copy, which the Colab notebook loads) do; the default is the layout ``quantize`` writes.
+The two decode through different kernels.
+
 ``decode_tok_s`` keeps each token on the GPU (the next step is queued before the host sees it). A chat
 cannot: it reads every token to detokenize it and to stop. ``--chat`` measures decode that way too, plus
 with the notebook's resource monitor or the rehearsal's memory watch sampling in a thread, and through

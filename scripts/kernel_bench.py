@@ -172,7 +172,10 @@ def bench(sweep: bool, only: list[str] | None = None) -> None:
              ("expert w1 3-bit g64", spec_of((14336, 4096), EXPERT, nbits=3, group_size=64)),
              ("attn q/o 4-bit g64", spec_of((4096, 4096), ATTN)),
              ("attn k/v 4-bit g64", spec_of((1024, 4096), ATTN)),
-             ("expert w1 2-bit axis0", spec_of((14336, 4096), EXPERT, axis=0))]
+             ("expert w1 2-bit axis0", spec_of((14336, 4096), EXPERT, axis=0)),  # the article's files
+             ("expert w2 2-bit axis0", spec_of((4096, 14336), EXPERT, axis=0)),
+             ("attn q/o 4-bit axis0", spec_of((4096, 4096), ATTN, axis=0)),
+             ("attn k/v 4-bit axis0", spec_of((1024, 4096), ATTN, axis=0))]
     rows = []
     for name, spec in cases:
         if only and not any(o in name for o in only):
@@ -196,6 +199,9 @@ def bench(sweep: bool, only: list[str] | None = None) -> None:
         for t in (1, 2, 4):
             sec = time_fn(lambda i: kernels.qgemv(x[:t], sets[i], spec), copies)
             rows.append((name, t, "default", sec, nbytes / sec / 1e9, nbytes / sec / bw, err))
+            if kernels.plan(spec)["axis0"]:  # against the element-wise kernel axis 0 took before
+                sec = time_fn(lambda i: kernels.qgemv(x[:t], sets[i], spec, method="generic"), copies)
+                rows.append((name, t, "element-wise", sec, nbytes / sec / 1e9, nbytes / sec / bw, err))
         if sweep and kernels.plan(spec)["words"] and "2-bit g16" in name:
             best = None
             for bn, bk, nw, tiles in SWEEP:

@@ -111,6 +111,7 @@ def test_every_kernel_variant_compiles_for_a_t4(tmp_path):
     assert all(": OK" in ln and "SUSPECT" not in ln for ln in lines), "\n".join(ln for ln in lines if ": OK" not in ln
                                                                              or "SUSPECT" in ln)
     assert any("grouped2_splitk" in ln for ln in lines) and any("gemv_generic" in ln for ln in lines)
+    assert any("gemv_axis0_grouped13" in ln for ln in lines)
     assert any("gemv_dp4a" in ln for ln in lines) and any("quantize_x" in ln for ln in lines)
     assert any("wait_slots" in ln for ln in lines)
 
@@ -142,7 +143,8 @@ def test_available_reports():
 def test_kernel_policy_by_shape():
     """The kernel of every Mixtral weight follows from its shape and format alone: 2-bit experts take
     dp4a on meta-sharing tiles (w2 unsplit), 4-bit attention dp4a on consecutive rows, 3-bit the word
-    kernel (w2 split 4), axis-0 weights the element-wise kernel."""
+    kernel (w2 split 4), axis-0 weights (the article's) the axis-0 kernel, odd axis-0 groups the
+    element-wise one."""
     e2 = dict(nbits=2, group_size=16, axis=1, quant_scale=True, scale_group=128, quant_zero=True, zero_group=None)
     a4 = dict(e2, nbits=4, group_size=64, scale_group=256)
     e3 = dict(e2, nbits=3, group_size=64)
@@ -155,7 +157,11 @@ def test_kernel_policy_by_shape():
     assert q["dp4a"] and not q["strided"] and q["dp4a_block"] == (4, 128)
     assert not kernels.plan(QSpec.make((14336, 4096), e3))["dp4a"] and kernels.plan(QSpec.make((14336, 4096), e3))["words"]
     assert kernels.grouped_split(QSpec.make((4096, 14336), e3)) == 4
-    assert not kernels.plan(QSpec.make((14336, 4096), dict(e2, axis=0)))["words"]
+    axis0 = kernels.plan(QSpec.make((14336, 4096), dict(e2, axis=0)))
+    assert not axis0["words"] and axis0["axis0"] and axis0["axis0_block_k"] == 256
+    assert kernels.plan(QSpec.make((4096, 4096), dict(a4, axis=0)))["axis0_block_k"] == 64
+    assert not kernels.plan(QSpec.make((48, 256), dict(e2, axis=0, group_size=12)))["axis0"]
+    assert not kernels.plan(w1)["axis0"]
 
 
 def test_unknown_method_is_refused():
@@ -374,6 +380,28 @@ def expert_buffer(nbits: int, group: int, axis: int, slots: int, gen: torch.Gene
 
 
 @needs_interpreter
+@pytest.mark.parametrize("nbits,shape", [(2, (40, 256, 8)), (4, (64, 320, 64)), (3, (64, 320, 16)), (2, (96, 200, 16))])
+def test_axis0_kernel_interpreted(interp, fresh_capabilities, nbits, shape):
+    """The article's axis-0 weights take the axis-0 kernel itself (no failure, so no fallback to the
+    element-wise kernel), for every row count and a K that is no multiple of its block."""
+    gen = torch.Generator().manual_seed(nbits + shape[0])
+    spec = make_spec(shape[:2], nbits, shape[2], 0)
+    assert interp.plan(spec)["axis0"]
+    t = random_tensors(spec, gen)
+    w = dequantize(t, spec).double()
+    for rows in (1, 2, 3, 4):
+        x = torch.randn(rows, spec.in_features, generator=gen).half()
+        out = torch.full((rows, spec.out_features), float("nan"), dtype=torch.float16)
+        assert rel_err(interp.qgemv(x, t, spec, out=out), x.double() @ w.T) < 2e-3, rows
+        y_old = interp.qgemv(x, t, spec, method="generic")  # the element-wise kernel, named
+        assert rel_err(y_old, x.double() @ w.T) < 2e-3 and torch.equal(interp.qgemv(x, t, spec, method="axis0"), out)
+    assert fresh_capabilities.failures() == {}
+    with pytest.raises(ValueError, match="axis-0 kernel takes axis-0 weights"):
+        interp.qgemv(x, random_tensors(make_spec((40, 256), 2, 16, 1), gen), make_spec((40, 256), 2, 16, 1),
+                     method="axis0")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("nbits,group,axis", [(2, 16, 1), (3, 32, 1), (4, 64, 1), (2, 16, 0)])
 def test_grouped_interpreted(interp, nbits, group, axis):
     gen = torch.Generator().manual_seed(nbits + group)
@@ -383,6 +411,7 @@ def test_grouped_interpreted(interp, nbits, group, axis):
     slots = torch.tensor([3, 1], dtype=torch.int32)
     x = torch.randn(1, 128, generator=gen).half()
     out = torch.full((4, 192), float("nan"), dtype=torch.float16)
+    CAPABILITIES.reset()
     y = interp.qgemv_grouped(x, views[0], s1, slots, buf.stride(0), 2, fmt.w3_offset, out=out)
     for m in range(4):
         w = fmt.dense(buf[slots[m // 2]])[m % 2].double()
@@ -393,6 +422,7 @@ def test_grouped_interpreted(interp, nbits, group, axis):
     for m in range(2):
         w = fmt.dense(buf[slots[m]])[2].double()
         assert rel_err(y2[m], h[m].double() @ w.T) < 2e-3, m
+    assert CAPABILITIES.failures() == {}  # axis 0 ran its own kernel, no fallback
 
 
 @needs_interpreter

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 # the kernel families a device may lack, and what takes over when one fails
 FAMILIES = {
     "dp4a": "the one-token dp4a GEMV kernel failed; the fp32 word kernel takes its GEMVs",
+    "axis0": "the axis-0 GEMV kernel failed; the element-wise kernel takes the article's axis-0 weights",
     "gemv": "the quantized GEMV/dequantize kernels failed; the pure-torch path (dequantize + F.linear) takes over",
     "fused": "a fused Decoder kernel failed; PyTorch ops take RMSNorm, rotary, routing and expert sums",
 }

@@ -8,7 +8,9 @@ format and by what the device can build, nothing else.
   in fp32; the weight is never written out. One token of 2/4-bit axis-1 weights takes the dp4a
   kernel (:mod:`.dp4a`), on tiles of rows that share their scale meta for 2-bit weights and of
   consecutive rows for 4-bit ones; other word-aligned weights (3-bit, or T = 2..4) take the fp32
-  word kernel (:mod:`.words`); anything else (axis 0, odd group sizes) the element-wise kernel;
+  word kernel (:mod:`.words`); axis-0 weights (the article's files) the axis-0 kernel, whose programs
+  each take the rows that share a column's scale and zero; anything else (odd group sizes) the
+  element-wise kernel;
 - prefill (more rows): a Triton kernel dequantizes the weight to fp16, then cuBLAS multiplies;
 - no CUDA, no Triton, an unsupported dtype, or a device where the kernels failed to build
   (:mod:`.capability`): the pure-torch path (``quant.dequantize`` + ``F.linear``), which is also
@@ -33,7 +35,9 @@ from .capability import CAPABILITIES, HAVE_TRITON, on_device, triton
 GEMV_MAX_T = 4  # rows up to which the fused GEMV beats dequantize + matmul
 _CHUNK_T = 4  # rows one GEMV launch handles
 _FUSED_DTYPES = (torch.float16, torch.float32)
-METHODS = ("dp4a_shared", "dp4a", "words")  # one-token kernels a caller may name (tests, micro-benchmarks)
+# kernels a caller may name (tests, micro-benchmarks): one-token dp4a, the word kernel, the axis-0 kernel, the
+# element-wise kernel
+METHODS = ("dp4a_shared", "dp4a", "words", "axis0", "generic")
 
 
 def available() -> dict[str, Any]:
@@ -131,12 +135,16 @@ def plan(spec: QSpec) -> dict[str, Any]:
     else:
         block_n, block_k, warps, tiles = 16, 128, 4, 1
     use_dp4a = use_words and pb == 0 and pa in (2, 4)
+    # axis 0 (the article's files): a program per base row takes its G rows, so G must be a power of two
+    # (a Triton block); K steps of ~4096 weights per program
+    use_axis0 = spec.axis == 0 and g & (g - 1) == 0 and g <= 256
     # rows, words per step: attention-sized matrices best at (4, 128), expert-sized ones at (8, 64)
     dp4a_block = (4, 128) if n <= 4096 and k <= 4096 else (8, 64)
     strided = (use_dp4a and pa == 2 and s_mode == 1 and n % s_mod == 0
                and (not spec.quant_zero or z_mode == 0 or (z_mode == 1 and z_mod == s_mod)))
     return {"qa": f"q{pa}", "qb": f"q{pb}" if pb else f"q{pa}", "pa": pa, "pb": pb, "words": use_words,
             "dp4a": use_dp4a, "dp4a_block": dp4a_block, "strided": strided,
+            "axis0": use_axis0, "axis0_block_k": max(16, min(512, 4096 // g)),
             "block_n": block_n, "block_k": block_k, "warps": warps, "tiles": tiles, "ms": ms, "mz": mz,
             "row_words_a": k * pa // 32, "row_words_b": k * (pb or pa) // 32, "groups_per_row": groups_per_row,
             "s_mode": s_mode, "s_mod": s_mod, "z_mode": z_mode, "z_mod": z_mod}
@@ -237,6 +245,8 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     matrices per slot, matrices, y stride per K split, K splits); None: a plain launch.
     """
     p = plan(spec)
+    if method == "axis0" and not p["axis0"]:
+        raise ValueError(f"the axis-0 kernel takes axis-0 weights with a power-of-two group, not {spec}")
     if group is None:
         group = (xs, 0, 0, 0, 0, 0, 1, 0, 1)
     dp4a_wanted = method in (None, "dp4a_shared", "dp4a") and (method is not None
@@ -253,10 +263,19 @@ def _launch_gemv(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
                 raise
             CAPABILITIES.fail(xs.device, "dp4a", e)
     bn, bk, nw = block_n or p["block_n"], block_k or p["block_k"], num_warps or p["warps"]
-    if p["words"]:
+    if p["words"] and method != "generic":
         words.launch_words(xs, ys, tt, t, spec, p, group, bn, bk, nw, tiles or p["tiles"])
-    else:
-        words.launch_generic(xs, ys, tt, t, spec, p, group, bn, bk, nw)
+        return
+    if p["axis0"] and (method == "axis0" or (method is None and block_n is None and block_k is None
+                                             and CAPABILITIES.works(xs.device, "axis0"))):
+        try:
+            words.launch_axis0(xs, ys, tt, t, spec, p, group, nw)
+            return
+        except Exception as e:  # cannot build here: the element-wise kernel serves these weights instead
+            if method is not None:
+                raise
+            CAPABILITIES.fail(xs.device, "axis0", e)
+    words.launch_generic(xs, ys, tt, t, spec, p, group, bn, bk, nw)
 
 
 def dequantize_fused(t: dict[str, Tensor], spec: QSpec, dtype: torch.dtype = torch.float16,
@@ -320,7 +339,9 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
     cases = [("e2", spec_of((14336, 4096), expert)), ("e2_down", spec_of((4096, 14336), expert)),
              ("e3", spec_of((14336, 4096), expert, nbits=3, group_size=64)),
              ("a4", spec_of((4096, 4096), attn)), ("a4_kv", spec_of((1024, 4096), attn)),
-             ("e2_axis0", spec_of((14336, 4096), expert, axis=0))]
+             ("e2_axis0", spec_of((14336, 4096), expert, axis=0)),  # the article's files: every weight axis 0
+             ("e2_down_axis0", spec_of((4096, 14336), expert, axis=0)), ("a4_axis0", spec_of((4096, 4096), attn, axis=0)),
+             ("a4_kv_axis0", spec_of((1024, 4096), attn, axis=0))]
     for name, spec in cases:
         p = plan(spec)
         bn, bk, nw, tl_ = block_n or p["block_n"], block_k or p["block_k"], warps or p["warps"], tiles or p["tiles"]
@@ -333,6 +354,8 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
         # plain launches T = 1..4 (MPS 0), and the grouped one-token launches: w1+w3 of each expert
         # (MPS 2), w2 of each expert (MPS 1, fp32 split-K partial sums on the word kernel)
         launches = [(f"T{t}", t, 0, 1) for t in (1, 2, 3, 4)] + [("grouped13", 1, 2, 1), ("grouped2_splitk", 1, 1, 4)]
+        if not p["words"]:  # no K split there: w2's grouped launch is a plain one
+            launches.append(("grouped2", 1, 1, 1))
         for tag, t, mps, split in launches:
             y_ty = "*fp32" if split > 1 else "*fp16"
             sig = {"x_ptr": "*fp16", "y_ptr": y_ty, **ptrs, "slot_ptr": "*i32" if mps else "*fp16"}
@@ -360,8 +383,11 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
                 if meta_sharing(spec, bn_d):
                     out.append(CompileCase(f"{name}_gemv_dp4a_shared_{tag}", dp4a.gemv_dp4a_kernel, sig_d,
                                            dict(cx_d, STRIDED=True), ints_d, warps or 4))
-            if not p["words"] and split == 1:
+            if not p["words"] and split == 1:  # the axis-0 kernel, and the element-wise one it falls back to
                 ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
+                if p["axis0"]:
+                    cx0 = dict(common, T=t, MPS=mps, BLOCK_K=p["axis0_block_k"])
+                    out.append(CompileCase(f"{name}_gemv_axis0_{tag}", words.gemv_axis0_kernel, sig, cx0, ints, nw))
                 cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
                 out.append(CompileCase(f"{name}_gemv_generic_{tag}", words.gemv_generic_kernel, sig, cx, ints, nw))
         if p["dp4a"]:

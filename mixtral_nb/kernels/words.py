@@ -3,6 +3,8 @@ helpers every quantized kernel shares (meta lookups, grouped-launch pointers, co
 
 - ``gemv_words_kernel``: axis-1 groups made of whole 32-bit words (2/3/4-bit): ``sum_w s_w * (sum_i q_i x_i
   - z_w * sum_i x_i)`` in fp32, per weight one AND/OR, one add and one multiply-add; T = 1..4 rows.
+- ``gemv_axis0_kernel``: hqq 0.1.1's axis-0 groups (the article's files): a program takes the G rows
+  that share each column's scale and zero, so those load once per column, not once per weight.
 - ``gemv_generic_kernel``: any axis and group size, a tile dequantized element by element, then a dot.
 - ``dequant_kernel``: the weight written out in fp16/fp32, for prefill's dequantize + cuBLAS.
 
@@ -62,6 +64,17 @@ def launch_generic(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: 
             p["ms"], p["mz"], xs.stride(0), ys.stride(-2), tt, p["pa"], p["pb"], spec.group_size, spec.axis,
             spec.quant_scale, spec.quant_zero, mps, block_n, block_k)
     gemv_generic_kernel[(triton.cdiv(n, block_n), m)](*args, num_warps=num_warps)
+
+
+def launch_axis0(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
+                 group: tuple, num_warps: int) -> None:
+    """One ``gemv_axis0_kernel`` launch for ``tt`` <= 4 rows: a program per base row (N / G of them)."""
+    slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, _, _ = group
+    n, k = spec.out_features, spec.in_features
+    args = (xs, ys, t[p["qa"]], t[p["qb"]], *meta_args(t, spec), slots, slot_bytes, mat_bytes, x_m, y_m, n, k,
+            p["ms"], p["mz"], xs.stride(0), ys.stride(-2), tt, p["pa"], p["pb"], spec.group_size,
+            spec.quant_scale, spec.quant_zero, mps, p["axis0_block_k"])
+    gemv_axis0_kernel[(n // spec.group_size, m)](*args, num_warps=num_warps)
 
 
 def dequantize_fused(t: dict[str, Tensor], spec: QSpec, p: dict[str, Any], dtype: torch.dtype = torch.float16,
@@ -404,10 +417,8 @@ if HAVE_TRITON:
             tl.store(y_ptr + (3 // R) * stride_y + rows, tl.sum(acc3, axis=1).to(out_ty), mask=rows < N)
 
     @triton.jit
-    def _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2, mask, N, K, MS, MZ,
-                      PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
-                      SQ: tl.constexpr, ZQ: tl.constexpr):
-        """Weights W[n2, k2] in float32, each element indexing its own byte, scale and zero."""
+    def _codes(qa_ptr, qb_ptr, n2, k2, mask, K, PA: tl.constexpr, PB: tl.constexpr):
+        """Codes W[n2, k2] (int32) from their bit planes, each element reading its own byte."""
         VA: tl.constexpr = 8 // PA
         a = tl.load(qa_ptr + n2 * (K // VA) + k2 // VA, mask=mask, other=0).to(tl.int32)
         code = (a >> (PA * (k2 % VA))) & ((1 << PA) - 1)
@@ -415,6 +426,48 @@ if HAVE_TRITON:
             VB: tl.constexpr = 8 // PB
             b = tl.load(qb_ptr + n2 * (K // VB) + k2 // VB, mask=mask, other=0).to(tl.int32)
             code = code | (((b >> (PB * (k2 % VB))) & ((1 << PB) - 1)) << PA)
+        return code
+
+    @triton.jit
+    def _zero_rows(B: tl.constexpr):
+        """Four fp32 accumulators of B outputs (one per row of x; rows past T stay unused)."""
+        z = tl.zeros([B], dtype=tl.float32)
+        return z, z, z, z
+
+    @triton.jit
+    def _dot_rows(w, x_ptr, offs_k, mk, stride_x, acc0, acc1, acc2, acc3, T: tl.constexpr):
+        """``acc_t += w @ x_t`` over one K step, for each of x's T <= 4 rows."""
+        x0 = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+        acc0 += tl.sum(w * x0[None, :], axis=1)
+        if T > 1:
+            x1 = tl.load(x_ptr + stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
+            acc1 += tl.sum(w * x1[None, :], axis=1)
+        if T > 2:
+            x2 = tl.load(x_ptr + 2 * stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
+            acc2 += tl.sum(w * x2[None, :], axis=1)
+        if T > 3:
+            x3 = tl.load(x_ptr + 3 * stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
+            acc3 += tl.sum(w * x3[None, :], axis=1)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _store_rows(out, mask, stride_y, acc0, acc1, acc2, acc3, T: tl.constexpr):
+        """Each of the T rows' results at ``out`` (+ t * stride_y), in the output's dtype."""
+        out_ty = out.dtype.element_ty
+        tl.store(out, acc0.to(out_ty), mask=mask)
+        if T > 1:
+            tl.store(out + stride_y, acc1.to(out_ty), mask=mask)
+        if T > 2:
+            tl.store(out + 2 * stride_y, acc2.to(out_ty), mask=mask)
+        if T > 3:
+            tl.store(out + 3 * stride_y, acc3.to(out_ty), mask=mask)
+
+    @triton.jit
+    def _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2, mask, N, K, MS, MZ,
+                      PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
+                      SQ: tl.constexpr, ZQ: tl.constexpr):
+        """Weights W[n2, k2] in float32, each element indexing its own byte, scale and zero."""
+        code = _codes(qa_ptr, qb_ptr, n2, k2, mask, K, PA, PB)
         if AXIS == 1:
             c = n2 * (K // G) + k2 // G
         else:
@@ -437,36 +490,42 @@ if HAVE_TRITON:
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n2 = offs_n[:, None]
-        acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc0, acc1, acc2, acc3 = _zero_rows(BLOCK_N)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k2 = offs_k[None, :]
             mk = offs_k < K
             w = _dequant_tile(qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, n2, k2,
                               (n2 < N) & (k2 < K), N, K, MS, MZ, PA, PB, G, AXIS, SQ, ZQ)
-            x0 = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-            acc0 += tl.sum(w * x0[None, :], axis=1)
-            if T > 1:
-                x1 = tl.load(x_ptr + stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
-                acc1 += tl.sum(w * x1[None, :], axis=1)
-            if T > 2:
-                x2 = tl.load(x_ptr + 2 * stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
-                acc2 += tl.sum(w * x2[None, :], axis=1)
-            if T > 3:
-                x3 = tl.load(x_ptr + 3 * stride_x + offs_k, mask=mk, other=0.0).to(tl.float32)
-                acc3 += tl.sum(w * x3[None, :], axis=1)
-        mn = offs_n < N
-        out = y_ptr + offs_n
-        tl.store(out, acc0.to(y_ptr.dtype.element_ty), mask=mn)
-        if T > 1:
-            tl.store(out + stride_y, acc1.to(y_ptr.dtype.element_ty), mask=mn)
-        if T > 2:
-            tl.store(out + 2 * stride_y, acc2.to(y_ptr.dtype.element_ty), mask=mn)
-        if T > 3:
-            tl.store(out + 3 * stride_y, acc3.to(y_ptr.dtype.element_ty), mask=mn)
+            acc0, acc1, acc2, acc3 = _dot_rows(w, x_ptr, offs_k, mk, stride_x, acc0, acc1, acc2, acc3, T)
+        _store_rows(y_ptr + offs_n, offs_n < N, stride_y, acc0, acc1, acc2, acc3, T)
+
+    @triton.jit
+    def gemv_axis0_kernel(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                          slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, N, K, MS, MZ, stride_x, stride_y,
+                          T: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
+                          SQ: tl.constexpr, ZQ: tl.constexpr, MPS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Axis-0 groups: group ``r * K + k`` is column k of rows r, r + N/G, ..., r + (G-1) N/G. Program r
+        takes exactly those G rows, so each column's scale and zero (8-bit codes and their meta) load once
+        for the G weights that use them; codes are read along K, as stored."""
+        if MPS > 0:
+            x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = grouped_pointers(
+                x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
+                slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS)
+        r = tl.program_id(0)
+        rows = r + (N // G) * tl.arange(0, G)
+        n2 = rows[:, None].to(tl.int64)
+        acc0, acc1, acc2, acc3 = _zero_rows(G)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mk = offs_k < K
+            c = r.to(tl.int64) * K + offs_k
+            s = _group_meta(s_ptr, sms_ptr, smz_ptr, c, mk, MS, SQ)  # one per column, for all G rows
+            z = _group_meta(z_ptr, zms_ptr, zmz_ptr, c, mk, MZ, ZQ)
+            code = _codes(qa_ptr, qb_ptr, n2, offs_k[None, :], mk[None, :], K, PA, PB)
+            w = (_to_f32(code) - z[None, :]) * s[None, :]  # masked columns: s = 0 there
+            acc0, acc1, acc2, acc3 = _dot_rows(w, x_ptr, offs_k, mk, stride_x, acc0, acc1, acc2, acc3, T)
+        _store_rows(y_ptr + rows, rows < N, stride_y, acc0, acc1, acc2, acc3, T)
 
     @triton.jit
     def dequant_kernel(w_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, N, K, MS, MZ,
