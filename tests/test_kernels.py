@@ -159,7 +159,8 @@ def test_kernel_policy_by_shape():
     assert kernels.grouped_split(QSpec.make((4096, 14336), e3)) == 4
     axis0 = kernels.plan(QSpec.make((14336, 4096), dict(e2, axis=0)))
     assert not axis0["words"] and axis0["axis0"] and axis0["axis0_block_k"] == 256
-    assert kernels.plan(QSpec.make((4096, 4096), dict(a4, axis=0)))["axis0_block_k"] == 64
+    q0 = kernels.plan(QSpec.make((4096, 4096), dict(a4, axis=0)))  # G = 64 over 4 programs of 16 rows
+    assert q0["axis0_rows"] == 16 and q0["axis0_block_k"] == 256 and axis0["axis0_rows"] == 16
     assert not kernels.plan(QSpec.make((48, 256), dict(e2, axis=0, group_size=12)))["axis0"]
     assert not kernels.plan(w1)["axis0"]
 

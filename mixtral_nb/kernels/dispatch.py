@@ -135,16 +135,17 @@ def plan(spec: QSpec) -> dict[str, Any]:
     else:
         block_n, block_k, warps, tiles = 16, 128, 4, 1
     use_dp4a = use_words and pb == 0 and pa in (2, 4)
-    # axis 0 (the article's files): a program per base row takes its G rows, so G must be a power of two
-    # (a Triton block); K steps of ~4096 weights per program
+    # axis 0 (the article's files): a program takes up to 16 of the G rows that share their meta, so G must
+    # be a power of two (a Triton block); K steps of ~4096 weights per program
     use_axis0 = spec.axis == 0 and g & (g - 1) == 0 and g <= 256
+    axis0_rows = min(g, 16)
     # rows, words per step: attention-sized matrices best at (4, 128), expert-sized ones at (8, 64)
     dp4a_block = (4, 128) if n <= 4096 and k <= 4096 else (8, 64)
     strided = (use_dp4a and pa == 2 and s_mode == 1 and n % s_mod == 0
                and (not spec.quant_zero or z_mode == 0 or (z_mode == 1 and z_mod == s_mod)))
     return {"qa": f"q{pa}", "qb": f"q{pb}" if pb else f"q{pa}", "pa": pa, "pb": pb, "words": use_words,
             "dp4a": use_dp4a, "dp4a_block": dp4a_block, "strided": strided,
-            "axis0": use_axis0, "axis0_block_k": max(16, min(512, 4096 // g)),
+            "axis0": use_axis0, "axis0_rows": axis0_rows, "axis0_block_k": max(16, min(512, 4096 // axis0_rows)),
             "block_n": block_n, "block_k": block_k, "warps": warps, "tiles": tiles, "ms": ms, "mz": mz,
             "row_words_a": k * pa // 32, "row_words_b": k * (pb or pa) // 32, "groups_per_row": groups_per_row,
             "s_mode": s_mode, "s_mod": s_mod, "z_mode": z_mode, "z_mod": z_mod}
@@ -386,7 +387,7 @@ def compile_cases(block_n: int | None = None, block_k: int | None = None, warps:
             if not p["words"] and split == 1:  # the axis-0 kernel, and the element-wise one it falls back to
                 ints = dict(group, N=n, K=k, MS=p["ms"], MZ=p["mz"], stride_x=k, stride_y=n)
                 if p["axis0"]:
-                    cx0 = dict(common, T=t, MPS=mps, BLOCK_K=p["axis0_block_k"])
+                    cx0 = dict(common, T=t, MPS=mps, ROWS=p["axis0_rows"], BLOCK_K=p["axis0_block_k"])
                     out.append(CompileCase(f"{name}_gemv_axis0_{tag}", words.gemv_axis0_kernel, sig, cx0, ints, nw))
                 cx = dict(common, T=t, AXIS=spec.axis, MPS=mps, BLOCK_N=bn, BLOCK_K=bk)
                 out.append(CompileCase(f"{name}_gemv_generic_{tag}", words.gemv_generic_kernel, sig, cx, ints, nw))

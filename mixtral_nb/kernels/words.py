@@ -3,7 +3,7 @@ helpers every quantized kernel shares (meta lookups, grouped-launch pointers, co
 
 - ``gemv_words_kernel``: axis-1 groups made of whole 32-bit words (2/3/4-bit): ``sum_w s_w * (sum_i q_i x_i
   - z_w * sum_i x_i)`` in fp32, per weight one AND/OR, one add and one multiply-add; T = 1..4 rows.
-- ``gemv_axis0_kernel``: hqq 0.1.1's axis-0 groups (the article's files): a program takes the G rows
+- ``gemv_axis0_kernel``: hqq 0.1.1's axis-0 groups (the article's files): a program takes up to 16 of the G rows
   that share each column's scale and zero, so those load once per column, not once per weight.
 - ``gemv_generic_kernel``: any axis and group size, a tile dequantized element by element, then a dot.
 - ``dequant_kernel``: the weight written out in fp16/fp32, for prefill's dequantize + cuBLAS.
@@ -68,13 +68,13 @@ def launch_generic(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: 
 
 def launch_axis0(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
                  group: tuple, num_warps: int) -> None:
-    """One ``gemv_axis0_kernel`` launch for ``tt`` <= 4 rows: a program per base row (N / G of them)."""
+    """One ``gemv_axis0_kernel`` launch for ``tt`` <= 4 rows: N / ROWS programs of ROWS rows each."""
     slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, _, _ = group
     n, k = spec.out_features, spec.in_features
     args = (xs, ys, t[p["qa"]], t[p["qb"]], *meta_args(t, spec), slots, slot_bytes, mat_bytes, x_m, y_m, n, k,
             p["ms"], p["mz"], xs.stride(0), ys.stride(-2), tt, p["pa"], p["pb"], spec.group_size,
-            spec.quant_scale, spec.quant_zero, mps, p["axis0_block_k"])
-    gemv_axis0_kernel[(n // spec.group_size, m)](*args, num_warps=num_warps)
+            spec.quant_scale, spec.quant_zero, mps, p["axis0_rows"], p["axis0_block_k"])
+    gemv_axis0_kernel[(n // p["axis0_rows"], m)](*args, num_warps=num_warps)
 
 
 def dequantize_fused(t: dict[str, Tensor], spec: QSpec, p: dict[str, Any], dtype: torch.dtype = torch.float16,
@@ -504,23 +504,27 @@ if HAVE_TRITON:
     def gemv_axis0_kernel(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                           slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, N, K, MS, MZ, stride_x, stride_y,
                           T: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
-                          SQ: tl.constexpr, ZQ: tl.constexpr, MPS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Axis-0 groups: group ``r * K + k`` is column k of rows r, r + N/G, ..., r + (G-1) N/G. Program r
-        takes exactly those G rows, so each column's scale and zero (8-bit codes and their meta) load once
-        for the G weights that use them; codes are read along K, as stored."""
+                          SQ: tl.constexpr, ZQ: tl.constexpr, MPS: tl.constexpr, ROWS: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """Axis-0 groups: group ``r * K + k`` is column k of rows r, r + N/G, ..., r + (G-1) N/G. A program
+        takes ROWS of those G rows (all of them when G <= 16; attention's G = 64 in 4 programs, so its
+        small matrices still fill a GPU), so each column's scale and zero (8-bit codes and their meta) load
+        once for ROWS weights; codes are read along K, as stored."""
         if MPS > 0:
             x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = grouped_pointers(
                 x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                 slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS)
-        r = tl.program_id(0)
-        rows = r + (N // G) * tl.arange(0, G)
+        pid = tl.program_id(0)
+        r = pid // (G // ROWS)  # the base row; this program takes rows j*ROWS .. j*ROWS + ROWS-1 of its G
+        j = pid % (G // ROWS)
+        rows = r + (N // G) * (j * ROWS + tl.arange(0, ROWS))
         n2 = rows[:, None].to(tl.int64)
-        acc0, acc1, acc2, acc3 = _zero_rows(G)
+        acc0, acc1, acc2, acc3 = _zero_rows(ROWS)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mk = offs_k < K
             c = r.to(tl.int64) * K + offs_k
-            s = _group_meta(s_ptr, sms_ptr, smz_ptr, c, mk, MS, SQ)  # one per column, for all G rows
+            s = _group_meta(s_ptr, sms_ptr, smz_ptr, c, mk, MS, SQ)  # one per column, for all ROWS rows
             z = _group_meta(z_ptr, zms_ptr, zmz_ptr, c, mk, MZ, ZQ)
             code = _codes(qa_ptr, qb_ptr, n2, offs_k[None, :], mk[None, :], K, PA, PB)
             w = (_to_f32(code) - z[None, :]) * s[None, :]  # masked columns: s = 0 there
