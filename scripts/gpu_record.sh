@@ -32,7 +32,8 @@
 #             and carry it) at the same VRAM cap with its notebook's offload_per_layer=4 and with 3, on the
 #             synthetic folder $SYNTH (default /tmp/synth, written if missing); prints ours / theirs
 #
-# Settings: OUT (log folder, default gpu_logs), PY (default python3), TINYQ (the quantized tiny checkpoint,
+# Settings: OUT (log folder, default gpu_logs), PY (default python3), LAYOUT (the article step's code layout for
+# ours: ours, the default, or article, the axis-0 layout the Colab notebook loads), TINYQ (the quantized tiny checkpoint,
 # default .gpuassets/tinyq), FAMILY_MODELS (the families step's models), DRY_RUN=1 (the families step prints
 # its command lines instead of running them; tests/test_bench.py runs them with --tiny on a CPU). Every step runs even when an earlier one fails; the summary at the end lists
 # each step's exit status and the script exits non-zero when any step failed. BENCHMARKS.md records the
@@ -123,7 +124,7 @@ step_article() {
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/artsite \
     .article/whl/*.whl || return 2
   timeout 250 $PY -m mixtral_nb.bench --plan colab-t4 --emulate t4 --routing iid --repeat 2 --new-tokens 64 \
-    --json "$OUT/ours-colab.json" | tee "$OUT/ours-colab.txt" | grep -E "$KEYS"
+    --layout "${LAYOUT:-ours}" --json "$OUT/ours-colab.json" | tee "$OUT/ours-colab.txt" | grep -E "$KEYS"
   local rc=${PIPESTATUS[0]} opl
   for opl in 4 3; do  # in the article's own environment: its transformers 4.36.1 must not meet ours
     PYTHONPATH=/tmp/artsite:.article timeout 290 $PY scripts/article_code_bench.py --folder "${SYNTH:-/tmp/synth}" \
