@@ -634,8 +634,9 @@ def _synced_decode(engine: Any, prompt: Tensor, new_tokens: int) -> float:
     steps = generate_tokens(engine, prompt, new_tokens + 1)
     int(next(steps))  # the prefill's token
     t0 = time.perf_counter()
-    n = sum(1 for t in steps if int(t) >= 0)
-    return n / (time.perf_counter() - t0)
+    for token in steps:
+        int(token)  # the host waits for this step, as a chat's detokenizer does
+    return new_tokens / (time.perf_counter() - t0)
 
 
 def _chat_paths(args: argparse.Namespace, engine: Any, model: Any, prompt: Tensor, device: torch.device,
@@ -648,23 +649,25 @@ def _chat_paths(args: argparse.Namespace, engine: Any, model: Any, prompt: Tenso
     from .monitor import ResourceMonitor
     from .rehearse import MemoryWatch
 
-    def median_of(run: Any) -> float:
-        return statistics.median(run() for _ in range(args.repeat))
+    def median_of(run: Any, sampler: Any = None) -> float:
+        """The median of --repeat runs, with ``sampler``'s thread running through them if given."""
+        if sampler is not None:
+            sampler.start()
+        try:
+            return statistics.median(run() for _ in range(args.repeat))
+        finally:
+            if sampler is not None:
+                sampler.stop()
 
     def synced() -> float:
-        return median_of(lambda: _synced_decode(engine, prompt, args.new_tokens))
+        return _synced_decode(engine, prompt, args.new_tokens)
 
-    out = {"chat_synced_tok_s": synced()}
-    monitor = ResourceMonitor(model, device, interval=0.5).start()
-    try:
-        out["chat_synced_monitor_tok_s"] = synced()
-    finally:
-        monitor.stop()
-    watch = MemoryWatch(device, math.inf, None, interval=0.05).start()
-    try:
-        out["chat_synced_watch_tok_s"] = synced()
-    finally:
-        watch.stop()
+    def watch() -> Any:
+        return MemoryWatch(device, math.inf, None, interval=0.05)
+
+    out = {"chat_synced_tok_s": median_of(synced),
+           "chat_synced_monitor_tok_s": median_of(synced, ResourceMonitor(model, device, interval=0.5)),
+           "chat_synced_watch_tok_s": median_of(synced, watch())}
     if args.model != "mixtral-8x7b":
         print("# chat: the ChatSession runs need the model's own tokenizer, shipped offline for Mixtral only")
         return out
@@ -683,11 +686,7 @@ def _chat_paths(args: argparse.Namespace, engine: Any, model: Any, prompt: Tenso
         return float(session.last_stats["tok_s"])
 
     out["chat_session_tok_s"] = median_of(reply)
-    watch = MemoryWatch(device, math.inf, None, interval=0.05).start()
-    try:
-        out["chat_session_watch_tok_s"] = median_of(reply)
-    finally:
-        watch.stop()
+    out["chat_session_watch_tok_s"] = median_of(reply, watch())
     session.reset()
     return out
 

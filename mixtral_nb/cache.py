@@ -37,7 +37,7 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Iterator
+from typing import Callable, Container, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -108,6 +108,13 @@ class _Streams:
         """The stream the model computes on (the current one): callers that need it several times in
         one step look it up once and pass it on as ``main``."""
         return torch.cuda.current_stream(self.index) if self.cuda else None
+
+
+def hits_first(experts: Iterable[int], resident: Container[int]) -> list[int]:
+    """The order a layer fetches ``experts`` in: the resident ones first (they compute while the misses
+    load), ascending ids within each part. The LRU order follows it, so the cache and the policy
+    simulator both take it from here."""
+    return sorted(experts, key=lambda e: (e not in resident, e))
 
 
 class ExpertCache:
@@ -296,11 +303,9 @@ class ExpertCache:
     def resident(self, layer: int, expert: int) -> bool:
         return expert in self.lru[layer]
 
-    def hits_first(self, layer: int, experts: list[int] | set[int]) -> list[int]:
-        """``experts`` in the order a layer fetches them: ascending ids, the resident ones first (they
-        compute while the misses load). The LRU order follows it, and the policy simulator replays it."""
-        lru = self.lru[layer]
-        return sorted(sorted(experts), key=lambda e: e not in lru)
+    def hits_first(self, layer: int, experts: Iterable[int]) -> list[int]:
+        """``experts`` in the order layer ``layer`` fetches them (:func:`hits_first`)."""
+        return hits_first(experts, self.lru[layer])
 
     def fetch(self, layer: int, expert: int, protect: set[int] | frozenset[int] = frozenset(),
               prefetch: bool = False, main: torch.cuda.Stream | None = None) -> int | None:

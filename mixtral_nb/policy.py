@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cache import HOST_RESERVE, spread_clean
+from .cache import HOST_RESERVE, hits_first, spread_clean
 from .chat import ChatSession
 from .load import load
 from .trace import Trace, record_routing, synthetic_trace
@@ -244,7 +244,7 @@ def simulate(trace: Trace, slots: int | Sequence[int] | None = None, policy: str
     for s, (prefill, step) in enumerate(zip(trace.prefill.tolist(), requests)):
         for layer, need in enumerate(step):
             res = resident[layer]
-            order = sorted(need, key=lambda e: e not in res)  # hits first, so they compute while misses load
+            order = hits_first(need, res)
             protect = set(need)
             crowded = False  # every resident expert was needed: from then on the computed ones are evictable
             hits = misses = wb = 0

@@ -55,26 +55,31 @@ def launch_words(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QS
     gemv_words_kernel[(triton.cdiv(n, block_n * r_tiles), m, split)](*args, num_warps=num_warps)
 
 
+def _elementwise_args(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
+                      group: tuple) -> tuple:
+    """The run-time arguments the element-wise and axis-0 kernels share, in their order (up to ``G``)."""
+    slots, slot_bytes, mat_bytes, x_m, y_m, _, _, _, _ = group
+    return (xs, ys, t[p["qa"]], t[p["qb"]], *meta_args(t, spec), slots, slot_bytes, mat_bytes, x_m, y_m,
+            spec.out_features, spec.in_features, p["ms"], p["mz"], xs.stride(0), ys.stride(-2), tt, p["pa"],
+            p["pb"], spec.group_size)
+
+
 def launch_generic(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
                    group: tuple, block_n: int, block_k: int, num_warps: int) -> None:
     """One ``gemv_generic_kernel`` launch for ``tt`` <= 4 rows (any axis and group size; no K split)."""
-    slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, _, _ = group
-    n, k = spec.out_features, spec.in_features
-    args = (xs, ys, t[p["qa"]], t[p["qb"]], *meta_args(t, spec), slots, slot_bytes, mat_bytes, x_m, y_m, n, k,
-            p["ms"], p["mz"], xs.stride(0), ys.stride(-2), tt, p["pa"], p["pb"], spec.group_size, spec.axis,
-            spec.quant_scale, spec.quant_zero, mps, block_n, block_k)
-    gemv_generic_kernel[(triton.cdiv(n, block_n), m)](*args, num_warps=num_warps)
+    mps, m = group[5], group[6]
+    args = (*_elementwise_args(xs, ys, tt, t, spec, p, group), spec.axis, spec.quant_scale, spec.quant_zero, mps,
+            block_n, block_k)
+    gemv_generic_kernel[(triton.cdiv(spec.out_features, block_n), m)](*args, num_warps=num_warps)
 
 
 def launch_axis0(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
                  group: tuple, num_warps: int) -> None:
     """One ``gemv_axis0_kernel`` launch for ``tt`` <= 4 rows: N / ROWS programs of ROWS rows each."""
-    slots, slot_bytes, mat_bytes, x_m, y_m, mps, m, _, _ = group
-    n, k = spec.out_features, spec.in_features
-    args = (xs, ys, t[p["qa"]], t[p["qb"]], *meta_args(t, spec), slots, slot_bytes, mat_bytes, x_m, y_m, n, k,
-            p["ms"], p["mz"], xs.stride(0), ys.stride(-2), tt, p["pa"], p["pb"], spec.group_size,
-            spec.quant_scale, spec.quant_zero, mps, p["axis0_rows"], p["axis0_block_k"])
-    gemv_axis0_kernel[(n // p["axis0_rows"], m)](*args, num_warps=num_warps)
+    mps, m = group[5], group[6]
+    args = (*_elementwise_args(xs, ys, tt, t, spec, p, group), spec.quant_scale, spec.quant_zero, mps,
+            p["axis0_rows"], p["axis0_block_k"])
+    gemv_axis0_kernel[(spec.out_features // p["axis0_rows"], m)](*args, num_warps=num_warps)
 
 
 def dequantize_fused(t: dict[str, Tensor], spec: QSpec, p: dict[str, Any], dtype: torch.dtype = torch.float16,
