@@ -196,12 +196,19 @@ def bench(sweep: bool, only: list[str] | None = None) -> None:
             e = ((y - ref).norm() / ref.norm()).item()
             err = max(err, e if e == e else float("inf"))
         print(f"{name}: max rel err vs reference over T=1..33: {err:.1e} {'OK' if err < 2e-3 else 'FAIL'}")
-        for t in (1, 2, 4):
-            sec = time_fn(lambda i: kernels.qgemv(x[:t], sets[i], spec), copies)
+        for t in (1, 2, 4):  # the GPU's time, as decode's graphs pay it
+            sec = time_graphed(lambda i: kernels.qgemv(x[:t], sets[i], spec), copies)
             rows.append((name, t, "default", sec, nbytes / sec / 1e9, nbytes / sec / bw, err))
             if kernels.plan(spec)["axis0"]:  # against the element-wise kernel axis 0 took before
-                sec = time_fn(lambda i: kernels.qgemv(x[:t], sets[i], spec, method="generic"), copies)
+                sec = time_graphed(lambda i: kernels.qgemv(x[:t], sets[i], spec, method="generic"), copies)
                 rows.append((name, t, "element-wise", sec, nbytes / sec / 1e9, nbytes / sec / bw, err))
+        if sweep and kernels.plan(spec)["axis0"]:
+            pa = kernels.plan(spec)["pa"]
+            for bw_, nw in AXIS0_SWEEP:
+                sec = time_graphed(lambda i: kernels.qgemv(x[:1], sets[i], spec, method="axis0", block_k=bw_ * 32 // pa,
+                                                           num_warps=nw), copies)
+                print(f"  sweep {name} T=1 axis0 block_w={bw_:3d} warps={nw}: {sec * 1e6:7.1f} us "
+                      f"{nbytes / sec / 1e9:6.0f} GB/s {nbytes / sec / bw:5.2f}")
         if sweep and kernels.plan(spec)["words"] and "2-bit g16" in name:
             best = None
             for bn, bk, nw, tiles in SWEEP:
@@ -234,6 +241,8 @@ def bench(sweep: bool, only: list[str] | None = None) -> None:
     for name, t, var, sec, gbs, frac, err in rows:
         print(f"{name:24s} {t:2d} {var:26s} {sec * 1e6:8.1f} {gbs:7.0f} {frac:10.2f} {err:9.1e}")
 
+
+AXIS0_SWEEP = [(32, 1), (32, 2), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8), (256, 4), (256, 8)]  # (words, warps)
 
 DP4A_SWEEP = [  # (block_n, block_w words, warps) for the dp4a kernel
     (8, 64, 4), (16, 64, 4), (8, 32, 2), (8, 64, 2), (4, 64, 2), (16, 32, 4), (8, 128, 4), (4, 128, 4), (32, 32, 4),

@@ -158,10 +158,12 @@ def test_kernel_policy_by_shape():
     assert not kernels.plan(QSpec.make((14336, 4096), e3))["dp4a"] and kernels.plan(QSpec.make((14336, 4096), e3))["words"]
     assert kernels.grouped_split(QSpec.make((4096, 14336), e3)) == 4
     axis0 = kernels.plan(QSpec.make((14336, 4096), dict(e2, axis=0)))
-    assert not axis0["words"] and axis0["axis0"] and axis0["axis0_block_k"] == 256
+    # the scale meta (g128 over 14336 * 4096 / 16 groups) steps with one wrap; the zero's one entry is loaded once
+    assert not axis0["words"] and axis0["axis0"] and (axis0["axis0_s_mode"], axis0["axis0_z_mode"]) == (1, 0)
     q0 = kernels.plan(QSpec.make((4096, 4096), dict(a4, axis=0)))  # G = 64 over 4 programs of 16 rows
-    assert q0["axis0_rows"] == 16 and q0["axis0_block_k"] == 256 and axis0["axis0_rows"] == 16
+    assert q0["axis0_rows"] == 16 and axis0["axis0_rows"] == 16
     assert not kernels.plan(QSpec.make((48, 256), dict(e2, axis=0, group_size=12)))["axis0"]
+    assert not kernels.plan(QSpec.make((64, 320), dict(e3, axis=0, group_size=16)))["axis0"]  # two bit planes
     assert not kernels.plan(w1)["axis0"]
 
 
@@ -343,7 +345,8 @@ def test_shared_quantized_x_interpreted(interp):
 
 @pytest.mark.gpu  # on the GPU machine: `make test-gpu` (conftest.py deselects it without CUDA)
 @pytest.mark.parametrize("nbits,axis,shape", CASES + [(2, 1, (14336, 4096, 16)), (2, 1, (4096, 14336, 16)),
-                                                      (4, 1, (1024, 4096, 64))])
+                                                      (4, 1, (1024, 4096, 64)), (2, 0, (4096, 14336, 16)),
+                                                      (4, 0, (1024, 4096, 64))])
 @pytest.mark.parametrize("rows", [1, 2, 4, 7, 33])
 def test_qlinear_cuda(nbits, axis, shape, rows):
     gen = torch.Generator().manual_seed(11 + rows)
@@ -381,13 +384,18 @@ def expert_buffer(nbits: int, group: int, axis: int, slots: int, gen: torch.Gene
 
 
 @needs_interpreter
-@pytest.mark.parametrize("nbits,shape", [(2, (40, 256, 8)), (4, (64, 320, 64)), (3, (64, 320, 16)), (2, (96, 200, 16))])
-def test_axis0_kernel_interpreted(interp, fresh_capabilities, nbits, shape):
+@pytest.mark.parametrize("nbits,shape,block_k,kw,modes", [
+    (2, (40, 256, 8), None, {}, (2, 0)), (4, (64, 320, 64), None, {}, (2, 0)), (2, (96, 208, 16), 64, {}, (1, 0)),
+    (4, (128, 200, 32), 64, {}, (1, 0)), (2, (64, 512, 16), 128, {}, (1, 0)), (4, (64, 256, 8), 64, {}, (1, 0)),
+    (2, (32, 512, 16), 64, dict(zero_group=64), (2, 1)), (4, (32, 128, 16), None, dict(quant_scale=False), (0, 0))])
+def test_axis0_kernel_interpreted(interp, fresh_capabilities, nbits, shape, block_k, kw, modes):
     """The article's axis-0 weights take the axis-0 kernel itself (no failure, so no fallback to the
-    element-wise kernel), for every row count and a K that is no multiple of its block."""
+    element-wise kernel), for every row count, every way of finding the meta entries (``modes``: scale's,
+    zero's) and a K that is no multiple of its block (``block_k`` weights per step: the last one short)."""
     gen = torch.Generator().manual_seed(nbits + shape[0])
-    spec = make_spec(shape[:2], nbits, shape[2], 0)
-    assert interp.plan(spec)["axis0"]
+    spec = make_spec(shape[:2], nbits, shape[2], 0, **kw)
+    p = interp.plan(spec)
+    assert p["axis0"] and (p["axis0_s_mode"], p["axis0_z_mode"]) == modes
     t = random_tensors(spec, gen)
     w = dequantize(t, spec).double()
     for rows in (1, 2, 3, 4):
@@ -396,6 +404,9 @@ def test_axis0_kernel_interpreted(interp, fresh_capabilities, nbits, shape):
         assert rel_err(interp.qgemv(x, t, spec, out=out), x.double() @ w.T) < 2e-3, rows
         y_old = interp.qgemv(x, t, spec, method="generic")  # the element-wise kernel, named
         assert rel_err(y_old, x.double() @ w.T) < 2e-3 and torch.equal(interp.qgemv(x, t, spec, method="axis0"), out)
+        if block_k:
+            y = interp.qgemv(x, t, spec, method="axis0", block_k=block_k)
+            assert rel_err(y, x.double() @ w.T) < 2e-3, (rows, block_k)
     assert fresh_capabilities.failures() == {}
     with pytest.raises(ValueError, match="axis-0 kernel takes axis-0 weights"):
         interp.qgemv(x, random_tensors(make_spec((40, 256), 2, 16, 1), gen), make_spec((40, 256), 2, 16, 1),
@@ -561,12 +572,14 @@ def test_wait_slots_sees_a_copy_land_while_it_runs():
     _check_wait_slots("cuda")
     row = torch.tensor([-1, -1, 9, -1], dtype=torch.int32, device="cuda")
     flags = torch.zeros(2, dtype=torch.int32, device="cuda")
+    # filled before the wait starts: pin_memory() may copy through the current stream, which the wait blocks
+    src = torch.tensor([4], dtype=torch.int32).pin_memory()
+    torch.cuda.synchronize()
     out = fused.wait_slots(torch.tensor([2, 1], device="cuda"), row, flags)
     done = torch.cuda.Event()
     done.record()
     time.sleep(0.2)
     assert not done.query(), "the wait ended before its expert was loaded"
-    src = torch.tensor([4], dtype=torch.int32).pin_memory()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         row[1:2].copy_(src, non_blocking=True)

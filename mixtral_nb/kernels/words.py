@@ -3,8 +3,9 @@ helpers every quantized kernel shares (meta lookups, grouped-launch pointers, co
 
 - ``gemv_words_kernel``: axis-1 groups made of whole 32-bit words (2/3/4-bit): ``sum_w s_w * (sum_i q_i x_i
   - z_w * sum_i x_i)`` in fp32, per weight one AND/OR, one add and one multiply-add; T = 1..4 rows.
-- ``gemv_axis0_kernel``: hqq 0.1.1's axis-0 groups (the article's files): a program takes up to 16 of the G rows
-  that share each column's scale and zero, so those load once per column, not once per weight.
+- ``gemv_axis0_kernel``: hqq 0.1.1's axis-0 groups (the article's files) of 2/4-bit words: a program takes up to
+  16 of the G rows that share each column's scale and zero, so s_k x_k is formed once per column and each
+  weight costs what it costs in the word kernel.
 - ``gemv_generic_kernel``: any axis and group size, a tile dequantized element by element, then a dot.
 - ``dequant_kernel``: the weight written out in fp16/fp32, for prefill's dequantize + cuBLAS.
 
@@ -74,11 +75,12 @@ def launch_generic(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: 
 
 
 def launch_axis0(xs: Tensor, ys: Tensor, tt: int, t: dict[str, Tensor], spec: QSpec, p: dict[str, Any],
-                 group: tuple, num_warps: int) -> None:
-    """One ``gemv_axis0_kernel`` launch for ``tt`` <= 4 rows: N / ROWS programs of ROWS rows each."""
+                 group: tuple, block_w: int, num_warps: int) -> None:
+    """One ``gemv_axis0_kernel`` launch for ``tt`` <= 4 rows: N / ROWS programs of ROWS rows each, K in
+    steps of ``block_w`` words."""
     mps, m = group[5], group[6]
     args = (*_elementwise_args(xs, ys, tt, t, spec, p, group), spec.quant_scale, spec.quant_zero, mps,
-            p["axis0_rows"], p["axis0_block_k"])
+            p["axis0_rows"], block_w, p["axis0_s_mode"], p["axis0_z_mode"])
     gemv_axis0_kernel[(spec.out_features // p["axis0_rows"], m)](*args, num_warps=num_warps)
 
 
@@ -506,35 +508,101 @@ if HAVE_TRITON:
         _store_rows(y_ptr + offs_n, offs_n < N, stride_y, acc0, acc1, acc2, acc3, T)
 
     @triton.jit
+    def _axis0_meta(ptr, ms_ptr, mz_ptr, c, m0, i, M, mask, ms0, mz0, QUANT: tl.constexpr, MODE: tl.constexpr):
+        """Step sizes or zero points of axis-0 groups ``c`` (+ i): 8-bit codes with fp16 meta, or plain fp16.
+
+        The meta entry of group c is c mod M; ``m0`` is (c - i) mod M, so no division per column. MODE 0:
+        one meta entry (``ms0``, ``mz0``); 1: M >= i + 1, the entry wraps at most once; 2: a division.
+        """
+        if QUANT:
+            v = _to_f32(tl.load(ptr + c, mask=mask, other=0).to(tl.int32))
+            if MODE == 0:
+                out = v * ms0 - ms0 * mz0
+            else:
+                mi = m0 + i
+                if MODE == 1:
+                    mi = tl.where(mi >= M, mi - M, mi)
+                else:
+                    mi = mi % M
+                out = _meta_dequant(v, ms_ptr, mz_ptr, mi, mask)
+        else:
+            out = tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
+        return out
+
+    @triton.jit
     def gemv_axis0_kernel(x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                           slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, N, K, MS, MZ, stride_x, stride_y,
                           T: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
                           SQ: tl.constexpr, ZQ: tl.constexpr, MPS: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-        """Axis-0 groups: group ``r * K + k`` is column k of rows r, r + N/G, ..., r + (G-1) N/G. A program
-        takes ROWS of those G rows (all of them when G <= 16; attention's G = 64 in 4 programs, so its
-        small matrices still fill a GPU), so each column's scale and zero (8-bit codes and their meta) load
-        once for ROWS weights; codes are read along K, as stored."""
+                          BLOCK_W: tl.constexpr, S_MODE: tl.constexpr, Z_MODE: tl.constexpr):
+        """Axis-0 groups of 2/4-bit words: group ``r * K + k`` is column k of rows r, r + N/G, ..., r + (G-1) N/G.
+
+        A program takes ROWS of those G rows (all of them when G <= 16; attention's G = 64 in 4 programs,
+        so its small matrices still fill a GPU). Their column k shares one step s_k and zero z_k, so
+        y[n] = sum_k q[n, k] (s_k x_k) - sum_k s_k z_k x_k: s_k x_k and the second sum are computed once
+        per column for all ROWS rows, and each weight costs what it costs in ``gemv_words_kernel`` (one
+        AND, one add, one multiply-add), its codes read as whole 32-bit words along K, as stored.
+        The meta entries (the 8-bit codes' own step and zero) of column k are entry (r K + k) mod MS (MZ):
+        found once per word and stepped, with no division per column (S_MODE, Z_MODE: see ``_axis0_meta``).
+        """
         if MPS > 0:
             x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr = grouped_pointers(
                 x_ptr, y_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr,
                 slot_ptr, SLOT_BYTES, MAT_BYTES, X_M, Y_M, MPS)
+        VW: tl.constexpr = 32 // PA  # weights per word
+        HALF: tl.constexpr = 16 // PA
+        row_w = K // VW
         pid = tl.program_id(0)
         r = pid // (G // ROWS)  # the base row; this program takes rows j*ROWS .. j*ROWS + ROWS-1 of its G
         j = pid % (G // ROWS)
         rows = r + (N // G) * (j * ROWS + tl.arange(0, ROWS))
-        n2 = rows[:, None].to(tl.int64)
-        acc0, acc1, acc2, acc3 = _zero_rows(ROWS)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mk = offs_k < K
-            c = r.to(tl.int64) * K + offs_k
-            s = _group_meta(s_ptr, sms_ptr, smz_ptr, c, mk, MS, SQ)  # one per column, for all ROWS rows
-            z = _group_meta(z_ptr, zms_ptr, zmz_ptr, c, mk, MZ, ZQ)
-            code = _codes(qa_ptr, qb_ptr, n2, offs_k[None, :], mk[None, :], K, PA, PB)
-            w = (_to_f32(code) - z[None, :]) * s[None, :]  # masked columns: s = 0 there
-            acc0, acc1, acc2, acc3 = _dot_rows(w, x_ptr, offs_k, mk, stride_x, acc0, acc1, acc2, acc3, T)
-        _store_rows(y_ptr + rows, rows < N, stride_y, acc0, acc1, acc2, acc3, T)
+        qa_w = qa_ptr.to(tl.pointer_type(tl.int32))
+        base = r * K  # group index of column 0 (< N K / G: int32)
+        ms0, mz0 = single_meta(sms_ptr, smz_ptr, SQ, S_MODE)
+        zms0, zmz0 = single_meta(zms_ptr, zmz_ptr, ZQ, Z_MODE)
+        aw = tl.arange(0, BLOCK_W)
+        acc0 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        acc1, acc2, acc3 = acc0, acc0, acc0
+        b0 = tl.zeros([BLOCK_W], dtype=tl.float32)  # sum_k s_k z_k x_tk, per word lane
+        b1, b2, b3 = b0, b0, b0
+        a, _ = load_words(qa_w, qa_w, rows, aw, N, row_w, row_w, 0)
+        for w0 in range(0, row_w, BLOCK_W):  # the next block's words load while this block's are summed
+            offs_w = w0 + aw
+            mw = offs_w < row_w
+            lo, hi = _halves(a)
+            a, _ = load_words(qa_w, qa_w, rows, offs_w + BLOCK_W, N, row_w, row_w, 0)
+            k0 = offs_w * VW
+            c0 = base + k0
+            sm0 = c0
+            zm0 = c0
+            if S_MODE > 0:
+                sm0 = c0 % MS
+            if Z_MODE > 0:
+                zm0 = c0 % MZ
+            for i in tl.static_range(VW):
+                k = k0 + i
+                s = _axis0_meta(s_ptr, sms_ptr, smz_ptr, c0 + i, sm0, i, MS, mw, ms0, mz0, SQ, S_MODE)
+                z = _axis0_meta(z_ptr, zms_ptr, zmz_ptr, c0 + i, zm0, i, MZ, mw, zms0, zmz0, ZQ, Z_MODE)
+                q = _code(lo, hi, 0, i, PA, 0)  # code * 2^sh
+                unscale = 1.0 / (1 << (PA * (i % HALF)))  # undoes _code's 2^sh (exact)
+                sx = s * tl.load(x_ptr + k, mask=mw, other=0.0).to(tl.float32)  # masked columns: s = 0
+                b0 += sx * z
+                acc0 += q * (sx * unscale)[None, :]
+                if T > 1:
+                    sx = s * tl.load(x_ptr + stride_x + k, mask=mw, other=0.0).to(tl.float32)
+                    b1 += sx * z
+                    acc1 += q * (sx * unscale)[None, :]
+                if T > 2:
+                    sx = s * tl.load(x_ptr + 2 * stride_x + k, mask=mw, other=0.0).to(tl.float32)
+                    b2 += sx * z
+                    acc2 += q * (sx * unscale)[None, :]
+                if T > 3:
+                    sx = s * tl.load(x_ptr + 3 * stride_x + k, mask=mw, other=0.0).to(tl.float32)
+                    b3 += sx * z
+                    acc3 += q * (sx * unscale)[None, :]
+        _store_rows(y_ptr + rows, rows < N, stride_y, tl.sum(acc0, axis=1) - tl.sum(b0, axis=0),
+                    tl.sum(acc1, axis=1) - tl.sum(b1, axis=0), tl.sum(acc2, axis=1) - tl.sum(b2, axis=0),
+                    tl.sum(acc3, axis=1) - tl.sum(b3, axis=0), T)
 
     @triton.jit
     def dequant_kernel(w_ptr, qa_ptr, qb_ptr, s_ptr, sms_ptr, smz_ptr, z_ptr, zms_ptr, zmz_ptr, N, K, MS, MZ,
