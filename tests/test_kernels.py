@@ -572,15 +572,19 @@ def test_wait_slots_sees_a_copy_land_while_it_runs():
     _check_wait_slots("cuda")
     row = torch.tensor([-1, -1, 9, -1], dtype=torch.int32, device="cuda")
     flags = torch.zeros(2, dtype=torch.int32, device="cuda")
-    # filled before the wait starts: pin_memory() may copy through the current stream, which the wait blocks
     src = torch.tensor([4], dtype=torch.int32).pin_memory()
+    side = torch.cuda.Stream()
+    # the same copy once before the wait: on the H200, run alone, the process's first copy from another
+    # stream did not land until the spinning kernel gave up (flags [0, 1]); a second one landed under it
+    # (likely the driver loading code lazily, which waits for the running kernel)
+    with torch.cuda.stream(side):
+        torch.empty(1, dtype=torch.int32, device="cuda").copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     out = fused.wait_slots(torch.tensor([2, 1], device="cuda"), row, flags)
     done = torch.cuda.Event()
     done.record()
     time.sleep(0.2)
     assert not done.query(), "the wait ended before its expert was loaded"
-    side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         row[1:2].copy_(src, non_blocking=True)
     done.synchronize()
