@@ -6,8 +6,10 @@
 ``compile`` builds every kernel variant the engine launches (``kernels.COMPILE_LIST``) with
 ``triton.compile`` for the given compute capabilities (Triton bundles ptxas, so this runs on a
 CPU-only machine too) and prints registers/spills from the bundled cuobjdump. ``bench`` times the
-2-bit Mixtral expert GEMVs (and the 4-bit attention one) against a device-to-device copy, rotating
-over enough weight copies to defeat the L2 cache; ``--sweep`` also tries other block shapes.
+Mixtral expert and attention GEMVs (both code layouts; the article's axis-0 one against the element-wise
+kernel too) against a device-to-device copy, each call captured in a CUDA graph (the GPU's time, as
+decode's graphs pay it) and rotating over enough weight copies to defeat the L2 cache; ``--sweep``
+also tries other block shapes.
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ def weighted_sum(y: Tensor, weights: Tensor, cols: Tensor | None = None, dtype: 
     return (y.float() * w.view(1, n, 1).float()).sum((0, 1)).view(1, H).to(dtype)
 
 
-WAIT_SPINS = 1 << 27  # ~2 minutes of polling: past any copy, well past the host's own timeout (streamed.py)
+# a count of polls, not a time: on the H200 test machine 2^27 polls ran out in under 40 s, before the host's
+# 60 s timeout (streamed.SERVE_TIMEOUT_S); a slower GPU polls for longer
+WAIT_SPINS = 1 << 27
 
 
 def wait_slots(ids: Tensor, row: Tensor, flags: Tensor, max_spins: int = WAIT_SPINS) -> Tensor:
@@ -131,7 +133,8 @@ def wait_slots(ids: Tensor, row: Tensor, flags: Tensor, max_spins: int = WAIT_SP
 
     ``flags`` int32 [2]: a nonzero ``flags[0]`` ends the wait at once (the host gave up on the step);
     a wait that ends with an expert still missing (that, or ``max_spins`` polls) sets ``flags[1]``
-    and returns buffer 0 for it, so the step finishes, with output nobody may use. Triton only (a
+    and returns buffer 0 for it, so the step finishes, with output nobody may use (the streamed
+    Decoder does not read ``flags[1]`` yet: such a step's logits would be used). Triton only (a
     CUDA device, or Triton's interpreter in tests): streamed steps need it.
     """
     k = ids.numel()
